@@ -1,0 +1,108 @@
+//! Agent configuration, layered: defaults, then a TOML file, then `FLEETBENCH_*` environment variables,
+//! then command-line flags; then [`AgentConfig::validate`].
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use fleetbench_common::labels::{Labels, parse_labels};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AgentError, Result};
+
+/// Settings of one agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Coordinator addresses, tried in turn, e.g. `http://127.0.0.1:7700`.
+    pub coordinator: Vec<String>,
+    /// Agent name, unique in the fleet; defaults to the host name.
+    pub name: String,
+    /// Labels, `key=value`.
+    pub labels: Vec<String>,
+    /// CPUs to pin the agent to, e.g. `0` or `0-3`; empty for all CPUs it may use.
+    pub cpus: String,
+    /// Directory for the agent id and the artifact cache.
+    pub state_dir: PathBuf,
+    /// ONNX Runtime library; empty to use ORT_DYLIB_PATH.
+    pub ort_lib: PathBuf,
+    /// Host id override (agents with the same host id never run at the same time); empty: /etc/machine-id.
+    pub host_id: String,
+    /// Longest wait between reconnection attempts, milliseconds.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: vec!["http://127.0.0.1:7700".into()],
+            name: sysinfo::System::host_name().unwrap_or_else(|| "agent".into()),
+            labels: Vec::new(),
+            cpus: String::new(),
+            state_dir: PathBuf::from("./fleetbench-agent"),
+            ort_lib: PathBuf::new(),
+            host_id: String::new(),
+            max_backoff_ms: 10_000,
+        }
+    }
+}
+
+/// Environment keys read (FLEETBENCH_ + upper case).
+const ENV_KEYS: [&str; 7] = ["coordinator", "name", "cpus", "state_dir", "ort_lib", "host_id", "max_backoff_ms"];
+
+impl AgentConfig {
+    /// Layers defaults, `file`, `FLEETBENCH_*` variables and `overrides`, then validates.
+    pub fn load<T: Serialize>(file: Option<&Path>, overrides: &T) -> Result<Self> {
+        let mut fig = Figment::from(Serialized::defaults(AgentConfig::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(AgentError::Config(format!("config file {} does not exist", f.display())));
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        let mut cfg: AgentConfig = fig
+            .merge(Env::prefixed("FLEETBENCH_").only(&ENV_KEYS).split("__"))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(|e| AgentError::Config(format!("configuration: {e}")))?;
+        cfg.coordinator = cfg
+            .coordinator
+            .iter()
+            .flat_map(|c| c.split(',').map(|s| s.trim().to_string()))
+            .filter(|s| !s.is_empty())
+            .collect();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<()> {
+        if self.coordinator.is_empty() {
+            return Err(AgentError::Config("coordinator: at least one coordinator address is needed".into()));
+        }
+        for c in &self.coordinator {
+            if !(c.starts_with("http://") || c.starts_with("https://")) {
+                return Err(AgentError::Config(format!("coordinator: '{c}' must start with http:// or https://")));
+            }
+        }
+        if self.name.trim().is_empty() {
+            return Err(AgentError::Config("name: must not be empty".into()));
+        }
+        self.labels()?;
+        self.cpu_list()?;
+        Ok(())
+    }
+
+    /// Parsed labels.
+    pub fn labels(&self) -> Result<Labels> {
+        parse_labels(&self.labels).map_err(|e| AgentError::Config(format!("label: {e}")))
+    }
+
+    /// Parsed CPU list; None when not pinned.
+    pub fn cpu_list(&self) -> Result<Option<Vec<u32>>> {
+        if self.cpus.trim().is_empty() {
+            return Ok(None);
+        }
+        crate::inventory::parse_cpu_list(&self.cpus).map(Some).map_err(AgentError::Config)
+    }
+}

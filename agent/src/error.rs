@@ -1,0 +1,33 @@
+//! The agent's error type.
+
+/// Everything that can go wrong in the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// ONNX Runtime could not be loaded or is too old.
+    #[error("{0}")]
+    Runtime(String),
+    /// A setting is wrong; the message names it.
+    #[error("{0}")]
+    Config(String),
+    /// The coordinator answered with an error.
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] tonic::Status),
+    /// The coordinator could not be reached.
+    #[error("cannot reach the coordinator: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Local file trouble (state directory, cache).
+    #[error("{0}")]
+    Io(String),
+    /// A task cannot be run; the message says why (shown as the task's failure reason).
+    #[error("{0}")]
+    Task(String),
+}
+
+/// Result with the agent's error.
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+impl From<ort::Error> for AgentError {
+    fn from(e: ort::Error) -> Self {
+        AgentError::Task(format!("onnxruntime: {e}"))
+    }
+}

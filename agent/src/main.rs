@@ -1,0 +1,80 @@
+//! `fleetbench-agent`: the daemon that runs on each fleet machine.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use fleetbench_agent::{AgentConfig, inventory};
+use serde::Serialize;
+
+/// Runs assigned model variants with ONNX Runtime and streams telemetry to a coordinator.
+///
+/// Settings come from defaults, then --config FILE (TOML), then FLEETBENCH_* variables, then flags.
+#[derive(Debug, Parser, Serialize)]
+#[command(name = "fleetbench-agent", version)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Coordinator address; repeat (or separate with commas) to give replicas to fail over to.
+    #[arg(long, env = "FLEETBENCH_COORDINATOR", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    coordinator: Vec<String>,
+    /// Agent name, unique in the fleet (default: host name).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    /// Label key=value; repeatable (e.g. --label tier=edge --label cost_per_hour=0.05).
+    #[arg(long = "label")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    labels: Vec<String>,
+    /// Pin the agent to these CPUs, e.g. 0 or 0-3 or 0,2.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpus: Option<String>,
+    /// Directory for the agent id and the artifact cache.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_dir: Option<PathBuf>,
+    /// ONNX Runtime library (default: $ORT_DYLIB_PATH).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ort_lib: Option<PathBuf>,
+    /// Host id override (agents sharing one never run at the same time).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host_id: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn,h2=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = AgentConfig::load(args.config.as_deref(), &args)?;
+    // Pin before any thread starts, so the runtime's threads and ONNX Runtime's pools inherit the mask.
+    if let Some(cpus) = config.cpu_list()? {
+        let allowed = inventory::affinity();
+        if let Some(bad) = cpus.iter().find(|c| !allowed.contains(c)) {
+            anyhow::bail!("cpus: CPU {bad} is not available to this process (it may use {allowed:?})");
+        }
+        inventory::pin_process(&cpus).map_err(|e| anyhow::anyhow!("cpus: cannot pin to {cpus:?}: {e}"))?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            let _ = tx.send(true);
+        });
+        fleetbench_agent::run(config, rx).await
+    })?;
+    Ok(())
+}

@@ -1,0 +1,354 @@
+//! The agent's link to its coordinators: registration, one bidirectional session, heartbeats, task
+//! execution, telemetry with acknowledgements, and reconnection with backoff. Windows stay in memory
+//! until acknowledged and are sent again after a reconnect, so a coordinator restart (or a switch to
+//! another replica) loses nothing; a run goes on while the link is down.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fleetbench_proto::v1::agent_service_client::AgentServiceClient;
+use fleetbench_proto::v1::model_service_client::ModelServiceClient;
+use fleetbench_proto::v1::{
+    AgentMessage, Heartbeat, Inventory, RegisterRequest, RunResult, SessionHello, TaskAssignment, TelemetryWindow,
+    agent_message, coordinator_message,
+};
+use fleetbench_common::labels::Labels;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::cache::Cache;
+use crate::error::{AgentError, Result};
+use crate::runner::{ModelRunner, PreparedTask, RunError};
+
+/// What the uplink needs to know about this agent.
+#[derive(Clone)]
+pub struct Identity {
+    /// Name.
+    pub name: String,
+    /// Labels.
+    pub labels: Labels,
+    /// Inventory.
+    pub inventory: Inventory,
+    /// State directory (agent id, cache).
+    pub state_dir: PathBuf,
+}
+
+/// What the runner thread reports.
+enum RunnerEvent {
+    Window(TelemetryWindow),
+    Finished(RunResult),
+}
+
+struct Current {
+    run_id: String,
+    cancel: Arc<AtomicBool>,
+}
+
+/// The uplink's memory across connections.
+struct State {
+    agent_id: Option<String>,
+    current: Option<Current>,
+    unacked: BTreeMap<(String, u64), TelemetryWindow>,
+    result: Option<RunResult>,
+    events_tx: mpsc::UnboundedSender<RunnerEvent>,
+    events_rx: mpsc::UnboundedReceiver<RunnerEvent>,
+}
+
+impl State {
+    fn absorb(&mut self, ev: RunnerEvent) -> AgentMessage {
+        match ev {
+            RunnerEvent::Window(w) => {
+                self.unacked.insert((w.run_id.clone(), w.seq), w.clone());
+                message(agent_message::Body::Window(w))
+            }
+            RunnerEvent::Finished(r) => {
+                self.result = Some(r.clone());
+                message(agent_message::Body::Result(r))
+            }
+        }
+    }
+}
+
+fn message(body: agent_message::Body) -> AgentMessage {
+    AgentMessage { body: Some(body) }
+}
+
+fn id_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("agent-id")
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+/// Connects to the coordinators in turn and serves sessions until `shutdown` fires.
+pub async fn run(
+    endpoints: Vec<String>,
+    identity: Identity,
+    runner: Arc<dyn ModelRunner>,
+    max_backoff: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    std::fs::create_dir_all(&identity.state_dir)
+        .map_err(|e| AgentError::Io(format!("cannot create state dir {}: {e}", identity.state_dir.display())))?;
+    let cache = Cache::new(identity.state_dir.join("cache"))?;
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let mut state = State {
+        agent_id: std::fs::read_to_string(id_file(&identity.state_dir))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty()),
+        current: None,
+        unacked: BTreeMap::new(),
+        result: None,
+        events_tx,
+        events_rx,
+    };
+    let mut backoff = Duration::from_millis(200);
+    let mut i = 0usize;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let endpoint = &endpoints[i % endpoints.len()];
+        match session(endpoint, &identity, &mut state, &runner, &cache, &mut shutdown).await {
+            Ok(SessionEnd::Shutdown) => break,
+            Ok(SessionEnd::Lost(reason)) => {
+                warn!(coordinator = %endpoint, %reason, "Lost the coordinator; reconnecting.");
+                backoff = Duration::from_millis(200);
+            }
+            Err(e) => {
+                warn!(
+                    coordinator = %endpoint,
+                    error = %e,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "Coordinator unreachable; retrying with backoff."
+                );
+            }
+        }
+        // Wait out the backoff, still collecting what the runner produces.
+        let until = tokio::time::Instant::now() + backoff;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                ev = state.events_rx.recv() => if let Some(ev) = ev { state.absorb(ev); },
+                _ = shutdown.changed() => break,
+            }
+        }
+        backoff = (backoff * 2).min(max_backoff);
+        i += 1;
+    }
+    if let Some(c) = &state.current {
+        c.cancel.store(true, Ordering::Relaxed);
+    }
+    info!("Agent stopped.");
+    Ok(())
+}
+
+async fn connect(endpoint: &str) -> Result<Channel> {
+    Ok(Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| AgentError::Config(format!("coordinator: '{endpoint}' is not a valid address: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .connect()
+        .await?)
+}
+
+async fn session(
+    endpoint: &str,
+    identity: &Identity,
+    state: &mut State,
+    runner: &Arc<dyn ModelRunner>,
+    cache: &Cache,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<SessionEnd> {
+    let channel = connect(endpoint).await?;
+    let mut client = AgentServiceClient::new(channel.clone());
+    let reg = client
+        .register(RegisterRequest {
+            agent_id: state.agent_id.clone().unwrap_or_default(),
+            name: identity.name.clone(),
+            labels: identity.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            inventory: Some(identity.inventory.clone()),
+        })
+        .await?
+        .into_inner();
+    if state.agent_id.as_deref() != Some(reg.agent_id.as_str()) {
+        std::fs::write(id_file(&identity.state_dir), &reg.agent_id)
+            .map_err(|e| AgentError::Io(format!("cannot save the agent id: {e}")))?;
+        state.agent_id = Some(reg.agent_id.clone());
+    }
+    let (out_tx, out_rx) = mpsc::channel::<AgentMessage>(4096);
+    let current_run_id = state.current.as_ref().map(|c| c.run_id.clone()).unwrap_or_default();
+    out_tx
+        .send(message(agent_message::Body::Hello(SessionHello { agent_id: reg.agent_id.clone(), current_run_id })))
+        .await
+        .map_err(|_| AgentError::Io("session closed".into()))?;
+    let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(out_rx)).await?.into_inner();
+    info!(coordinator = %endpoint, agent_id = %reg.agent_id, platform = %reg.platform_name, "Connected.");
+
+    // Send again what was not acknowledged on the previous connection.
+    let replay: Vec<AgentMessage> = state
+        .unacked
+        .values()
+        .cloned()
+        .map(|w| message(agent_message::Body::Window(w)))
+        .chain(state.result.clone().map(|r| message(agent_message::Body::Result(r))))
+        .collect();
+    if !replay.is_empty() {
+        info!(messages = replay.len(), "Resending unacknowledged telemetry.");
+    }
+    for m in replay {
+        if out_tx.send(m).await.is_err() {
+            return Ok(SessionEnd::Lost("session closed while resending".into()));
+        }
+    }
+
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(reg.heartbeat_interval_ms.max(50) as u64));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let msg = match msg {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Ok(SessionEnd::Lost("the coordinator closed the session".into())),
+                    Err(e) => return Ok(SessionEnd::Lost(e.to_string())),
+                };
+                match msg.body {
+                    Some(coordinator_message::Body::Assignment(a)) => {
+                        if let Some(c) = &state.current {
+                            warn!(busy_with = %c.run_id, offered = %a.run_id, "Offered a task while busy; refusing it.");
+                            let refusal = RunResult { run_id: a.run_id.clone(), error: format!("agent is busy with run {}", c.run_id), ..Default::default() };
+                            let _ = out_tx.send(message(agent_message::Body::Result(refusal))).await;
+                            continue;
+                        }
+                        let cancel = Arc::new(AtomicBool::new(false));
+                        state.current = Some(Current { run_id: a.run_id.clone(), cancel: cancel.clone() });
+                        start_task(a, identity, runner.clone(), cache.clone(), ModelServiceClient::new(channel.clone()), cancel, state.events_tx.clone());
+                    }
+                    Some(coordinator_message::Body::Cancel(c)) => {
+                        if let Some(cur) = state.current.as_ref().filter(|cur| cur.run_id == c.run_id) {
+                            info!(run = %c.run_id, reason = %c.reason, "Cancelling the run.");
+                            cur.cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Some(coordinator_message::Body::WindowAck(ack)) => {
+                        state.unacked.remove(&(ack.run_id, ack.seq));
+                    }
+                    Some(coordinator_message::Body::ResultAck(ack)) => {
+                        if state.result.as_ref().is_some_and(|r| r.run_id == ack.run_id) {
+                            if ack.discarded {
+                                warn!(run = %ack.run_id, reason = %ack.reason, "The coordinator refused the result.");
+                            } else {
+                                info!(run = %ack.run_id, "Result stored.");
+                            }
+                            state.result = None;
+                            state.unacked.retain(|(run, _), _| run != &ack.run_id);
+                            if state.current.as_ref().is_some_and(|c| c.run_id == ack.run_id) {
+                                state.current = None;
+                            }
+                        }
+                    }
+                    None => {}
+                }
+            }
+            ev = state.events_rx.recv() => {
+                if let Some(ev) = ev {
+                    let m = state.absorb(ev);
+                    if out_tx.send(m).await.is_err() {
+                        return Ok(SessionEnd::Lost("session closed".into()));
+                    }
+                }
+            }
+            _ = heartbeat.tick() => {
+                let current_run_id = state.current.as_ref().map(|c| c.run_id.clone()).unwrap_or_default();
+                if out_tx.send(message(agent_message::Body::Heartbeat(Heartbeat { current_run_id }))).await.is_err() {
+                    return Ok(SessionEnd::Lost("session closed".into()));
+                }
+            }
+            _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
+        }
+    }
+}
+
+/// Fetches a task's files, then runs it on a blocking thread; reports through `events`.
+fn start_task(
+    a: TaskAssignment,
+    identity: &Identity,
+    runner: Arc<dyn ModelRunner>,
+    cache: Cache,
+    mut models: ModelServiceClient<Channel>,
+    cancel: Arc<AtomicBool>,
+    events: mpsc::UnboundedSender<RunnerEvent>,
+) {
+    let cpus = identity.inventory.cpu_set.clone();
+    let host_id = identity.inventory.host_id.clone();
+    tokio::spawn(async move {
+        let run_id = a.run_id.clone();
+        info!(run = %run_id, task = %a.task_id, variant = ?a.variant.as_ref().map(|v| &v.variant), "Task received.");
+        let prepared = prepare(&a, &mut models, &cache, cpus, host_id).await;
+        let task = match prepared {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = events.send(RunnerEvent::Finished(RunResult { run_id, error: e.to_string(), ..Default::default() }));
+                return;
+            }
+        };
+        let result = tokio::task::spawn_blocking(move || {
+            let mut windows = 0u64;
+            let mut emit = |w: TelemetryWindow| {
+                windows += 1;
+                let _ = events.send(RunnerEvent::Window(w));
+            };
+            let outcome = runner.run(&task, &mut emit, &cancel);
+            let mut result = RunResult { run_id: task.assignment.run_id.clone(), window_count: windows, ..Default::default() };
+            match outcome {
+                Ok(report) => result.report = Some(report),
+                Err(RunError::Cancelled) => result.cancelled = true,
+                Err(RunError::Failed(reason)) => {
+                    warn!(run = %result.run_id, %reason, "Run failed.");
+                    result.error = reason;
+                }
+            }
+            let _ = events.send(RunnerEvent::Finished(result));
+        })
+        .await;
+        if let Err(e) = result {
+            debug!(error = %e, "Runner thread ended abnormally.");
+        }
+    });
+}
+
+async fn prepare(
+    a: &TaskAssignment,
+    models: &mut ModelServiceClient<Channel>,
+    cache: &Cache,
+    cpus: Vec<u32>,
+    host_id: String,
+) -> Result<PreparedTask> {
+    let variant = a.variant.as_ref().ok_or_else(|| AgentError::Task("the assignment names no model variant".into()))?;
+    let config = a.config.as_ref().ok_or_else(|| AgentError::Task("the assignment has no configuration".into()))?;
+    let fetch = |what: &'static str, e: AgentError| AgentError::Task(format!("cannot fetch the {what}: {e}"));
+    let model_path = cache.fetch(models, &variant.artifact_sha256).await.map_err(|e| fetch("model artifact", e))?;
+    let eval = if !config.skip_accuracy && !variant.eval_inputs_sha256.is_empty() && !variant.eval_labels_sha256.is_empty() {
+        let x = cache.fetch(models, &variant.eval_inputs_sha256).await.map_err(|e| fetch("eval inputs", e))?;
+        let y = cache.fetch(models, &variant.eval_labels_sha256).await.map_err(|e| fetch("eval labels", e))?;
+        Some((x, y))
+    } else {
+        None
+    };
+    let input_data = if config.input_data_sha256.is_empty() {
+        None
+    } else {
+        Some(cache.fetch(models, &config.input_data_sha256).await.map_err(|e| fetch("input data", e))?)
+    };
+    Ok(PreparedTask { assignment: a.clone(), model_path, eval, input_data, cpus, host_id })
+}

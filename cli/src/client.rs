@@ -1,0 +1,84 @@
+//! The CLI's gRPC connection to a coordinator.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use fleetbench_proto::v1::fleet_service_client::FleetServiceClient;
+use fleetbench_proto::v1::job_service_client::JobServiceClient;
+use fleetbench_proto::v1::model_service_client::ModelServiceClient;
+use fleetbench_proto::v1::ranking_service_client::RankingServiceClient;
+use fleetbench_proto::v1::{BlobChunk, BlobRef};
+use sha2::{Digest, Sha256};
+use tonic::transport::{Channel, Endpoint};
+
+/// Bytes per uploaded chunk.
+const CHUNK: usize = 1 << 20;
+
+/// Clients of every coordinator service over one connection.
+#[derive(Clone)]
+pub struct Client {
+    channel: Channel,
+}
+
+impl Client {
+    /// Connects to `url`, failing with a message that names it.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let channel = Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("coordinator address '{url}' is not a valid URL (expected http://HOST:PORT)"))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the coordinator at {url}; is fleetbench-coordinator running?"))?;
+        Ok(Self { channel })
+    }
+
+    /// Model service.
+    pub fn models(&self) -> ModelServiceClient<Channel> {
+        ModelServiceClient::new(self.channel.clone()).max_decoding_message_size(16 << 20)
+    }
+
+    /// Job service.
+    pub fn jobs(&self) -> JobServiceClient<Channel> {
+        JobServiceClient::new(self.channel.clone()).max_decoding_message_size(64 << 20)
+    }
+
+    /// Fleet service.
+    pub fn fleet(&self) -> FleetServiceClient<Channel> {
+        FleetServiceClient::new(self.channel.clone())
+    }
+
+    /// Ranking service.
+    pub fn rankings(&self) -> RankingServiceClient<Channel> {
+        RankingServiceClient::new(self.channel.clone()).max_decoding_message_size(64 << 20)
+    }
+
+    /// Uploads a file as a blob in chunks; returns its reference.
+    pub async fn upload(&self, path: &Path) -> Result<BlobRef> {
+        let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let sha = hex::encode(Sha256::digest(&data));
+        let mut chunks: Vec<BlobChunk> = data.chunks(CHUNK).map(|c| BlobChunk { data: c.to_vec(), expected_sha256: String::new() }).collect();
+        if chunks.is_empty() {
+            chunks.push(BlobChunk::default());
+        }
+        chunks[0].expected_sha256 = sha;
+        let blob = self
+            .models()
+            .upload_blob(futures::stream::iter(chunks))
+            .await
+            .map_err(|s| status_error(s, &format!("uploading {}", path.display())))?
+            .into_inner();
+        Ok(blob)
+    }
+}
+
+/// Turns a gRPC status into an error that reads well on a terminal.
+pub fn status_error(s: tonic::Status, doing: &str) -> anyhow::Error {
+    let msg = s.message();
+    match s.code() {
+        tonic::Code::Unavailable => anyhow::anyhow!("{doing}: the coordinator is unavailable: {msg}"),
+        tonic::Code::Internal | tonic::Code::Unknown => anyhow::anyhow!("{doing}: coordinator error: {msg}"),
+        _ => anyhow::anyhow!("{doing}: {msg}"),
+    }
+}

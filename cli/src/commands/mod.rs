@@ -1,0 +1,7 @@
+//! Subcommands.
+
+pub mod agents;
+pub mod jobs;
+pub mod models;
+pub mod quickstart;
+pub mod rank;

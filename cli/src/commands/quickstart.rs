@@ -1,0 +1,245 @@
+//! `fleetbench quickstart`: the whole path on one machine. A coordinator on a SQLite file and two
+//! agents, each its own process and pinned differently (an "edge" agent on one core, a "cloud" agent on
+//! all cores, each with an hourly cost), benchmark the bundled digits model and its variants; the
+//! ranking is printed at the end.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use super::{jobs, models, rank};
+use crate::client::Client;
+use crate::jobspec::JobArgs;
+use crate::output::Format;
+
+/// Quickstart options.
+#[derive(Debug, Args)]
+pub struct QuickstartArgs {
+    /// Working directory for the database, agent state and logs (recreated on every run).
+    #[arg(long, default_value = ".fleetbench/quickstart")]
+    pub dir: PathBuf,
+    /// Directory of the bundled models.
+    #[arg(long, default_value = "models")]
+    pub models: PathBuf,
+    /// ONNX Runtime library (default: $ORT_DYLIB_PATH, else the one scripts/dev.sh installs in .venv).
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
+    /// Timed queries per run.
+    #[arg(long, default_value_t = 3000)]
+    pub iterations: i64,
+    /// Hourly cost of the edge agent.
+    #[arg(long, default_value_t = 0.05)]
+    pub edge_cost: f64,
+    /// Hourly cost of the cloud agent.
+    #[arg(long, default_value_t = 0.20)]
+    pub cloud_cost: f64,
+}
+
+/// Child processes, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Fleet {
+    children: Vec<(String, Child)>,
+}
+
+impl Fleet {
+    fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> Result<()> {
+        let file = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    fn check_alive(&mut self, dir: &Path) -> Result<()> {
+        for (name, child) in &mut self.children {
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                bail!("{name} exited ({status}); last lines of its log:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            // SAFETY: sending SIGTERM to a child we started.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (_, child) in &mut self.children {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The sibling binary `name` (next to this executable).
+fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().map(|d| d.join(name)).unwrap_or_else(|| PathBuf::from(name));
+    if !path.exists() {
+        bail!("{} not found next to {}; build all binaries first (cargo build --release)", name, exe.display());
+    }
+    Ok(path)
+}
+
+/// Finds the ONNX Runtime library: flag, ORT_DYLIB_PATH, or .venv's onnxruntime wheel.
+pub fn find_ort_lib(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let lib = Path::new(".venv/lib");
+    if let Ok(entries) = std::fs::read_dir(lib) {
+        for e in entries.flatten() {
+            let capi = e.path().join("site-packages/onnxruntime/capi");
+            if let Ok(files) = std::fs::read_dir(&capi) {
+                for f in files.flatten() {
+                    let name = f.file_name().to_string_lossy().to_string();
+                    if name.starts_with("libonnxruntime.so.") {
+                        return Ok(f.path());
+                    }
+                }
+            }
+        }
+    }
+    bail!("ONNX Runtime library not found: set ORT_DYLIB_PATH or --ort-lib, or run `scripts/dev.sh quickstart`, which installs onnxruntime==1.31.1 into .venv")
+}
+
+fn wait_for_file(path: &Path, fleet: &mut Fleet, dir: &Path, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && !s.trim().is_empty()
+        {
+            return Ok(s.trim().to_string());
+        }
+        fleet.check_alive(dir)?;
+        if Instant::now() > deadline {
+            bail!("{} did not appear within {timeout:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Runs the quickstart.
+pub async fn run(a: QuickstartArgs) -> Result<()> {
+    let started = Instant::now();
+    let coordinator_bin = sibling("fleetbench-coordinator")?;
+    let agent_bin = sibling("fleetbench-agent")?;
+    let ort_lib = find_ort_lib(a.ort_lib.as_deref())?;
+    let ort_lib = std::fs::canonicalize(&ort_lib).with_context(|| format!("ONNX Runtime library {} not found", ort_lib.display()))?;
+    let digits = a.models.join("digits");
+    for f in ["digits-fp32.onnx", "digits-int8.onnx", "eval-inputs.npy", "eval-labels.npy"] {
+        if !digits.join(f).exists() {
+            bail!("bundled model file {} is missing (run from the repository root, or pass --models)", digits.join(f).display());
+        }
+    }
+    if a.dir.exists() {
+        std::fs::remove_dir_all(&a.dir).with_context(|| format!("cannot clear {}", a.dir.display()))?;
+    }
+    std::fs::create_dir_all(&a.dir)?;
+    let dir = std::fs::canonicalize(&a.dir)?;
+
+    let mut fleet = Fleet { children: Vec::new() };
+    let addr_file = dir.join("coordinator.addr");
+    let mut cmd = Command::new(&coordinator_bin);
+    cmd.args(["--listen", "127.0.0.1:0", "--lease-timeout-ms", "10000"])
+        .arg("--database")
+        .arg(format!("sqlite://{}", dir.join("fleet.db").display()))
+        .arg("--addr-file")
+        .arg(&addr_file);
+    fleet.spawn("coordinator", cmd, &dir.join("coordinator.log"))?;
+    let addr = wait_for_file(&addr_file, &mut fleet, &dir, Duration::from_secs(30))?;
+    let url = format!("http://{addr}");
+    eprintln!("coordinator listening on {url} (SQLite at {})", dir.join("fleet.db").display());
+
+    let cpus = {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        (0..n).collect::<Vec<_>>()
+    };
+    let all = format!("{}-{}", cpus[0], cpus[cpus.len() - 1]);
+    let agents = [
+        ("edge-1", "tier=edge", a.edge_cost, cpus[0].to_string()),
+        ("cloud-1", "tier=cloud", a.cloud_cost, all),
+    ];
+    for (name, tier, cost, cpu_list) in &agents {
+        let mut cmd = Command::new(&agent_bin);
+        cmd.args(["--coordinator", &url, "--name", name, "--label", tier])
+            .arg("--label")
+            .arg(format!("cost_per_hour={cost}"))
+            .args(["--cpus", cpu_list])
+            .arg("--state-dir")
+            .arg(dir.join(name))
+            .arg("--ort-lib")
+            .arg(&ort_lib);
+        fleet.spawn(name, cmd, &dir.join(format!("{name}.log")))?;
+        eprintln!("agent {name} started ({tier}, cpus {cpu_list}, cost_per_hour={cost})");
+    }
+    let client = Client::connect(&url).await?;
+    let wait = jobs::wait_for_agents(&client, agents.len(), Duration::from_secs(60));
+    tokio::select! {
+        r = wait => r?,
+        _ = async { loop { tokio::time::sleep(Duration::from_millis(200)).await; if fleet.check_alive(&dir).is_err() { break; } } } => {
+            fleet.check_alive(&dir)?;
+        }
+    }
+
+    let fp32 = models::push(&client, &digits.join("digits-fp32.onnx"), "digits", Some("fp32"), None, None, Some((&digits.join("eval-inputs.npy"), &digits.join("eval-labels.npy")))).await?;
+    eprintln!("pushed digits/{} ({} bytes)", fp32.variant, fp32.size_bytes);
+    let int8 = models::push(&client, &digits.join("digits-int8.onnx"), "digits", Some("int8"), Some("fp32"), Some("quantized"), None).await?;
+    eprintln!("pushed digits/{} ({} bytes, variant of {})", int8.variant, int8.size_bytes, int8.variant_of);
+
+    let args = JobArgs {
+        model: Some("digits".into()),
+        variants: vec!["all".into()],
+        name: Some("quickstart".into()),
+        iterations: Some(a.iterations),
+        warmup: Some(200),
+        ..Default::default()
+    };
+    let job = jobs::submit(&client, &args).await?;
+    eprintln!("job {job} submitted");
+    let summary = jobs::watch(&client, &job, true).await?;
+    eprintln!("job {} {} in {:.1}s", &job[..8], summary.state, started.elapsed().as_secs_f64());
+
+    let rank_args = rank::RankArgs {
+        model: "digits".into(),
+        objective: "p99".into(),
+        max_p99_ms: None,
+        min_throughput: None,
+        max_accuracy_drop: None,
+        max_rss_mb: None,
+        include_invalid: false,
+        best_config: false,
+        job: Some(job.clone()),
+        output: Format::Table,
+    };
+    let resp = rank::fetch(&client, &rank_args).await?;
+    println!("ranking of 'digits' by p99 latency (best first):");
+    println!("{}", rank::table(&resp));
+    if summary.state != "succeeded" {
+        bail!("job {job} ended {}; see `fleetbench jobs show {job}` and the logs in {}", summary.state, dir.display());
+    }
+    eprintln!("quickstart finished in {:.1}s; logs and database in {}", started.elapsed().as_secs_f64(), dir.display());
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! `fleetbench rank`: which platform and variant to deploy a model on.
+
+use anyhow::Result;
+use clap::Args;
+use fleetbench_proto::v1::{RankRequest, RankResponse, RankRow};
+use serde::Serialize;
+
+use crate::client::{Client, status_error};
+use crate::output::{self, Format};
+
+/// Rank options.
+#[derive(Debug, Args)]
+pub struct RankArgs {
+    /// Model name.
+    pub model: String,
+    /// What to optimise: p50, p90, p95, p99, throughput, cost or accuracy.
+    #[arg(long, default_value = "p99")]
+    pub objective: String,
+    /// Only rows with p99 at most this many milliseconds.
+    #[arg(long)]
+    pub max_p99_ms: Option<f64>,
+    /// Only rows with at least this many samples per second.
+    #[arg(long)]
+    pub min_throughput: Option<f64>,
+    /// Only rows whose accuracy is at most this many points below the base variant on the same platform.
+    #[arg(long)]
+    pub max_accuracy_drop: Option<f64>,
+    /// Only rows whose peak RSS is at most this many MiB.
+    #[arg(long)]
+    pub max_rss_mb: Option<f64>,
+    /// Include INVALID runs.
+    #[arg(long)]
+    pub include_invalid: bool,
+    /// Keep only the best configuration of each (platform, variant).
+    #[arg(long)]
+    pub best_config: bool,
+    /// Only runs of this job.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Format,
+}
+
+/// A ranking row as printed by `--output json`.
+#[derive(Debug, Serialize)]
+pub struct RankJson {
+    /// 1-based rank.
+    pub rank: u32,
+    /// Readable platform name.
+    pub platform: String,
+    /// Platform id.
+    pub platform_id: String,
+    /// Variant name.
+    pub variant: String,
+    /// Configuration label.
+    pub config: String,
+    /// Median latency.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 95th percentile.
+    pub p95_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// 95 % CI of p50.
+    pub p50_ci_ms: [f64; 2],
+    /// 95 % CI of p99.
+    pub p99_ci_ms: [f64; 2],
+    /// Samples per second.
+    pub throughput_per_s: f64,
+    /// Top-1 accuracy in [0, 1].
+    pub accuracy: Option<f64>,
+    /// Accuracy minus the base variant's on the same platform, points.
+    pub accuracy_delta_pts: Option<f64>,
+    /// Cost per million samples.
+    pub cost_per_million: Option<f64>,
+    /// Runs pooled.
+    pub runs: u32,
+    /// Their ids.
+    pub run_ids: Vec<String>,
+    /// Peak RSS, bytes.
+    pub rss_peak_bytes: u64,
+    /// Artifact size, bytes.
+    pub size_bytes: u64,
+    /// Comparable record (runtime version, provider).
+    pub record: String,
+}
+
+impl From<&RankRow> for RankJson {
+    fn from(r: &RankRow) -> Self {
+        let l = r.latency.clone().unwrap_or_default();
+        RankJson {
+            rank: r.rank,
+            platform: r.platform.clone(),
+            platform_id: r.platform_id.clone(),
+            variant: r.variant.clone(),
+            config: r.config.clone(),
+            p50_ms: l.p50_ms,
+            p90_ms: l.p90_ms,
+            p95_ms: l.p95_ms,
+            p99_ms: l.p99_ms,
+            p999_ms: l.p999_ms,
+            p50_ci_ms: [l.p50_ci_low_ms, l.p50_ci_high_ms],
+            p99_ci_ms: [l.p99_ci_low_ms, l.p99_ci_high_ms],
+            throughput_per_s: r.throughput_per_s,
+            accuracy: r.accuracy,
+            accuracy_delta_pts: r.accuracy_delta_pts,
+            cost_per_million: r.cost_per_million,
+            runs: r.runs,
+            run_ids: r.run_ids.clone(),
+            rss_peak_bytes: r.rss_peak_bytes,
+            size_bytes: r.size_bytes,
+            record: r.record_key.clone(),
+        }
+    }
+}
+
+/// Asks the coordinator for a ranking.
+pub async fn fetch(client: &Client, a: &RankArgs) -> Result<RankResponse> {
+    let req = RankRequest {
+        model: a.model.clone(),
+        objective: a.objective.clone(),
+        max_p99_ms: a.max_p99_ms,
+        min_throughput: a.min_throughput,
+        max_accuracy_drop: a.max_accuracy_drop,
+        max_rss_bytes: a.max_rss_mb.map(|m| (m * 1024.0 * 1024.0) as u64),
+        include_invalid: a.include_invalid,
+        best_config_only: a.best_config,
+        job_id: a.job.clone().unwrap_or_default(),
+    };
+    Ok(client.rankings().rank(req).await.map_err(|s| status_error(s, "ranking"))?.into_inner())
+}
+
+/// The ranking as a table.
+pub fn table(resp: &RankResponse) -> comfy_table::Table {
+    let mut t = output::table(&[
+        "#", "PLATFORM", "VARIANT", "CONFIG", "P50 ms", "P90 ms", "P99 ms", "SAMPLES/S", "ACCURACY", "Δ ACC", "COST/1M", "RUNS",
+    ]);
+    for r in &resp.rows {
+        let l = r.latency.clone().unwrap_or_default();
+        t.add_row(vec![
+            r.rank.to_string(),
+            r.platform.clone(),
+            r.variant.clone(),
+            r.config.clone(),
+            output::ms(l.p50_ms),
+            output::ms(l.p90_ms),
+            output::ms(l.p99_ms),
+            output::rate(r.throughput_per_s),
+            output::pct(r.accuracy),
+            r.accuracy_delta_pts.map(|d| format!("{d:+.2}")).unwrap_or_else(|| "-".into()),
+            r.cost_per_million.map(|c| format!("{c:.4}")).unwrap_or_else(|| "-".into()),
+            r.runs.to_string(),
+        ]);
+    }
+    t
+}
+
+/// Runs `rank`.
+pub async fn run(client: &Client, a: RankArgs) -> Result<()> {
+    let resp = fetch(client, &a).await?;
+    match a.output {
+        Format::Json => output::print_json(&resp.rows.iter().map(RankJson::from).collect::<Vec<_>>()),
+        Format::Table => {
+            if resp.rows.is_empty() {
+                println!("no finished runs of '{}' match (see `fleetbench jobs list`)", a.model);
+            } else {
+                println!("ranking of '{}' by {} (best first)", a.model, resp.objective);
+                println!("{}", table(&resp));
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! Job options shared by `jobs submit` flags and TOML job files (`-f job.toml`, same names with
+//! underscores; lists or single values). Flags override the file.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use fleetbench_common::config::{
+    parse_execution_provider, parse_graph_optimization, parse_input_shape, parse_scenario, validate_job_spec,
+};
+use fleetbench_common::labels::parse_labels;
+use fleetbench_proto::v1::{JobSpec, RunConfig, Scenario, Sweep};
+use serde::{Deserialize, Deserializer};
+
+/// Accepts `x = 8` as well as `x = [1, 8]` in job files.
+fn one_or_many<'de, D, T>(d: D) -> std::result::Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany<T> {
+        One(T),
+        Many(Vec<T>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(v) => vec![v],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// What to benchmark and how. Every field is a flag of `jobs submit` and a key of a job file.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobArgs {
+    /// Model name.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Variants to run: names separated by commas, or "all".
+    #[arg(long, value_delimiter = ',')]
+    #[serde(deserialize_with = "one_or_many")]
+    pub variants: Vec<String>,
+    /// Agents to run on: label key=value; repeatable; all must match.
+    #[arg(long = "selector", value_delimiter = ',')]
+    #[serde(deserialize_with = "one_or_many")]
+    pub selector: Vec<String>,
+    /// A name for the job.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// single-stream, offline, server or max-qps.
+    #[arg(long)]
+    pub scenario: Option<String>,
+    /// Exact number of timed queries per run (default 1000 when no duration is given).
+    #[arg(long, allow_hyphen_values = true)]
+    pub iterations: Option<i64>,
+    /// Timed phase length in seconds, instead of an iteration count.
+    #[arg(long, allow_hyphen_values = true)]
+    pub duration_s: Option<f64>,
+    /// Samples per query; several values sweep (e.g. 1,8,32).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    #[serde(deserialize_with = "one_or_many")]
+    pub batch_size: Vec<i64>,
+    /// Concurrent sessions (offline scenario); several values sweep.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    #[serde(deserialize_with = "one_or_many")]
+    pub concurrency: Vec<i64>,
+    /// Intra-op threads (0 = all CPUs of the agent); several values sweep.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    #[serde(deserialize_with = "one_or_many")]
+    pub threads: Vec<i64>,
+    /// Graph optimization level: disabled, basic, extended, all; several values sweep.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(deserialize_with = "one_or_many")]
+    pub graph_opt: Vec<String>,
+    /// Execution provider: cpu, cuda, tensorrt, openvino, rocm, xnnpack; several values sweep.
+    #[arg(long = "ep", value_delimiter = ',')]
+    #[serde(deserialize_with = "one_or_many", alias = "execution_provider")]
+    pub ep: Vec<String>,
+    /// Untimed warm-up queries before each run (default 100).
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Seed for random inputs and arrival schedules.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Concrete shape of an input with symbolic dimensions, NAME=1x3x224x224; repeatable.
+    #[arg(long = "shape")]
+    #[serde(deserialize_with = "one_or_many", alias = "shapes")]
+    pub shape: Vec<String>,
+    /// Real inputs: a .npz mapping input names to arrays (instead of random data).
+    #[arg(long)]
+    pub input_data: Option<PathBuf>,
+    /// Telemetry window length, milliseconds (default 1000).
+    #[arg(long)]
+    pub window_ms: Option<u32>,
+    /// Minimum queries per telemetry window.
+    #[arg(long)]
+    pub window_min_queries: Option<u32>,
+    /// Target queries per second (server scenario).
+    #[arg(long, allow_hyphen_values = true)]
+    pub target_qps: Option<f64>,
+    /// Latency bound in milliseconds (server pass/fail, max-qps search).
+    #[arg(long, allow_hyphen_values = true)]
+    pub latency_bound_ms: Option<f64>,
+    /// Minimum timed duration for a VALID run, seconds.
+    #[arg(long, allow_hyphen_values = true)]
+    pub min_duration_s: Option<f64>,
+    /// Minimum timed queries for a VALID run.
+    #[arg(long)]
+    pub min_queries: Option<u64>,
+    /// Maximum timed duration, seconds; longer runs stop and are INVALID.
+    #[arg(long, allow_hyphen_values = true)]
+    pub max_duration_s: Option<f64>,
+    /// Stop as soon as the run is VALID and stable (time-bounded runs).
+    #[arg(long)]
+    #[serde(default)]
+    pub early_stop: bool,
+    /// Stability threshold: max/min over the last windows (default 1.10).
+    #[arg(long)]
+    pub stability_ratio: Option<f64>,
+    /// Most outstanding queries in the server scenario before new ones are dropped.
+    #[arg(long)]
+    pub max_outstanding: Option<u32>,
+    /// Skip the accuracy pass.
+    #[arg(long)]
+    #[serde(default)]
+    pub skip_accuracy: bool,
+}
+
+fn pick<T>(flag: Option<T>, file: Option<T>) -> Option<T> {
+    flag.or(file)
+}
+
+fn pick_vec<T>(flag: Vec<T>, file: Vec<T>) -> Vec<T> {
+    if flag.is_empty() { file } else { flag }
+}
+
+fn seconds_to_ms(field: &str, v: Option<f64>) -> Result<u64> {
+    match v {
+        None => Ok(0),
+        Some(s) if s.is_finite() && s > 0.0 => Ok((s * 1000.0).round() as u64),
+        Some(s) => bail!("{field}: must be > 0 seconds (got {s})"),
+    }
+}
+
+fn positive_list(field: &str, values: &[i64], allow_zero: bool) -> Result<Vec<u32>> {
+    values
+        .iter()
+        .map(|v| {
+            if *v < 0 || (*v == 0 && !allow_zero) || *v > u32::MAX as i64 {
+                bail!("{field}: must be {} (got {v})", if allow_zero { ">= 0" } else { "> 0" })
+            }
+            Ok(*v as u32)
+        })
+        .collect()
+}
+
+impl JobArgs {
+    /// Reads a TOML job file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read job file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("job file {}: {e}", path.display()))
+    }
+
+    /// These flags over a file's values.
+    pub fn over(self, file: JobArgs) -> JobArgs {
+        JobArgs {
+            model: pick(self.model, file.model),
+            variants: pick_vec(self.variants, file.variants),
+            selector: pick_vec(self.selector, file.selector),
+            name: pick(self.name, file.name),
+            scenario: pick(self.scenario, file.scenario),
+            iterations: pick(self.iterations, file.iterations),
+            duration_s: pick(self.duration_s, file.duration_s),
+            batch_size: pick_vec(self.batch_size, file.batch_size),
+            concurrency: pick_vec(self.concurrency, file.concurrency),
+            threads: pick_vec(self.threads, file.threads),
+            graph_opt: pick_vec(self.graph_opt, file.graph_opt),
+            ep: pick_vec(self.ep, file.ep),
+            warmup: pick(self.warmup, file.warmup),
+            seed: pick(self.seed, file.seed),
+            shape: pick_vec(self.shape, file.shape),
+            input_data: pick(self.input_data, file.input_data),
+            window_ms: pick(self.window_ms, file.window_ms),
+            window_min_queries: pick(self.window_min_queries, file.window_min_queries),
+            target_qps: pick(self.target_qps, file.target_qps),
+            latency_bound_ms: pick(self.latency_bound_ms, file.latency_bound_ms),
+            min_duration_s: pick(self.min_duration_s, file.min_duration_s),
+            min_queries: pick(self.min_queries, file.min_queries),
+            max_duration_s: pick(self.max_duration_s, file.max_duration_s),
+            early_stop: self.early_stop || file.early_stop,
+            stability_ratio: pick(self.stability_ratio, file.stability_ratio),
+            max_outstanding: pick(self.max_outstanding, file.max_outstanding),
+            skip_accuracy: self.skip_accuracy || file.skip_accuracy,
+        }
+    }
+
+    /// The job spec (without uploaded input data), validated with the coordinator's rules.
+    pub fn to_spec(&self, max_tasks: usize) -> Result<JobSpec> {
+        let Some(model) = self.model.clone().filter(|m| !m.trim().is_empty()) else {
+            bail!("model: --model is required (or `model = \"...\"` in the job file)");
+        };
+        let scenario = match &self.scenario {
+            Some(s) => parse_scenario(s)?,
+            None => Scenario::SingleStream,
+        };
+        let iterations = match self.iterations {
+            Some(n) if n <= 0 => bail!("iterations: must be > 0 (got {n})"),
+            Some(n) => n as u64,
+            None => 0,
+        };
+        let duration_ms = seconds_to_ms("duration_s", self.duration_s)?;
+        let max_duration_ms = seconds_to_ms("max_duration_s", self.max_duration_s)?;
+        let min_duration_ms = seconds_to_ms("min_duration_s", self.min_duration_s)?;
+        let iterations = if iterations == 0 && duration_ms == 0 && max_duration_ms == 0 && scenario != Scenario::MaxQps {
+            1000
+        } else {
+            iterations
+        };
+        let batches = positive_list("batch_size", &self.batch_size, false)?;
+        let concurrency = positive_list("concurrency", &self.concurrency, false)?;
+        let threads = positive_list("threads", &self.threads, true)?;
+        let opts = self.graph_opt.iter().map(|g| parse_graph_optimization(g).map(|g| g as i32)).collect::<Result<Vec<_>, _>>()?;
+        let eps = self.ep.iter().map(|e| parse_execution_provider(e)).collect::<Result<Vec<_>, _>>()?;
+        let shapes = self.shape.iter().map(|s| parse_input_shape(s)).collect::<Result<Vec<_>, _>>()?;
+        let selector: HashMap<String, String> = parse_labels(&self.selector)
+            .map_err(|e| anyhow::anyhow!("selector: {e}"))?
+            .into_iter()
+            .collect();
+        let config = RunConfig {
+            batch_size: batches.first().copied().unwrap_or(1),
+            intra_op_threads: threads.first().copied().unwrap_or(0),
+            graph_optimization: opts.first().copied().unwrap_or(0),
+            execution_provider: eps.first().cloned().unwrap_or_default(),
+            iterations,
+            duration_ms,
+            warmup_iterations: self.warmup.unwrap_or(100),
+            seed: self.seed.unwrap_or(0),
+            shapes,
+            input_data_sha256: String::new(),
+            window_ms: self.window_ms.unwrap_or(0),
+            window_min_queries: self.window_min_queries.unwrap_or(0),
+            scenario: scenario as i32,
+            concurrency: concurrency.first().copied().unwrap_or(0),
+            target_qps: self.target_qps.unwrap_or(0.0),
+            latency_bound_ms: self.latency_bound_ms.unwrap_or(0.0),
+            min_duration_ms,
+            min_queries: self.min_queries.unwrap_or(0),
+            max_duration_ms,
+            early_stop: self.early_stop,
+            stability_ratio: self.stability_ratio.unwrap_or(0.0),
+            stability_windows: 0,
+            max_outstanding: self.max_outstanding.unwrap_or(0),
+            skip_accuracy: self.skip_accuracy,
+            sample_ms: 0,
+        };
+        let many = |n: usize| n > 1;
+        let sweep = Sweep {
+            batch_sizes: if many(batches.len()) { batches } else { vec![] },
+            concurrency: if many(concurrency.len()) { concurrency } else { vec![] },
+            intra_op_threads: if many(threads.len()) { threads } else { vec![] },
+            graph_optimizations: if many(opts.len()) { opts } else { vec![] },
+            execution_providers: if many(eps.len()) { eps } else { vec![] },
+        };
+        let spec = JobSpec {
+            model,
+            variants: self.variants.clone(),
+            selector,
+            config: Some(config),
+            sweep: Some(sweep),
+            name: self.name.clone().unwrap_or_default(),
+        };
+        validate_job_spec(&spec, max_tasks)?;
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(model: &str) -> JobArgs {
+        JobArgs { model: Some(model.into()), ..Default::default() }
+    }
+
+    #[test]
+    fn defaults_and_sweeps() {
+        let mut a = args("digits");
+        a.batch_size = vec![1, 8];
+        let spec = a.to_spec(256).unwrap();
+        let c = spec.config.unwrap();
+        assert_eq!(c.iterations, 1000);
+        assert_eq!(spec.sweep.unwrap().batch_sizes, vec![1, 8]);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut a = args("digits");
+        a.iterations = Some(-5);
+        assert!(a.to_spec(256).unwrap_err().to_string().starts_with("iterations"));
+        let mut a = args("digits");
+        a.iterations = Some(0);
+        assert!(a.to_spec(256).unwrap_err().to_string().starts_with("iterations"));
+        let mut a = args("digits");
+        a.scenario = Some("burst".into());
+        assert!(a.to_spec(256).unwrap_err().to_string().starts_with("scenario"));
+        let mut a = args("digits");
+        a.scenario = Some("server".into());
+        a.target_qps = Some(0.0);
+        assert!(a.to_spec(256).unwrap_err().to_string().starts_with("target_qps"));
+        let mut a = args("digits");
+        a.batch_size = vec![0];
+        assert!(a.to_spec(256).unwrap_err().to_string().starts_with("batch_size"));
+        assert!(JobArgs::default().to_spec(256).unwrap_err().to_string().starts_with("model"));
+    }
+
+    #[test]
+    fn job_files_accept_single_values_and_lists_and_flags_win() {
+        let file: JobArgs = toml::from_str(
+            "model = \"digits\"\nvariants = \"all\"\nbatch_size = [1, 8]\nthreads = 1\nselector = \"tier=edge\"\niterations = 500\n",
+        )
+        .unwrap();
+        let flags = JobArgs { iterations: Some(700), ..Default::default() };
+        let merged = flags.over(file);
+        let spec = merged.to_spec(256).unwrap();
+        assert_eq!(spec.config.as_ref().unwrap().iterations, 700);
+        assert_eq!(spec.config.as_ref().unwrap().intra_op_threads, 1);
+        assert_eq!(spec.selector.get("tier").map(String::as_str), Some("edge"));
+        assert!(toml::from_str::<JobArgs>("modle = \"x\"").is_err());
+    }
+}

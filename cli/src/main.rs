@@ -1,0 +1,60 @@
+//! `fleetbench`: the command-line client of a fleetbench coordinator.
+
+mod client;
+mod commands;
+mod jobspec;
+mod output;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Benchmark ML models across a fleet: where to deploy, what to deploy, how it behaves there.
+#[derive(Debug, Parser)]
+#[command(name = "fleetbench", version)]
+struct Cli {
+    /// Coordinator address.
+    #[arg(long, global = true, env = "FLEETBENCH_COORDINATOR", default_value = "http://127.0.0.1:7700")]
+    coordinator: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Push and list models and their variants.
+    #[command(subcommand)]
+    Models(commands::models::ModelsCmd),
+    /// Submit, list, show, watch and cancel benchmark jobs.
+    #[command(subcommand)]
+    Jobs(commands::jobs::JobsCmd),
+    /// List the fleet's agents.
+    #[command(subcommand)]
+    Agents(commands::agents::AgentsCmd),
+    /// Rank platforms and variants for a model.
+    Rank(commands::rank::RankArgs),
+    /// Run the whole path locally: coordinator on SQLite, two agents, the bundled model, a ranking.
+    Quickstart(commands::quickstart::QuickstartArgs),
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> Result<()> {
+    let cli = Cli::parse();
+    if let Command::Quickstart(a) = cli.command {
+        return commands::quickstart::run(a).await;
+    }
+    let client = client::Client::connect(&cli.coordinator).await?;
+    match cli.command {
+        Command::Models(c) => commands::models::run(&client, c).await,
+        Command::Jobs(c) => commands::jobs::run(&client, c).await,
+        Command::Agents(c) => commands::agents::run(&client, c).await,
+        Command::Rank(a) => commands::rank::run(&client, a).await,
+        Command::Quickstart(_) => unreachable!("handled above"),
+    }
+}

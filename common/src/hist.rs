@@ -1,0 +1,281 @@
+//! Mergeable latency histograms (HdrHistogram, 3 significant digits, so any value read back is within
+//! 0.1 % of what was recorded) and the statistics fleetbench reports from them.
+
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+
+use crate::proto::v1::LatencyStats;
+
+/// A latency histogram in nanoseconds.
+pub type LatencyHistogram = Histogram<u64>;
+
+/// Largest latency a histogram holds without resizing: one hour in nanoseconds.
+pub const HIGHEST_TRACKABLE_NS: u64 = 3_600_000_000_000;
+
+/// Significant decimal digits kept: 3 gives a value error of at most 0.1 %.
+pub const SIGNIFICANT_DIGITS: u8 = 3;
+
+/// Errors reading a serialized histogram.
+#[derive(Debug, thiserror::Error)]
+pub enum HistError {
+    /// The bytes are not a V2 HdrHistogram serialization.
+    #[error("latency histogram is not a valid HdrHistogram V2 encoding: {0}")]
+    Decode(String),
+    /// Two histograms could not be added.
+    #[error("latency histograms cannot be merged: {0}")]
+    Merge(String),
+}
+
+/// A new, empty latency histogram (1 ns .. 1 h, 3 significant digits, grows beyond 1 h when needed).
+pub fn new_histogram() -> LatencyHistogram {
+    let mut h = Histogram::new_with_bounds(1, HIGHEST_TRACKABLE_NS, SIGNIFICANT_DIGITS)
+        .expect("static histogram bounds are valid");
+    h.auto(true);
+    h
+}
+
+/// Records one latency in nanoseconds (0 is recorded as 1 ns).
+pub fn record_ns(h: &mut LatencyHistogram, ns: u64) {
+    h.saturating_record(ns.max(1));
+}
+
+/// Serializes a histogram (V2 format, no compression).
+pub fn encode(h: &LatencyHistogram) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(256);
+    V2Serializer::new()
+        .serialize(h, &mut buf)
+        .expect("serializing into a Vec cannot fail");
+    buf
+}
+
+/// Reads a histogram written by [`encode`]. Empty input gives an empty histogram.
+pub fn decode(bytes: &[u8]) -> Result<LatencyHistogram, HistError> {
+    if bytes.is_empty() {
+        return Ok(new_histogram());
+    }
+    let h: LatencyHistogram = Deserializer::new()
+        .deserialize(&mut &bytes[..])
+        .map_err(|e| HistError::Decode(format!("{e:?}")))?;
+    let mut out = new_histogram();
+    out.add(&h).map_err(|e| HistError::Merge(format!("{e:?}")))?;
+    Ok(out)
+}
+
+/// Adds `other` into `into`.
+pub fn merge(into: &mut LatencyHistogram, other: &LatencyHistogram) -> Result<(), HistError> {
+    into.add(other).map_err(|e| HistError::Merge(format!("{e:?}")))
+}
+
+/// Summary statistics of a histogram, in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    /// Number of recorded values.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 97th percentile.
+    pub p97: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Mean.
+    pub mean: f64,
+    /// Standard deviation.
+    pub stddev: f64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+    /// 95 % confidence interval of the median.
+    pub p50_ci: (f64, f64),
+    /// 95 % confidence interval of the 99th percentile.
+    pub p99_ci: (f64, f64),
+}
+
+/// z for a two-sided 95 % interval.
+const Z95: f64 = 1.959_963_984_540_054;
+
+/// Distribution-free confidence interval of quantile `q` (order statistics with the normal
+/// approximation of the binomial): the values at ranks `nq ± z·sqrt(nq(1-q))`, clamped to the data.
+pub fn quantile_ci(h: &LatencyHistogram, q: f64, z: f64) -> (f64, f64) {
+    let n = h.len() as f64;
+    if n == 0.0 {
+        return (0.0, 0.0);
+    }
+    let half_width = z * (n * q * (1.0 - q)).sqrt();
+    let lo_rank = (n * q - half_width).floor().max(1.0);
+    let hi_rank = (n * q + half_width).ceil().min(n);
+    (
+        h.value_at_quantile(lo_rank / n) as f64,
+        h.value_at_quantile(hi_rank / n) as f64,
+    )
+}
+
+/// Statistics of a histogram; all zero when it is empty.
+pub fn stats(h: &LatencyHistogram) -> Stats {
+    if h.is_empty() {
+        return Stats::default();
+    }
+    let q = |x: f64| h.value_at_quantile(x) as f64;
+    Stats {
+        count: h.len(),
+        p50: q(0.50),
+        p90: q(0.90),
+        p95: q(0.95),
+        p97: q(0.97),
+        p99: q(0.99),
+        p999: q(0.999),
+        mean: h.mean(),
+        stddev: h.stdev(),
+        min: h.min() as f64,
+        max: h.max() as f64,
+        p50_ci: quantile_ci(h, 0.50, Z95),
+        p99_ci: quantile_ci(h, 0.99, Z95),
+    }
+}
+
+impl Stats {
+    /// The statistics in milliseconds, as the API reports them.
+    pub fn to_proto_ms(&self) -> LatencyStats {
+        let ms = |ns: f64| ns / 1e6;
+        LatencyStats {
+            p50_ms: ms(self.p50),
+            p90_ms: ms(self.p90),
+            p95_ms: ms(self.p95),
+            p97_ms: ms(self.p97),
+            p99_ms: ms(self.p99),
+            p999_ms: ms(self.p999),
+            mean_ms: ms(self.mean),
+            stddev_ms: ms(self.stddev),
+            min_ms: ms(self.min),
+            max_ms: ms(self.max),
+            p50_ci_low_ms: ms(self.p50_ci.0),
+            p50_ci_high_ms: ms(self.p50_ci.1),
+            p99_ci_low_ms: ms(self.p99_ci.0),
+            p99_ci_high_ms: ms(self.p99_ci.1),
+        }
+    }
+}
+
+/// Stability rule after perf_analyzer: over the last `windows` values, max/min must not exceed
+/// `ratio`. Fewer values than `windows`, or a non-positive value, is not stable.
+pub fn is_stable(values: &[f64], windows: usize, ratio: f64) -> bool {
+    if windows == 0 || values.len() < windows {
+        return false;
+    }
+    let tail = &values[values.len() - windows..];
+    let min = tail.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = tail.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    min > 0.0 && max / min <= ratio
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    use rand_distr::{Distribution, Exp, LogNormal};
+
+    fn exact_quantile(sorted: &[u64], q: f64) -> f64 {
+        let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        sorted[rank - 1] as f64
+    }
+
+    #[test]
+    fn percentiles_are_within_a_tenth_of_a_percent_of_exact_values() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let dist = LogNormal::new(11.0, 0.6).unwrap(); // ~60 us median, long tail
+        let mut values: Vec<u64> = (0..200_000).map(|_| dist.sample(&mut rng) as u64 + 1).collect();
+        let mut h = new_histogram();
+        for v in &values {
+            record_ns(&mut h, *v);
+        }
+        values.sort_unstable();
+        let s = stats(&h);
+        for (got, q) in [(s.p50, 0.5), (s.p90, 0.9), (s.p99, 0.99), (s.p999, 0.999)] {
+            let want = exact_quantile(&values, q);
+            assert!((got - want).abs() / want <= 0.001, "q={q}: got {got}, exact {want}");
+        }
+        assert!(s.p50 <= s.p90 && s.p90 <= s.p95 && s.p95 <= s.p97 && s.p97 <= s.p99 && s.p99 <= s.p999);
+        let exact_mean = values.iter().map(|v| *v as f64).sum::<f64>() / values.len() as f64;
+        assert!((s.mean - exact_mean).abs() / exact_mean < 0.001);
+    }
+
+    #[test]
+    fn exponential_median_matches_theory() {
+        // Exp(rate) has median ln2/rate; with 100k samples the CI must contain it.
+        let mut rng = StdRng::seed_from_u64(11);
+        let rate = 1.0 / 50_000.0; // mean 50 us
+        let dist = Exp::new(rate).unwrap();
+        let mut h = new_histogram();
+        for _ in 0..100_000 {
+            record_ns(&mut h, dist.sample(&mut rng) as u64);
+        }
+        let s = stats(&h);
+        let median = std::f64::consts::LN_2 / rate;
+        assert!(s.p50_ci.0 <= median * 1.001 && median <= s.p50_ci.1 * 1.001, "{:?} vs {median}", s.p50_ci);
+        let p99 = -(0.01f64).ln() / rate;
+        assert!(s.p99_ci.0 <= p99 * 1.001 && p99 <= s.p99_ci.1 * 1.001, "{:?} vs {p99}", s.p99_ci);
+        // CI of the median is narrow with this many samples: about +-1 %.
+        assert!((s.p50_ci.1 - s.p50_ci.0) / median < 0.03);
+    }
+
+    #[test]
+    fn ci_covers_the_true_median_about_95_percent_of_the_time() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let dist = LogNormal::new(10.0, 0.5).unwrap();
+        let true_median = 10.0f64.exp();
+        let trials = 400;
+        let mut covered = 0;
+        for _ in 0..trials {
+            let mut h = new_histogram();
+            for _ in 0..500 {
+                record_ns(&mut h, dist.sample(&mut rng) as u64);
+            }
+            let (lo, hi) = quantile_ci(&h, 0.5, Z95);
+            if lo <= true_median * 1.001 && true_median <= hi * 1.001 {
+                covered += 1;
+            }
+        }
+        let coverage = covered as f64 / trials as f64;
+        assert!((0.91..=0.99).contains(&coverage), "coverage {coverage}");
+    }
+
+    #[test]
+    fn merged_windows_equal_one_histogram_of_everything() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut all = new_histogram();
+        let mut merged = new_histogram();
+        for _ in 0..10 {
+            let mut w = new_histogram();
+            for _ in 0..1000 {
+                let v = rng.random_range(10_000..2_000_000);
+                record_ns(&mut w, v);
+                record_ns(&mut all, v);
+            }
+            let decoded = decode(&encode(&w)).unwrap();
+            merge(&mut merged, &decoded).unwrap();
+        }
+        assert_eq!(merged.len(), 10_000);
+        assert_eq!(stats(&merged), stats(&all));
+    }
+
+    #[test]
+    fn garbage_is_rejected_with_a_clear_error() {
+        let err = decode(b"definitely not a histogram").unwrap_err();
+        assert!(err.to_string().contains("not a valid HdrHistogram"), "{err}");
+    }
+
+    #[test]
+    fn stability_rule() {
+        assert!(is_stable(&[100.0, 104.0, 109.0], 3, 1.10));
+        assert!(!is_stable(&[100.0, 104.0, 111.0], 3, 1.10));
+        assert!(is_stable(&[500.0, 100.0, 104.0, 109.0], 3, 1.10), "only the last windows count");
+        assert!(!is_stable(&[100.0, 100.0], 3, 1.10), "too few windows");
+        assert!(!is_stable(&[0.0, 0.0, 0.0], 3, 1.10), "zero throughput is not stable");
+    }
+}

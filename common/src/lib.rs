@@ -1,0 +1,28 @@
+//! Domain logic shared by the fleetbench coordinator, agent and CLI: latency histograms and their
+//! statistics, labels and selectors, platform fingerprints, run configuration rules, and ONNX model
+//! inspection.
+
+pub mod config;
+pub mod hist;
+pub mod labels;
+pub mod onnx;
+pub mod platform;
+
+pub use fleetbench_proto as proto;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// Lower-case hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Version of fleetbench, the same for all its binaries.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,49 @@
+//! The fleetbench coordinator: accepts models and jobs, leases tasks to agents, stores their telemetry,
+//! and ranks platforms per model.
+//!
+//! Layout: [`grpc`] holds thin tonic adapters; the domain lives in [`models`], [`jobs`], [`fleet`],
+//! [`scheduler`] (sessions, leasing, lease expiry), [`ingest`] (windows, heartbeats, results),
+//! [`summary`] (run figures and validity) and [`ranking`]; durable state is behind [`store::Store`].
+
+pub mod config;
+pub mod error;
+pub mod fleet;
+pub mod grpc;
+pub mod ingest;
+pub mod jobs;
+pub mod models;
+pub mod ranking;
+pub mod scheduler;
+mod server;
+pub mod store;
+pub mod summary;
+
+use std::sync::Arc;
+
+pub use config::CoordinatorConfig;
+pub use error::{Error, Result};
+pub use server::{serve, serve_with_store};
+
+/// Shared state of one coordinator process.
+pub struct Coordinator {
+    /// Durable state.
+    pub store: Arc<dyn store::Store>,
+    /// Settings.
+    pub config: Arc<CoordinatorConfig>,
+    /// Agent sessions connected to this process.
+    pub hub: Arc<scheduler::Hub>,
+    /// Ordered writer of windows and results.
+    pub ingest: ingest::IngestHandle,
+    /// Batched writer of heartbeats.
+    pub heartbeats: ingest::HeartbeatHandle,
+    /// Bumped whenever jobs or tasks change here, for watchers.
+    pub changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Coordinator {
+    /// Tells watchers and the scheduler that something changed.
+    pub fn changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+        self.hub.kick();
+    }
+}

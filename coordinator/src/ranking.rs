@@ -1,0 +1,205 @@
+//! Rankings: for a model, pool the successful runs of each (platform, variant, configuration), merge
+//! their histograms exactly, derive throughput, accuracy (and its change against the base variant on the
+//! same platform) and cost per million samples, filter by constraints, and sort by the objective.
+
+use std::collections::{BTreeMap, HashMap};
+
+use fleetbench_common::hist;
+use fleetbench_proto::v1::{RankRequest, RankResponse, RankRow};
+
+use crate::Coordinator;
+use crate::error::{Error, Result};
+use crate::store::StoredRun;
+
+/// What rows are sorted by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    /// Median latency, lowest first.
+    P50,
+    /// 90th percentile latency, lowest first.
+    P90,
+    /// 95th percentile latency, lowest first.
+    P95,
+    /// 99th percentile latency, lowest first.
+    P99,
+    /// Samples per second, highest first.
+    Throughput,
+    /// Cost per million samples, lowest first (rows without cost last).
+    Cost,
+    /// Accuracy, highest first.
+    Accuracy,
+}
+
+impl Objective {
+    /// Parses an objective name; empty means p99.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "" | "p99" => Objective::P99,
+            "p50" | "latency" => Objective::P50,
+            "p90" => Objective::P90,
+            "p95" => Objective::P95,
+            "throughput" | "qps" => Objective::Throughput,
+            "cost" => Objective::Cost,
+            "accuracy" => Objective::Accuracy,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "objective: unknown objective '{other}' (expected p50, p90, p95, p99, throughput, cost or accuracy)"
+                )));
+            }
+        })
+    }
+
+    /// Name as shown.
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::P50 => "p50",
+            Objective::P90 => "p90",
+            Objective::P95 => "p95",
+            Objective::P99 => "p99",
+            Objective::Throughput => "throughput",
+            Objective::Cost => "cost",
+            Objective::Accuracy => "accuracy",
+        }
+    }
+
+    /// Sort key: smaller is better.
+    fn key(self, row: &RankRow) -> f64 {
+        let lat = row.latency.clone().unwrap_or_default();
+        match self {
+            Objective::P50 => lat.p50_ms,
+            Objective::P90 => lat.p90_ms,
+            Objective::P95 => lat.p95_ms,
+            Objective::P99 => lat.p99_ms,
+            Objective::Throughput => -row.throughput_per_s,
+            Objective::Cost => row.cost_per_million.unwrap_or(f64::INFINITY),
+            Objective::Accuracy => -row.accuracy.unwrap_or(f64::NEG_INFINITY),
+        }
+    }
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// Pools runs into one row.
+fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
+    let mut merged = hist::new_histogram();
+    for r in runs {
+        hist::merge(&mut merged, &hist::decode(&r.histogram)?)?;
+    }
+    let samples: u64 = runs.iter().map(|r| r.summary.samples).sum();
+    let seconds: f64 = runs.iter().map(|r| r.summary.duration_ms / 1e3).sum();
+    let throughput = if seconds > 0.0 { samples as f64 / seconds } else { 0.0 };
+    let accuracy = mean(runs.iter().filter_map(|r| r.summary.accuracy));
+    let cost_per_hour = mean(runs.iter().filter_map(|r| r.summary.cost_per_hour));
+    let cost_per_million = cost_per_hour.filter(|_| throughput > 0.0).map(|c| c / (throughput * 3600.0) * 1e6);
+    let mut records: Vec<String> = runs.iter().map(|r| record_key(&r.summary.record_json)).collect();
+    records.sort();
+    records.dedup();
+    let first = runs[0];
+    Ok(RankRow {
+        rank: 0,
+        platform_id: first.platform_id.clone(),
+        platform: first.platform_name.clone(),
+        variant: first.variant.clone(),
+        config: first.config_key.clone(),
+        latency: Some(hist::stats(&merged).to_proto_ms()),
+        throughput_per_s: throughput,
+        accuracy,
+        accuracy_delta_pts: None,
+        cost_per_million,
+        runs: runs.len() as u32,
+        run_ids: runs.iter().map(|r| r.run_id.clone()).collect(),
+        rss_peak_bytes: runs
+            .iter()
+            .filter_map(|r| r.summary.resources.as_ref().map(|x| x.rss_peak_bytes))
+            .max()
+            .unwrap_or(0),
+        size_bytes,
+        run_config: first.summary.config.clone(),
+        record_key: records.join(" | "),
+    })
+}
+
+/// The comparable part of a reproducibility record: runtime version and execution provider.
+fn record_key(record_json: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(record_json).unwrap_or_default();
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string();
+    format!("ort {} {}", s("ort_version"), s("execution_provider"))
+}
+
+/// Ranks a model's platforms and variants.
+pub async fn rank(coord: &Coordinator, req: RankRequest) -> Result<RankResponse> {
+    let objective = Objective::parse(&req.objective)?;
+    let variants = coord.store.list_variants(Some(&req.model)).await?;
+    if variants.is_empty() {
+        return Err(Error::NotFound(format!("model: unknown model '{}'", req.model)));
+    }
+    let job = if req.job_id.is_empty() { None } else { Some(coord.store.resolve_job_id(&req.job_id).await?) };
+    let runs = coord.store.runs_for_model(&req.model, job.as_deref()).await?;
+    let runs: Vec<&StoredRun> = runs.iter().filter(|r| req.include_invalid || r.summary.valid).collect();
+
+    let mut groups: BTreeMap<(String, String, String), Vec<&StoredRun>> = BTreeMap::new();
+    for r in &runs {
+        groups.entry((r.platform_id.clone(), r.variant.clone(), r.config_key.clone())).or_default().push(r);
+    }
+    let size = |variant: &str| variants.iter().find(|v| v.variant == variant).map(|v| v.size_bytes).unwrap_or(0);
+    let mut rows = groups.values().map(|g| pool(g, size(&g[0].variant))).collect::<Result<Vec<_>>>()?;
+
+    // Accuracy change against the base variant on the same platform.
+    let base = variants.iter().find(|v| v.variant_of.is_empty()).map(|v| v.variant.clone());
+    let mut base_acc: HashMap<String, f64> = HashMap::new();
+    if let Some(base) = &base {
+        for r in &runs {
+            if &r.variant == base
+                && let Some(a) = r.summary.accuracy
+            {
+                base_acc.entry(r.platform_id.clone()).or_insert(a);
+            }
+        }
+    }
+    for row in &mut rows {
+        if let (Some(a), Some(b)) = (row.accuracy, base_acc.get(&row.platform_id)) {
+            row.accuracy_delta_pts = Some((a - b) * 100.0);
+        }
+    }
+
+    // Two platforms that read the same get their id appended.
+    let mut by_name: HashMap<String, Vec<String>> = HashMap::new();
+    for row in &rows {
+        let ids = by_name.entry(row.platform.clone()).or_default();
+        if !ids.contains(&row.platform_id) {
+            ids.push(row.platform_id.clone());
+        }
+    }
+    for row in &mut rows {
+        if by_name.get(&row.platform).is_some_and(|ids| ids.len() > 1) {
+            row.platform = format!("{} #{}", row.platform, &row.platform_id[..6.min(row.platform_id.len())]);
+        }
+    }
+
+    rows.retain(|row| {
+        let lat = row.latency.clone().unwrap_or_default();
+        req.max_p99_ms.is_none_or(|m| lat.p99_ms <= m)
+            && req.min_throughput.is_none_or(|m| row.throughput_per_s >= m)
+            && req.max_rss_bytes.is_none_or(|m| row.rss_peak_bytes <= m)
+            && req.max_accuracy_drop.is_none_or(|m| row.accuracy_delta_pts.is_some_and(|d| -d <= m))
+    });
+    rows.sort_by(|a, b| {
+        objective
+            .key(a)
+            .partial_cmp(&objective.key(b))
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then_with(|| a.platform.cmp(&b.platform))
+            .then_with(|| a.variant.cmp(&b.variant))
+    });
+    if req.best_config_only {
+        let mut seen = std::collections::HashSet::new();
+        rows.retain(|r| seen.insert((r.platform_id.clone(), r.variant.clone())));
+    }
+    for (i, row) in rows.iter_mut().enumerate() {
+        row.rank = i as u32 + 1;
+    }
+    Ok(RankResponse { rows, objective: objective.name().to_string() })
+}

@@ -1,0 +1,41 @@
+//! SQLite, the embedded default: one file, WAL journal, a busy timeout so that writers queue instead of
+//! failing. Leases are single atomic statements, since SQLite has one writer at a time.
+
+use sqlx::Executor;
+use sqlx::any::AnyPoolOptions;
+
+use super::redact_url;
+use super::sql::{Backend, EmbeddedMigrations, SqlStore, migrate};
+use crate::error::{Error, Result};
+
+/// Schema migrations for SQLite (file names match migrations/postgres).
+pub const MIGRATIONS: EmbeddedMigrations = &[(1, "init", include_str!("../../../migrations/sqlite/0001_init.sql"))];
+
+/// Opens (creating when missing) a SQLite database from a `sqlite://PATH` URL and migrates it.
+pub async fn open(url: &str) -> Result<SqlStore> {
+    sqlx::any::install_default_drivers();
+    let path = url.trim_start_matches("sqlite://");
+    if path.is_empty() || path.starts_with(':') {
+        return Err(Error::InvalidArgument(format!(
+            "database URL '{url}' names no file; use sqlite://PATH (in-memory databases are not shared across connections)"
+        )));
+    }
+    let url = if url.contains('?') { url.to_string() } else { format!("{url}?mode=rwc") };
+    let pool = AnyPoolOptions::new()
+        .max_connections(8)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 30000; \
+                     PRAGMA foreign_keys = ON;",
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await
+        .map_err(|e| Error::Unavailable(format!("cannot open database {}: {e}", redact_url(&url))))?;
+    migrate(&pool, MIGRATIONS).await?;
+    Ok(SqlStore { pool, backend: Backend::Sqlite })
+}

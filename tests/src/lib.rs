@@ -1,0 +1,1 @@
+//! End-to-end tests of fleetbench live in tests/.
