@@ -11,6 +11,7 @@ models/digits/
 models/testdata/
   multi-input.onnx   one input of every element type ONNX Runtime takes and a symbolic non-batch dimension,
                      for the runner's input-building tests
+  unsupported-op.onnx  a valid ONNX file whose only node is an op no runtime has, for failure-path tests
 
 Run: python models/make_models.py   (deterministic: fixed seeds; needs requirements.txt)
 """
@@ -112,7 +113,7 @@ def make_digits():
 
 
 def make_multi_input():
-    """Every element type ONNX Runtime takes as a graph input, each reduced to its shape and summed."""
+    """Every element type ONNX Runtime takes as a graph input, each reduced to its shape; the shapes are summed."""
     os.makedirs(TESTDATA, exist_ok=True)
     types = [
         ("f32", TensorProto.FLOAT, ["batch", "seq"]),
@@ -130,13 +131,13 @@ def make_multi_input():
         ("flag", TensorProto.BOOL, ["batch", 3]),
         ("text", TensorProto.STRING, ["batch", 2]),
     ]
-    nodes, inputs, sums = [], [], []
+    nodes, inputs, shapes = [], [], []
     for name, ty, shape in types:
         inputs.append(helper.make_tensor_value_info(name, ty, shape))
         nodes.append(helper.make_node("Shape", [name], [f"{name}.shape"]))
-        nodes.append(helper.make_node("ReduceSum", [f"{name}.shape"], [f"{name}.sum"], keepdims=0))
-        sums.append(f"{name}.sum")
-    nodes.append(helper.make_node("Sum", sums, ["total"]))
+        shapes.append(f"{name}.shape")
+    nodes.append(helper.make_node("Concat", shapes, ["shapes"], axis=0))
+    nodes.append(helper.make_node("ReduceSum", ["shapes"], ["total"], keepdims=0))
     graph = helper.make_graph(nodes, "multi_input", inputs, [helper.make_tensor_value_info("total", TensorProto.INT64, [])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fleetbench-models")
     model.ir_version = IR_VERSION
@@ -144,7 +145,26 @@ def make_multi_input():
     onnx.save(model, os.path.join(TESTDATA, "multi-input.onnx"))
 
 
+def make_unsupported_op():
+    """Valid ONNX that no runtime can load: its node is an op of an unknown domain."""
+    node = helper.make_node("NoSuchOp", ["input"], ["output"], domain="com.fleetbench.test")
+    graph = helper.make_graph(
+        [node],
+        "unsupported_op",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.fleetbench.test", 1)],
+        producer_name="fleetbench-models",
+    )
+    model.ir_version = IR_VERSION
+    onnx.save(model, os.path.join(TESTDATA, "unsupported-op.onnx"))
+
+
 if __name__ == "__main__":
     np.random.seed(0)
     make_digits()
     make_multi_input()
+    make_unsupported_op()

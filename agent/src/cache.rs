@@ -26,12 +26,17 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
 impl Cache {
     /// A cache in `dir` (created when missing).
     pub fn new(dir: PathBuf) -> Result<Self> {
-        std::fs::create_dir_all(&dir).map_err(|e| AgentError::Io(format!("cannot create cache {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| AgentError::Io(format!("cannot create cache {}: {e}", dir.display())))?;
         Ok(Self { dir })
     }
 
     /// Path of a verified local copy of blob `sha256`, downloading it when missing or corrupt.
-    pub async fn fetch(&self, client: &mut ModelServiceClient<Channel>, sha256: &str) -> Result<PathBuf> {
+    pub async fn fetch(
+        &self,
+        client: &mut ModelServiceClient<Channel>,
+        sha256: &str,
+    ) -> Result<PathBuf> {
         if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(AgentError::Task(format!("'{sha256}' is not a sha256")));
         }
@@ -42,7 +47,12 @@ impl Cache {
             }
             tracing::warn!(path = %path.display(), "Cached artifact is corrupt; fetching it again.");
         }
-        let mut stream = client.download_blob(DownloadBlobRequest { sha256: sha256.to_string() }).await?.into_inner();
+        let mut stream = client
+            .download_blob(DownloadBlobRequest {
+                sha256: sha256.to_string(),
+            })
+            .await?
+            .into_inner();
         let mut hasher = Sha256::new();
         let mut data = Vec::new();
         while let Some(chunk) = stream.message().await? {
@@ -51,11 +61,17 @@ impl Cache {
         }
         let got = hex::encode(hasher.finalize());
         if got != sha256 {
-            return Err(AgentError::Task(format!("artifact {sha256} arrived corrupted (sha256 {got})")));
+            return Err(AgentError::Task(format!(
+                "artifact {sha256} arrived corrupted (sha256 {got})"
+            )));
         }
-        let tmp = self.dir.join(format!("{sha256}.{}.part", uuid::Uuid::new_v4().simple()));
-        std::fs::write(&tmp, &data).map_err(|e| AgentError::Io(format!("cannot write {}: {e}", tmp.display())))?;
-        std::fs::rename(&tmp, &path).map_err(|e| AgentError::Io(format!("cannot write {}: {e}", path.display())))?;
+        let tmp = self
+            .dir
+            .join(format!("{sha256}.{}.part", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&tmp, &data)
+            .map_err(|e| AgentError::Io(format!("cannot write {}: {e}", tmp.display())))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| AgentError::Io(format!("cannot write {}: {e}", path.display())))?;
         tracing::debug!(sha256, bytes = data.len(), "Artifact cached.");
         Ok(path)
     }

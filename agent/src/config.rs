@@ -48,7 +48,15 @@ impl Default for AgentConfig {
 }
 
 /// Environment keys read (FLEETBENCH_ + upper case).
-const ENV_KEYS: [&str; 7] = ["coordinator", "name", "cpus", "state_dir", "ort_lib", "host_id", "max_backoff_ms"];
+const ENV_KEYS: [&str; 7] = [
+    "coordinator",
+    "name",
+    "cpus",
+    "state_dir",
+    "ort_lib",
+    "host_id",
+    "max_backoff_ms",
+];
 
 impl AgentConfig {
     /// Layers defaults, `file`, `FLEETBENCH_*` variables and `overrides`, then validates.
@@ -56,7 +64,10 @@ impl AgentConfig {
         let mut fig = Figment::from(Serialized::defaults(AgentConfig::default()));
         if let Some(f) = file {
             if !f.exists() {
-                return Err(AgentError::Config(format!("config file {} does not exist", f.display())));
+                return Err(AgentError::Config(format!(
+                    "config file {} does not exist",
+                    f.display()
+                )));
             }
             fig = fig.merge(Toml::file(f));
         }
@@ -78,11 +89,15 @@ impl AgentConfig {
     /// Checks the settings.
     pub fn validate(&self) -> Result<()> {
         if self.coordinator.is_empty() {
-            return Err(AgentError::Config("coordinator: at least one coordinator address is needed".into()));
+            return Err(AgentError::Config(
+                "coordinator: at least one coordinator address is needed".into(),
+            ));
         }
         for c in &self.coordinator {
             if !(c.starts_with("http://") || c.starts_with("https://")) {
-                return Err(AgentError::Config(format!("coordinator: '{c}' must start with http:// or https://")));
+                return Err(AgentError::Config(format!(
+                    "coordinator: '{c}' must start with http:// or https://"
+                )));
             }
         }
         if self.name.trim().is_empty() {
@@ -103,6 +118,8 @@ impl AgentConfig {
         if self.cpus.trim().is_empty() {
             return Ok(None);
         }
-        crate::inventory::parse_cpu_list(&self.cpus).map(Some).map_err(AgentError::Config)
+        crate::inventory::parse_cpu_list(&self.cpus)
+            .map(Some)
+            .map_err(AgentError::Config)
     }
 }

@@ -41,7 +41,8 @@ fn nvml() -> Option<&'static Nvml> {
         // SAFETY: loading the NVIDIA management library and resolving documented symbols.
         unsafe {
             let lib = libloading::Library::new("libnvidia-ml.so.1").ok()?;
-            let init: libloading::Symbol<unsafe extern "C" fn() -> c_int> = lib.get(b"nvmlInit_v2").ok()?;
+            let init: libloading::Symbol<unsafe extern "C" fn() -> c_int> =
+                lib.get(b"nvmlInit_v2").ok()?;
             if init() != 0 {
                 return None;
             }

@@ -12,10 +12,15 @@ pub fn affinity() -> Vec<u32> {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let n = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1);
             return (0..n as u32).collect();
         }
-        (0..libc::CPU_SETSIZE as usize).filter(|i| libc::CPU_ISSET(*i, &set)).map(|i| i as u32).collect()
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|i| libc::CPU_ISSET(*i, &set))
+            .map(|i| i as u32)
+            .collect()
     }
 }
 
@@ -42,7 +47,10 @@ pub fn parse_cpu_list(s: &str) -> Result<Vec<u32>, String> {
         let bad = || format!("cpus: '{s}' is not a CPU list like 0, 0-3 or 0,2,4-5");
         match part.split_once('-') {
             Some((a, b)) => {
-                let (a, b): (u32, u32) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+                let (a, b): (u32, u32) = (
+                    a.trim().parse().map_err(|_| bad())?,
+                    b.trim().parse().map_err(|_| bad())?,
+                );
                 if a > b {
                     return Err(bad());
                 }
@@ -74,10 +82,18 @@ pub fn collect(runtime: &Runtime, cpu_set: &[u32], host_id_override: Option<&str
     let mut sys = System::new();
     sys.refresh_cpu_all();
     sys.refresh_memory();
-    let brand = sys.cpus().first().map(|c| c.brand().trim().to_string()).unwrap_or_default();
+    let brand = sys
+        .cpus()
+        .first()
+        .map(|c| c.brand().trim().to_string())
+        .unwrap_or_default();
     let accelerators = crate::gpu::gpus()
         .into_iter()
-        .map(|g| Accelerator { kind: "nvidia-gpu".into(), name: g.name, memory_bytes: g.memory_total })
+        .map(|g| Accelerator {
+            kind: "nvidia-gpu".into(),
+            name: g.name,
+            memory_bytes: g.memory_total,
+        })
         .collect();
     Inventory {
         hostname: System::host_name().unwrap_or_default(),

@@ -49,5 +49,12 @@ pub async fn run_with_runner(
         inventory: inventory::collect(runtime, &cpus, host_override),
         state_dir: config.state_dir.clone(),
     };
-    uplink::run(config.coordinator.clone(), identity, runner, Duration::from_millis(config.max_backoff_ms), shutdown).await
+    uplink::run(
+        config.coordinator.clone(),
+        identity,
+        runner,
+        Duration::from_millis(config.max_backoff_ms),
+        shutdown,
+    )
+    .await
 }

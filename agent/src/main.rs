@@ -49,7 +49,8 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn,h2=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,ort=warn,h2=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -59,15 +60,23 @@ fn main() -> anyhow::Result<()> {
     if let Some(cpus) = config.cpu_list()? {
         let allowed = inventory::affinity();
         if let Some(bad) = cpus.iter().find(|c| !allowed.contains(c)) {
-            anyhow::bail!("cpus: CPU {bad} is not available to this process (it may use {allowed:?})");
+            anyhow::bail!(
+                "cpus: CPU {bad} is not available to this process (it may use {allowed:?})"
+            );
         }
-        inventory::pin_process(&cpus).map_err(|e| anyhow::anyhow!("cpus: cannot pin to {cpus:?}: {e}"))?;
+        inventory::pin_process(&cpus)
+            .map_err(|e| anyhow::anyhow!("cpus: cannot pin to {cpus:?}: {e}"))?;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}

@@ -46,20 +46,35 @@ pub fn resolve_path(explicit: Option<&Path>) -> Result<PathBuf> {
 /// Reads the version string of an ONNX Runtime library without initialising it.
 pub fn library_version(path: &Path) -> Result<String> {
     if !path.exists() {
-        return Err(AgentError::Runtime(format!("ONNX Runtime library {} does not exist", path.display())));
+        return Err(AgentError::Runtime(format!(
+            "ONNX Runtime library {} does not exist",
+            path.display()
+        )));
     }
     // SAFETY: loading a shared library runs its initialisers; this is the library the operator named.
-    let lib = unsafe { libloading::Library::new(path) }
-        .map_err(|e| AgentError::Runtime(format!("cannot load ONNX Runtime from {}: {e}", path.display())))?;
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        AgentError::Runtime(format!(
+            "cannot load ONNX Runtime from {}: {e}",
+            path.display()
+        ))
+    })?;
     type GetApiBase = unsafe extern "C" fn() -> *const ort::sys::OrtApiBase;
     // SAFETY: OrtGetApiBase has this signature in every ONNX Runtime release.
-    let get: libloading::Symbol<GetApiBase> = unsafe { lib.get(b"OrtGetApiBase") }
-        .map_err(|_| AgentError::Runtime(format!("{} is not an ONNX Runtime library (no OrtGetApiBase)", path.display())))?;
+    let get: libloading::Symbol<GetApiBase> =
+        unsafe { lib.get(b"OrtGetApiBase") }.map_err(|_| {
+            AgentError::Runtime(format!(
+                "{} is not an ONNX Runtime library (no OrtGetApiBase)",
+                path.display()
+            ))
+        })?;
     // SAFETY: the API base is a static table owned by the library, valid while it is loaded.
     let version = unsafe {
         let base = get();
         if base.is_null() {
-            return Err(AgentError::Runtime(format!("{}: OrtGetApiBase returned null", path.display())));
+            return Err(AgentError::Runtime(format!(
+                "{}: OrtGetApiBase returned null",
+                path.display()
+            )));
         }
         let s: *const c_char = ((*base).GetVersionString)();
         CStr::from_ptr(s).to_string_lossy().into_owned()
@@ -69,7 +84,10 @@ pub fn library_version(path: &Path) -> Result<String> {
 
 /// Checks a version string against the oldest runtime accepted.
 pub fn check_version(version: &str, path: &Path) -> Result<()> {
-    let minor = version.split('.').nth(1).and_then(|m| m.parse::<u32>().ok());
+    let minor = version
+        .split('.')
+        .nth(1)
+        .and_then(|m| m.parse::<u32>().ok());
     match minor {
         Some(m) if version.starts_with("1.") && m >= MIN_ORT_MINOR => Ok(()),
         _ => Err(AgentError::Runtime(format!(
@@ -90,7 +108,11 @@ fn available_providers() -> Vec<String> {
     }
     let out = (0..n as isize)
         // SAFETY: ONNX Runtime returned `n` valid C strings.
-        .map(|i| unsafe { CStr::from_ptr(*list.offset(i)) }.to_string_lossy().into_owned())
+        .map(|i| {
+            unsafe { CStr::from_ptr(*list.offset(i)) }
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     // SAFETY: releasing what GetAvailableProviders allocated.
     unsafe {
@@ -107,12 +129,15 @@ pub fn load(explicit: Option<&Path>) -> Result<&'static Runtime> {
     let path = resolve_path(explicit)?;
     let version = library_version(&path)?;
     check_version(&version, &path)?;
-    let builder = ort::init_from(&path)
-        .map_err(|e| AgentError::Runtime(format!("cannot load ONNX Runtime from {}: {e}", path.display())))?;
-    let env = builder
-        .with_name("fleetbench-agent")
-        .build()
-        .map_err(|e| AgentError::Runtime(format!("cannot create the ONNX Runtime environment: {e}")))?;
+    let builder = ort::init_from(&path).map_err(|e| {
+        AgentError::Runtime(format!(
+            "cannot load ONNX Runtime from {}: {e}",
+            path.display()
+        ))
+    })?;
+    let env = builder.with_name("fleetbench-agent").build().map_err(|e| {
+        AgentError::Runtime(format!("cannot create the ONNX Runtime environment: {e}"))
+    })?;
     let rt = Runtime {
         env,
         version,
@@ -132,7 +157,10 @@ mod tests {
         let p = Path::new("/opt/ort/libonnxruntime.so");
         assert!(check_version("1.31.1", p).is_ok());
         let err = check_version("1.12.0", p).unwrap_err().to_string();
-        assert!(err.contains("1.12.0") && err.contains("too old") && err.contains("/opt/ort"), "{err}");
+        assert!(
+            err.contains("1.12.0") && err.contains("too old") && err.contains("/opt/ort"),
+            "{err}"
+        );
         assert!(check_version("garbage", p).is_err());
     }
 
@@ -143,7 +171,9 @@ mod tests {
         std::fs::write(&f, b"not a library").unwrap();
         let err = library_version(&f).unwrap_err().to_string();
         assert!(err.contains("cannot load ONNX Runtime"), "{err}");
-        let err = library_version(&dir.path().join("missing.so")).unwrap_err().to_string();
+        let err = library_version(&dir.path().join("missing.so"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not exist"), "{err}");
     }
 }

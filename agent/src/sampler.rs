@@ -39,7 +39,11 @@ pub fn rss_bytes() -> u64 {
     let page = 4096u64;
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map(|pages| pages * page)
         .unwrap_or(0)
 }
@@ -71,10 +75,12 @@ fn cpu_mhz(cpus: &[u32]) -> Option<f64> {
     let from_sysfs: Vec<f64> = cpus
         .iter()
         .filter_map(|c| {
-            std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu{c}/cpufreq/scaling_cur_freq"))
-                .ok()
-                .and_then(|s| s.trim().parse::<f64>().ok())
-                .map(|khz| khz / 1000.0)
+            std::fs::read_to_string(format!(
+                "/sys/devices/system/cpu/cpu{c}/cpufreq/scaling_cur_freq"
+            ))
+            .ok()
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .map(|khz| khz / 1000.0)
         })
         .collect();
     if !from_sysfs.is_empty() {
@@ -84,7 +90,10 @@ fn cpu_mhz(cpus: &[u32]) -> Option<f64> {
     let mut current = None;
     let mut values = Vec::new();
     for line in info.lines() {
-        if let Some(v) = line.strip_prefix("processor").and_then(|l| l.split(':').nth(1)) {
+        if let Some(v) = line
+            .strip_prefix("processor")
+            .and_then(|l| l.split(':').nth(1))
+        {
             current = v.trim().parse::<u32>().ok();
         } else if line.starts_with("cpu MHz")
             && let (Some(cpu), Some(v)) = (current, line.split(':').nth(1))
@@ -106,7 +115,9 @@ fn steal_jiffies(cpus: &[u32]) -> Option<(u64, u64)> {
     for line in stat.lines() {
         let mut it = line.split_whitespace();
         let Some(name) = it.next() else { continue };
-        let Some(cpu) = name.strip_prefix("cpu").and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Some(cpu) = name.strip_prefix("cpu").and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
         if !cpus.contains(&cpu) {
             continue;
         }
@@ -171,7 +182,9 @@ impl Sampler {
         let cpu = process_cpu();
         let steal = steal_jiffies(&self.cpus);
         let steal_pct = match (self.last_steal, steal) {
-            (Some((s0, t0)), Some((s1, t1))) if t1 > t0 => 100.0 * (s1 - s0) as f64 / (t1 - t0) as f64,
+            (Some((s0, t0)), Some((s1, t1))) if t1 > t0 => {
+                100.0 * (s1 - s0) as f64 / (t1 - t0) as f64
+            }
             (Some(_), Some(_)) => 0.0,
             _ => -1.0,
         };
@@ -180,13 +193,33 @@ impl Sampler {
         let sample = ResourceSample {
             process_cpu_user_pct: 100.0 * (cpu.0 - self.last_cpu.0) / wall,
             process_cpu_system_pct: 100.0 * (cpu.1 - self.last_cpu.1) / wall,
-            rss_mean_bytes: if acc.samples > 0 { (acc.rss_sum / n) as u64 } else { rss_now },
+            rss_mean_bytes: if acc.samples > 0 {
+                (acc.rss_sum / n) as u64
+            } else {
+                rss_now
+            },
             rss_peak_bytes: acc.rss_peak.max(rss_now),
-            system_memory_used_bytes: if acc.samples > 0 { (acc.sysmem_sum / n) as u64 } else { system_memory_used() },
-            load_average_1m: if acc.samples > 0 { acc.load_sum / n } else { load_1m() },
-            cpu_frequency_mhz: if acc.freq_n > 0 { acc.freq_sum / acc.freq_n as f64 } else { 0.0 },
+            system_memory_used_bytes: if acc.samples > 0 {
+                (acc.sysmem_sum / n) as u64
+            } else {
+                system_memory_used()
+            },
+            load_average_1m: if acc.samples > 0 {
+                acc.load_sum / n
+            } else {
+                load_1m()
+            },
+            cpu_frequency_mhz: if acc.freq_n > 0 {
+                acc.freq_sum / acc.freq_n as f64
+            } else {
+                0.0
+            },
             cpu_steal_pct: steal_pct,
-            gpu_utilization_pct: if acc.gpu_n > 0 { acc.gpu_util_sum / acc.gpu_n as f64 } else { -1.0 },
+            gpu_utilization_pct: if acc.gpu_n > 0 {
+                acc.gpu_util_sum / acc.gpu_n as f64
+            } else {
+                -1.0
+            },
             gpu_memory_used_bytes: acc.gpu_mem_peak,
             samples: acc.samples.max(1),
         };
@@ -236,7 +269,7 @@ mod tests {
     #[test]
     fn samples_are_plausible_under_load() {
         let mut s = Sampler::start(Duration::from_millis(20), crate::inventory::affinity());
-        let _ballast = vec![1u8; 32 << 20]; // touch 32 MiB
+        let ballast = std::hint::black_box(vec![1u8; 32 << 20]); // touch 32 MiB
         let t0 = Instant::now();
         let mut x = 0u64;
         while t0.elapsed() < Duration::from_millis(300) {
@@ -244,10 +277,17 @@ mod tests {
         }
         std::hint::black_box(x);
         let r = s.take();
+        drop(ballast);
         assert!(r.samples >= 5, "{r:?}");
-        assert!(r.process_cpu_user_pct > 50.0 && r.process_cpu_user_pct < 250.0, "{r:?}");
+        assert!(
+            r.process_cpu_user_pct > 50.0 && r.process_cpu_user_pct < 250.0,
+            "{r:?}"
+        );
         assert!(r.rss_peak_bytes >= 32 << 20, "{r:?}");
-        assert!(r.rss_mean_bytes > 0 && r.system_memory_used_bytes > r.rss_mean_bytes / 2, "{r:?}");
+        assert!(
+            r.rss_mean_bytes > 0 && r.system_memory_used_bytes > r.rss_mean_bytes / 2,
+            "{r:?}"
+        );
         assert!(r.cpu_steal_pct >= 0.0 || r.cpu_steal_pct == -1.0);
     }
 }

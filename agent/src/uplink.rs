@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use fleetbench_common::labels::Labels;
 use fleetbench_proto::v1::agent_service_client::AgentServiceClient;
 use fleetbench_proto::v1::model_service_client::ModelServiceClient;
 use fleetbench_proto::v1::{
-    AgentMessage, Heartbeat, Inventory, RegisterRequest, RunResult, SessionHello, TaskAssignment, TelemetryWindow,
-    agent_message, coordinator_message,
+    AgentMessage, Heartbeat, Inventory, RegisterRequest, RunResult, SessionHello, TaskAssignment,
+    TelemetryWindow, agent_message, coordinator_message,
 };
-use fleetbench_common::labels::Labels;
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
@@ -95,8 +95,12 @@ pub async fn run(
     max_backoff: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
-    std::fs::create_dir_all(&identity.state_dir)
-        .map_err(|e| AgentError::Io(format!("cannot create state dir {}: {e}", identity.state_dir.display())))?;
+    std::fs::create_dir_all(&identity.state_dir).map_err(|e| {
+        AgentError::Io(format!(
+            "cannot create state dir {}: {e}",
+            identity.state_dir.display()
+        ))
+    })?;
     let cache = Cache::new(identity.state_dir.join("cache"))?;
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut state = State {
@@ -117,7 +121,16 @@ pub async fn run(
             break;
         }
         let endpoint = &endpoints[i % endpoints.len()];
-        match session(endpoint, &identity, &mut state, &runner, &cache, &mut shutdown).await {
+        match session(
+            endpoint,
+            &identity,
+            &mut state,
+            &runner,
+            &cache,
+            &mut shutdown,
+        )
+        .await
+        {
             Ok(SessionEnd::Shutdown) => break,
             Ok(SessionEnd::Lost(reason)) => {
                 warn!(coordinator = %endpoint, %reason, "Lost the coordinator; reconnecting.");
@@ -153,7 +166,11 @@ pub async fn run(
 
 async fn connect(endpoint: &str) -> Result<Channel> {
     Ok(Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| AgentError::Config(format!("coordinator: '{endpoint}' is not a valid address: {e}")))?
+        .map_err(|e| {
+            AgentError::Config(format!(
+                "coordinator: '{endpoint}' is not a valid address: {e}"
+            ))
+        })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -176,7 +193,11 @@ async fn session(
         .register(RegisterRequest {
             agent_id: state.agent_id.clone().unwrap_or_default(),
             name: identity.name.clone(),
-            labels: identity.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: identity
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             inventory: Some(identity.inventory.clone()),
         })
         .await?
@@ -187,12 +208,22 @@ async fn session(
         state.agent_id = Some(reg.agent_id.clone());
     }
     let (out_tx, out_rx) = mpsc::channel::<AgentMessage>(4096);
-    let current_run_id = state.current.as_ref().map(|c| c.run_id.clone()).unwrap_or_default();
+    let current_run_id = state
+        .current
+        .as_ref()
+        .map(|c| c.run_id.clone())
+        .unwrap_or_default();
     out_tx
-        .send(message(agent_message::Body::Hello(SessionHello { agent_id: reg.agent_id.clone(), current_run_id })))
+        .send(message(agent_message::Body::Hello(SessionHello {
+            agent_id: reg.agent_id.clone(),
+            current_run_id,
+        })))
         .await
         .map_err(|_| AgentError::Io("session closed".into()))?;
-    let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(out_rx)).await?.into_inner();
+    let mut inbound = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+        .await?
+        .into_inner();
     info!(coordinator = %endpoint, agent_id = %reg.agent_id, platform = %reg.platform_name, "Connected.");
 
     // Send again what was not acknowledged on the previous connection.
@@ -201,10 +232,18 @@ async fn session(
         .values()
         .cloned()
         .map(|w| message(agent_message::Body::Window(w)))
-        .chain(state.result.clone().map(|r| message(agent_message::Body::Result(r))))
+        .chain(
+            state
+                .result
+                .clone()
+                .map(|r| message(agent_message::Body::Result(r))),
+        )
         .collect();
     if !replay.is_empty() {
-        info!(messages = replay.len(), "Resending unacknowledged telemetry.");
+        info!(
+            messages = replay.len(),
+            "Resending unacknowledged telemetry."
+        );
     }
     for m in replay {
         if out_tx.send(m).await.is_err() {
@@ -212,7 +251,9 @@ async fn session(
         }
     }
 
-    let mut heartbeat = tokio::time::interval(Duration::from_millis(reg.heartbeat_interval_ms.max(50) as u64));
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(
+        reg.heartbeat_interval_ms.max(50) as u64,
+    ));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -243,20 +284,21 @@ async fn session(
                     Some(coordinator_message::Body::WindowAck(ack)) => {
                         state.unacked.remove(&(ack.run_id, ack.seq));
                     }
-                    Some(coordinator_message::Body::ResultAck(ack)) => {
-                        if state.result.as_ref().is_some_and(|r| r.run_id == ack.run_id) {
-                            if ack.discarded {
-                                warn!(run = %ack.run_id, reason = %ack.reason, "The coordinator refused the result.");
-                            } else {
-                                info!(run = %ack.run_id, "Result stored.");
-                            }
-                            state.result = None;
-                            state.unacked.retain(|(run, _), _| run != &ack.run_id);
-                            if state.current.as_ref().is_some_and(|c| c.run_id == ack.run_id) {
-                                state.current = None;
-                            }
+                    Some(coordinator_message::Body::ResultAck(ack))
+                        if state.result.as_ref().is_some_and(|r| r.run_id == ack.run_id) =>
+                    {
+                        if ack.discarded {
+                            warn!(run = %ack.run_id, reason = %ack.reason, "The coordinator refused the result.");
+                        } else {
+                            info!(run = %ack.run_id, "Result stored.");
+                        }
+                        state.result = None;
+                        state.unacked.retain(|(run, _), _| run != &ack.run_id);
+                        if state.current.as_ref().is_some_and(|c| c.run_id == ack.run_id) {
+                            state.current = None;
                         }
                     }
+                    Some(coordinator_message::Body::ResultAck(_)) => {}
                     None => {}
                 }
             }
@@ -298,7 +340,11 @@ fn start_task(
         let task = match prepared {
             Ok(t) => t,
             Err(e) => {
-                let _ = events.send(RunnerEvent::Finished(RunResult { run_id, error: e.to_string(), ..Default::default() }));
+                let _ = events.send(RunnerEvent::Finished(RunResult {
+                    run_id,
+                    error: e.to_string(),
+                    ..Default::default()
+                }));
                 return;
             }
         };
@@ -309,7 +355,11 @@ fn start_task(
                 let _ = events.send(RunnerEvent::Window(w));
             };
             let outcome = runner.run(&task, &mut emit, &cancel);
-            let mut result = RunResult { run_id: task.assignment.run_id.clone(), window_count: windows, ..Default::default() };
+            let mut result = RunResult {
+                run_id: task.assignment.run_id.clone(),
+                window_count: windows,
+                ..Default::default()
+            };
             match outcome {
                 Ok(report) => result.report = Some(report),
                 Err(RunError::Cancelled) => result.cancelled = true,
@@ -334,13 +384,33 @@ async fn prepare(
     cpus: Vec<u32>,
     host_id: String,
 ) -> Result<PreparedTask> {
-    let variant = a.variant.as_ref().ok_or_else(|| AgentError::Task("the assignment names no model variant".into()))?;
-    let config = a.config.as_ref().ok_or_else(|| AgentError::Task("the assignment has no configuration".into()))?;
-    let fetch = |what: &'static str, e: AgentError| AgentError::Task(format!("cannot fetch the {what}: {e}"));
-    let model_path = cache.fetch(models, &variant.artifact_sha256).await.map_err(|e| fetch("model artifact", e))?;
-    let eval = if !config.skip_accuracy && !variant.eval_inputs_sha256.is_empty() && !variant.eval_labels_sha256.is_empty() {
-        let x = cache.fetch(models, &variant.eval_inputs_sha256).await.map_err(|e| fetch("eval inputs", e))?;
-        let y = cache.fetch(models, &variant.eval_labels_sha256).await.map_err(|e| fetch("eval labels", e))?;
+    let variant = a
+        .variant
+        .as_ref()
+        .ok_or_else(|| AgentError::Task("the assignment names no model variant".into()))?;
+    let config = a
+        .config
+        .as_ref()
+        .ok_or_else(|| AgentError::Task("the assignment has no configuration".into()))?;
+    let fetch = |what: &'static str, e: AgentError| {
+        AgentError::Task(format!("cannot fetch the {what}: {e}"))
+    };
+    let model_path = cache
+        .fetch(models, &variant.artifact_sha256)
+        .await
+        .map_err(|e| fetch("model artifact", e))?;
+    let eval = if !config.skip_accuracy
+        && !variant.eval_inputs_sha256.is_empty()
+        && !variant.eval_labels_sha256.is_empty()
+    {
+        let x = cache
+            .fetch(models, &variant.eval_inputs_sha256)
+            .await
+            .map_err(|e| fetch("eval inputs", e))?;
+        let y = cache
+            .fetch(models, &variant.eval_labels_sha256)
+            .await
+            .map_err(|e| fetch("eval labels", e))?;
         Some((x, y))
     } else {
         None
@@ -348,7 +418,19 @@ async fn prepare(
     let input_data = if config.input_data_sha256.is_empty() {
         None
     } else {
-        Some(cache.fetch(models, &config.input_data_sha256).await.map_err(|e| fetch("input data", e))?)
+        Some(
+            cache
+                .fetch(models, &config.input_data_sha256)
+                .await
+                .map_err(|e| fetch("input data", e))?,
+        )
     };
-    Ok(PreparedTask { assignment: a.clone(), model_path, eval, input_data, cpus, host_id })
+    Ok(PreparedTask {
+        assignment: a.clone(),
+        model_path,
+        eval,
+        input_data,
+        cpus,
+        host_id,
+    })
 }

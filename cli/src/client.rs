@@ -18,20 +18,47 @@ const CHUNK: usize = 1 << 20;
 /// Clients of every coordinator service over one connection.
 #[derive(Clone)]
 pub struct Client {
+    url: String,
     channel: Channel,
 }
 
 impl Client {
-    /// Connects to `url`, failing with a message that names it.
+    /// A client of the coordinator at `url`. It connects on first use, so commands check their
+    /// arguments before any network trouble shows.
     pub async fn connect(url: &str) -> Result<Self> {
         let channel = Endpoint::from_shared(url.to_string())
-            .with_context(|| format!("coordinator address '{url}' is not a valid URL (expected http://HOST:PORT)"))?
+            .with_context(|| {
+                format!(
+                    "coordinator address '{url}' is not a valid URL (expected http://HOST:PORT)"
+                )
+            })?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("cannot reach the coordinator at {url}; is fleetbench-coordinator running?"))?;
-        Ok(Self { channel })
+            .connect_lazy();
+        Ok(Self {
+            url: url.to_string(),
+            channel,
+        })
+    }
+
+    /// Turns a gRPC status into an error that reads well on a terminal.
+    pub fn error(&self, s: tonic::Status, doing: &str) -> anyhow::Error {
+        let msg = s.message();
+        match s.code() {
+            tonic::Code::Unavailable if msg.contains("transport") || msg.contains("connect") => {
+                anyhow::anyhow!(
+                    "{doing}: cannot reach the coordinator at {} ({msg}); is fleetbench-coordinator running?",
+                    self.url
+                )
+            }
+            tonic::Code::Unavailable => {
+                anyhow::anyhow!("{doing}: the coordinator is unavailable: {msg}")
+            }
+            tonic::Code::Internal | tonic::Code::Unknown => {
+                anyhow::anyhow!("{doing}: coordinator error: {msg}")
+            }
+            _ => anyhow::anyhow!("{doing}: {msg}"),
+        }
     }
 
     /// Model service.
@@ -56,9 +83,16 @@ impl Client {
 
     /// Uploads a file as a blob in chunks; returns its reference.
     pub async fn upload(&self, path: &Path) -> Result<BlobRef> {
-        let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let data =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let sha = hex::encode(Sha256::digest(&data));
-        let mut chunks: Vec<BlobChunk> = data.chunks(CHUNK).map(|c| BlobChunk { data: c.to_vec(), expected_sha256: String::new() }).collect();
+        let mut chunks: Vec<BlobChunk> = data
+            .chunks(CHUNK)
+            .map(|c| BlobChunk {
+                data: c.to_vec(),
+                expected_sha256: String::new(),
+            })
+            .collect();
         if chunks.is_empty() {
             chunks.push(BlobChunk::default());
         }
@@ -67,18 +101,8 @@ impl Client {
             .models()
             .upload_blob(futures::stream::iter(chunks))
             .await
-            .map_err(|s| status_error(s, &format!("uploading {}", path.display())))?
+            .map_err(|s| self.error(s, &format!("uploading {}", path.display())))?
             .into_inner();
         Ok(blob)
-    }
-}
-
-/// Turns a gRPC status into an error that reads well on a terminal.
-pub fn status_error(s: tonic::Status, doing: &str) -> anyhow::Error {
-    let msg = s.message();
-    match s.code() {
-        tonic::Code::Unavailable => anyhow::anyhow!("{doing}: the coordinator is unavailable: {msg}"),
-        tonic::Code::Internal | tonic::Code::Unknown => anyhow::anyhow!("{doing}: coordinator error: {msg}"),
-        _ => anyhow::anyhow!("{doing}: {msg}"),
     }
 }

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use fleetbench_common::config::{
-    parse_execution_provider, parse_graph_optimization, parse_input_shape, parse_scenario, validate_job_spec,
+    parse_execution_provider, parse_graph_optimization, parse_input_shape, parse_scenario,
+    validate_job_spec,
 };
 use fleetbench_common::labels::parse_labels;
 use fleetbench_proto::v1::{JobSpec, RunConfig, Scenario, Sweep};
@@ -148,7 +149,10 @@ fn positive_list(field: &str, values: &[i64], allow_zero: bool) -> Result<Vec<u3
         .iter()
         .map(|v| {
             if *v < 0 || (*v == 0 && !allow_zero) || *v > u32::MAX as i64 {
-                bail!("{field}: must be {} (got {v})", if allow_zero { ">= 0" } else { "> 0" })
+                bail!(
+                    "{field}: must be {} (got {v})",
+                    if allow_zero { ">= 0" } else { "> 0" }
+                )
             }
             Ok(*v as u32)
         })
@@ -158,7 +162,8 @@ fn positive_list(field: &str, values: &[i64], allow_zero: bool) -> Result<Vec<u3
 impl JobArgs {
     /// Reads a TOML job file.
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read job file {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read job file {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("job file {}: {e}", path.display()))
     }
 
@@ -212,7 +217,11 @@ impl JobArgs {
         let duration_ms = seconds_to_ms("duration_s", self.duration_s)?;
         let max_duration_ms = seconds_to_ms("max_duration_s", self.max_duration_s)?;
         let min_duration_ms = seconds_to_ms("min_duration_s", self.min_duration_s)?;
-        let iterations = if iterations == 0 && duration_ms == 0 && max_duration_ms == 0 && scenario != Scenario::MaxQps {
+        let iterations = if iterations == 0
+            && duration_ms == 0
+            && max_duration_ms == 0
+            && scenario != Scenario::MaxQps
+        {
             1000
         } else {
             iterations
@@ -220,9 +229,21 @@ impl JobArgs {
         let batches = positive_list("batch_size", &self.batch_size, false)?;
         let concurrency = positive_list("concurrency", &self.concurrency, false)?;
         let threads = positive_list("threads", &self.threads, true)?;
-        let opts = self.graph_opt.iter().map(|g| parse_graph_optimization(g).map(|g| g as i32)).collect::<Result<Vec<_>, _>>()?;
-        let eps = self.ep.iter().map(|e| parse_execution_provider(e)).collect::<Result<Vec<_>, _>>()?;
-        let shapes = self.shape.iter().map(|s| parse_input_shape(s)).collect::<Result<Vec<_>, _>>()?;
+        let opts = self
+            .graph_opt
+            .iter()
+            .map(|g| parse_graph_optimization(g).map(|g| g as i32))
+            .collect::<Result<Vec<_>, _>>()?;
+        let eps = self
+            .ep
+            .iter()
+            .map(|e| parse_execution_provider(e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let shapes = self
+            .shape
+            .iter()
+            .map(|s| parse_input_shape(s))
+            .collect::<Result<Vec<_>, _>>()?;
         let selector: HashMap<String, String> = parse_labels(&self.selector)
             .map_err(|e| anyhow::anyhow!("selector: {e}"))?
             .into_iter()
@@ -257,7 +278,11 @@ impl JobArgs {
         let many = |n: usize| n > 1;
         let sweep = Sweep {
             batch_sizes: if many(batches.len()) { batches } else { vec![] },
-            concurrency: if many(concurrency.len()) { concurrency } else { vec![] },
+            concurrency: if many(concurrency.len()) {
+                concurrency
+            } else {
+                vec![]
+            },
             intra_op_threads: if many(threads.len()) { threads } else { vec![] },
             graph_optimizations: if many(opts.len()) { opts } else { vec![] },
             execution_providers: if many(eps.len()) { eps } else { vec![] },
@@ -280,7 +305,10 @@ mod tests {
     use super::*;
 
     fn args(model: &str) -> JobArgs {
-        JobArgs { model: Some(model.into()), ..Default::default() }
+        JobArgs {
+            model: Some(model.into()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -297,21 +325,52 @@ mod tests {
     fn bad_values_are_named() {
         let mut a = args("digits");
         a.iterations = Some(-5);
-        assert!(a.to_spec(256).unwrap_err().to_string().starts_with("iterations"));
+        assert!(
+            a.to_spec(256)
+                .unwrap_err()
+                .to_string()
+                .starts_with("iterations")
+        );
         let mut a = args("digits");
         a.iterations = Some(0);
-        assert!(a.to_spec(256).unwrap_err().to_string().starts_with("iterations"));
+        assert!(
+            a.to_spec(256)
+                .unwrap_err()
+                .to_string()
+                .starts_with("iterations")
+        );
         let mut a = args("digits");
         a.scenario = Some("burst".into());
-        assert!(a.to_spec(256).unwrap_err().to_string().starts_with("scenario"));
+        assert!(
+            a.to_spec(256)
+                .unwrap_err()
+                .to_string()
+                .starts_with("scenario")
+        );
         let mut a = args("digits");
         a.scenario = Some("server".into());
         a.target_qps = Some(0.0);
-        assert!(a.to_spec(256).unwrap_err().to_string().starts_with("target_qps"));
+        assert!(
+            a.to_spec(256)
+                .unwrap_err()
+                .to_string()
+                .starts_with("target_qps")
+        );
         let mut a = args("digits");
         a.batch_size = vec![0];
-        assert!(a.to_spec(256).unwrap_err().to_string().starts_with("batch_size"));
-        assert!(JobArgs::default().to_spec(256).unwrap_err().to_string().starts_with("model"));
+        assert!(
+            a.to_spec(256)
+                .unwrap_err()
+                .to_string()
+                .starts_with("batch_size")
+        );
+        assert!(
+            JobArgs::default()
+                .to_spec(256)
+                .unwrap_err()
+                .to_string()
+                .starts_with("model")
+        );
     }
 
     #[test]
@@ -320,7 +379,10 @@ mod tests {
             "model = \"digits\"\nvariants = \"all\"\nbatch_size = [1, 8]\nthreads = 1\nselector = \"tier=edge\"\niterations = 500\n",
         )
         .unwrap();
-        let flags = JobArgs { iterations: Some(700), ..Default::default() };
+        let flags = JobArgs {
+            iterations: Some(700),
+            ..Default::default()
+        };
         let merged = flags.over(file);
         let spec = merged.to_spec(256).unwrap();
         assert_eq!(spec.config.as_ref().unwrap().iterations, 700);

@@ -1,19 +1,20 @@
 //! `fleetbench`: the command-line client of a fleetbench coordinator.
 
-mod client;
-mod commands;
-mod jobspec;
-mod output;
-
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use fleetbench_cli::{client, commands};
 
 /// Benchmark ML models across a fleet: where to deploy, what to deploy, how it behaves there.
 #[derive(Debug, Parser)]
 #[command(name = "fleetbench", version)]
 struct Cli {
     /// Coordinator address.
-    #[arg(long, global = true, env = "FLEETBENCH_COORDINATOR", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETBENCH_COORDINATOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
     coordinator: String,
     #[command(subcommand)]
     command: Command,

@@ -16,23 +16,36 @@ pub enum Format {
 /// A table with the project's style.
 pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic).set_header(header);
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header);
     t
 }
 
 /// Milliseconds with sensible precision (µs resolution below 10 ms).
 pub fn ms(v: f64) -> String {
-    if v < 10.0 { format!("{v:.3}") } else if v < 1000.0 { format!("{v:.1}") } else { format!("{v:.0}") }
+    if v < 10.0 {
+        format!("{v:.3}")
+    } else if v < 1000.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
 }
 
 /// A number of samples per second.
 pub fn rate(v: f64) -> String {
-    if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.1}") }
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
 }
 
 /// Accuracy as a percentage, or a dash.
 pub fn pct(v: Option<f64>) -> String {
-    v.map(|a| format!("{:.2} %", a * 100.0)).unwrap_or_else(|| "-".into())
+    v.map(|a| format!("{:.2} %", a * 100.0))
+        .unwrap_or_else(|| "-".into())
 }
 
 /// Bytes as KiB/MiB/GiB.

@@ -19,7 +19,10 @@ pub struct ConfigError {
 impl ConfigError {
     /// A new error for `field`.
     pub fn new(field: &str, message: impl Into<String>) -> Self {
-        Self { field: field.to_string(), message: message.into() }
+        Self {
+            field: field.to_string(),
+            message: message.into(),
+        }
     }
 }
 
@@ -32,7 +35,9 @@ pub fn parse_scenario(s: &str) -> Result<Scenario, ConfigError> {
         "max-qps" | "maxqps" | "max_qps" => Ok(Scenario::MaxQps),
         other => Err(ConfigError::new(
             "scenario",
-            format!("unknown scenario '{other}' (expected single-stream, offline, server or max-qps)"),
+            format!(
+                "unknown scenario '{other}' (expected single-stream, offline, server or max-qps)"
+            ),
         )),
     }
 }
@@ -72,12 +77,16 @@ pub fn graph_optimization_name(g: GraphOptimization) -> &'static str {
 }
 
 /// Execution providers fleetbench knows how to ask for.
-pub const EXECUTION_PROVIDERS: &[&str] = &["cpu", "cuda", "tensorrt", "openvino", "rocm", "xnnpack"];
+pub const EXECUTION_PROVIDERS: &[&str] =
+    &["cpu", "cuda", "tensorrt", "openvino", "rocm", "xnnpack"];
 
 /// Normalizes and checks an execution provider name.
 pub fn parse_execution_provider(s: &str) -> Result<String, ConfigError> {
     let p = s.trim().to_ascii_lowercase();
-    let p = p.strip_suffix("executionprovider").unwrap_or(&p).to_string();
+    let p = p
+        .strip_suffix("executionprovider")
+        .unwrap_or(&p)
+        .to_string();
     if p.is_empty() {
         return Ok("cpu".to_string());
     }
@@ -86,27 +95,39 @@ pub fn parse_execution_provider(s: &str) -> Result<String, ConfigError> {
     } else {
         Err(ConfigError::new(
             "execution_provider",
-            format!("unknown execution provider '{s}' (expected one of {})", EXECUTION_PROVIDERS.join(", ")),
+            format!(
+                "unknown execution provider '{s}' (expected one of {})",
+                EXECUTION_PROVIDERS.join(", ")
+            ),
         ))
     }
 }
 
 /// Parses `NAME=1x3x224x224` into a shape for one input.
 pub fn parse_input_shape(s: &str) -> Result<InputShape, ConfigError> {
-    let (name, dims) = s
-        .split_once('=')
-        .ok_or_else(|| ConfigError::new("shape", format!("'{s}' is not of the form NAME=1x3x224x224")))?;
+    let (name, dims) = s.split_once('=').ok_or_else(|| {
+        ConfigError::new(
+            "shape",
+            format!("'{s}' is not of the form NAME=1x3x224x224"),
+        )
+    })?;
     let dims = dims
         .split(['x', 'X', ','])
         .map(|d| match d.trim().parse::<i64>() {
             Ok(v) if v > 0 => Ok(v),
-            _ => Err(ConfigError::new("shape", format!("'{s}': dimension '{d}' is not a positive integer"))),
+            _ => Err(ConfigError::new(
+                "shape",
+                format!("'{s}': dimension '{d}' is not a positive integer"),
+            )),
         })
         .collect::<Result<Vec<_>, _>>()?;
     if name.trim().is_empty() {
         return Err(ConfigError::new("shape", format!("'{s}' names no input")));
     }
-    Ok(InputShape { name: name.trim().to_string(), dims })
+    Ok(InputShape {
+        name: name.trim().to_string(),
+        dims,
+    })
 }
 
 /// Fills unset fields with fleetbench's defaults.
@@ -149,45 +170,80 @@ pub fn with_defaults(mut c: RunConfig) -> RunConfig {
 
 /// Checks a configuration; the error names the field.
 pub fn validate(c: &RunConfig) -> Result<(), ConfigError> {
-    let scenario = Scenario::try_from(c.scenario)
-        .map_err(|_| ConfigError::new("scenario", format!("unknown scenario value {}", c.scenario)))?;
+    let scenario = Scenario::try_from(c.scenario).map_err(|_| {
+        ConfigError::new("scenario", format!("unknown scenario value {}", c.scenario))
+    })?;
     if c.batch_size == 0 {
         return Err(ConfigError::new("batch_size", "must be at least 1"));
     }
     if GraphOptimization::try_from(c.graph_optimization).is_err() {
-        return Err(ConfigError::new("graph_optimization", format!("unknown level value {}", c.graph_optimization)));
+        return Err(ConfigError::new(
+            "graph_optimization",
+            format!("unknown level value {}", c.graph_optimization),
+        ));
     }
     parse_execution_provider(&c.execution_provider)?;
-    if c.iterations == 0 && c.duration_ms == 0 && c.max_duration_ms == 0 && scenario != Scenario::MaxQps {
-        return Err(ConfigError::new("iterations", "must be > 0 (or give a duration)"));
+    if c.iterations == 0
+        && c.duration_ms == 0
+        && c.max_duration_ms == 0
+        && scenario != Scenario::MaxQps
+    {
+        return Err(ConfigError::new(
+            "iterations",
+            "must be > 0 (or give a duration)",
+        ));
     }
     if c.window_ms < 10 {
-        return Err(ConfigError::new("window_ms", format!("must be at least 10 ms (got {})", c.window_ms)));
+        return Err(ConfigError::new(
+            "window_ms",
+            format!("must be at least 10 ms (got {})", c.window_ms),
+        ));
     }
     if !c.target_qps.is_finite() || c.target_qps < 0.0 {
-        return Err(ConfigError::new("target_qps", format!("must be > 0 (got {})", c.target_qps)));
+        return Err(ConfigError::new(
+            "target_qps",
+            format!("must be > 0 (got {})", c.target_qps),
+        ));
     }
     if !c.latency_bound_ms.is_finite() || c.latency_bound_ms < 0.0 {
-        return Err(ConfigError::new("latency_bound_ms", format!("must be > 0 (got {})", c.latency_bound_ms)));
+        return Err(ConfigError::new(
+            "latency_bound_ms",
+            format!("must be > 0 (got {})", c.latency_bound_ms),
+        ));
     }
     match scenario {
         Scenario::Server if c.target_qps <= 0.0 => {
-            return Err(ConfigError::new("target_qps", "the server scenario needs a target QPS > 0"));
+            return Err(ConfigError::new(
+                "target_qps",
+                "the server scenario needs a target QPS > 0",
+            ));
         }
         Scenario::MaxQps if c.latency_bound_ms <= 0.0 => {
-            return Err(ConfigError::new("latency_bound_ms", "the max-qps scenario needs a latency bound > 0"));
+            return Err(ConfigError::new(
+                "latency_bound_ms",
+                "the max-qps scenario needs a latency bound > 0",
+            ));
         }
         _ => {}
     }
     if c.stability_ratio < 1.0 {
-        return Err(ConfigError::new("stability_ratio", format!("must be >= 1.0 (got {})", c.stability_ratio)));
+        return Err(ConfigError::new(
+            "stability_ratio",
+            format!("must be >= 1.0 (got {})", c.stability_ratio),
+        ));
     }
     if c.max_duration_ms > 0 && c.min_duration_ms > c.max_duration_ms {
-        return Err(ConfigError::new("min_duration_s", "is longer than max_duration_s"));
+        return Err(ConfigError::new(
+            "min_duration_s",
+            "is longer than max_duration_s",
+        ));
     }
     for s in &c.shapes {
         if s.dims.iter().any(|d| *d <= 0) {
-            return Err(ConfigError::new("shape", format!("input '{}': dimensions must be positive", s.name)));
+            return Err(ConfigError::new(
+                "shape",
+                format!("input '{}': dimensions must be positive", s.name),
+            ));
         }
     }
     Ok(())
@@ -195,7 +251,11 @@ pub fn validate(c: &RunConfig) -> Result<(), ConfigError> {
 
 /// Expands a job's base configuration and sweep into one configuration per combination, in a stable
 /// order, refusing more than `max_tasks_per_variant_agent` combinations.
-pub fn expand_sweep(base: &RunConfig, sweep: Option<&Sweep>, max: usize) -> Result<Vec<RunConfig>, ConfigError> {
+pub fn expand_sweep(
+    base: &RunConfig,
+    sweep: Option<&Sweep>,
+    max: usize,
+) -> Result<Vec<RunConfig>, ConfigError> {
     let empty = Sweep::default();
     let sw = sweep.unwrap_or(&empty);
     fn or_base<T: Clone>(v: &[T], base: T) -> Vec<T> {
@@ -274,7 +334,10 @@ mod tests {
     use super::*;
 
     fn base() -> RunConfig {
-        with_defaults(RunConfig { iterations: 100, ..Default::default() })
+        with_defaults(RunConfig {
+            iterations: 100,
+            ..Default::default()
+        })
     }
 
     #[test]
@@ -298,17 +361,27 @@ mod tests {
         c.latency_bound_ms = -1.0;
         assert_eq!(validate(&c).unwrap_err().field, "latency_bound_ms");
         assert_eq!(parse_scenario("burst").unwrap_err().field, "scenario");
-        assert_eq!(parse_execution_provider("tpu").unwrap_err().field, "execution_provider");
+        assert_eq!(
+            parse_execution_provider("tpu").unwrap_err().field,
+            "execution_provider"
+        );
         assert_eq!(parse_input_shape("x=1x0").unwrap_err().field, "shape");
         assert_eq!(parse_input_shape("x").unwrap_err().field, "shape");
     }
 
     #[test]
     fn sweeps_expand_to_every_combination_and_respect_the_cap() {
-        let sweep = Sweep { batch_sizes: vec![1, 8, 32], intra_op_threads: vec![1, 2], ..Default::default() };
+        let sweep = Sweep {
+            batch_sizes: vec![1, 8, 32],
+            intra_op_threads: vec![1, 2],
+            ..Default::default()
+        };
         let all = expand_sweep(&base(), Some(&sweep), 256).unwrap();
         assert_eq!(all.len(), 6);
-        let mut pairs: Vec<_> = all.iter().map(|c| (c.batch_size, c.intra_op_threads)).collect();
+        let mut pairs: Vec<_> = all
+            .iter()
+            .map(|c| (c.batch_size, c.intra_op_threads))
+            .collect();
         pairs.dedup();
         assert_eq!(pairs.len(), 6);
         let err = expand_sweep(&base(), Some(&sweep), 5).unwrap_err();

@@ -57,13 +57,15 @@ pub fn decode(bytes: &[u8]) -> Result<LatencyHistogram, HistError> {
         .deserialize(&mut &bytes[..])
         .map_err(|e| HistError::Decode(format!("{e:?}")))?;
     let mut out = new_histogram();
-    out.add(&h).map_err(|e| HistError::Merge(format!("{e:?}")))?;
+    out.add(&h)
+        .map_err(|e| HistError::Merge(format!("{e:?}")))?;
     Ok(out)
 }
 
 /// Adds `other` into `into`.
 pub fn merge(into: &mut LatencyHistogram, other: &LatencyHistogram) -> Result<(), HistError> {
-    into.add(other).map_err(|e| HistError::Merge(format!("{e:?}")))
+    into.add(other)
+        .map_err(|e| HistError::Merge(format!("{e:?}")))
 }
 
 /// Summary statistics of a histogram, in nanoseconds.
@@ -189,7 +191,9 @@ mod tests {
     fn percentiles_are_within_a_tenth_of_a_percent_of_exact_values() {
         let mut rng = StdRng::seed_from_u64(7);
         let dist = LogNormal::new(11.0, 0.6).unwrap(); // ~60 us median, long tail
-        let mut values: Vec<u64> = (0..200_000).map(|_| dist.sample(&mut rng) as u64 + 1).collect();
+        let mut values: Vec<u64> = (0..200_000)
+            .map(|_| dist.sample(&mut rng) as u64 + 1)
+            .collect();
         let mut h = new_histogram();
         for v in &values {
             record_ns(&mut h, *v);
@@ -198,9 +202,14 @@ mod tests {
         let s = stats(&h);
         for (got, q) in [(s.p50, 0.5), (s.p90, 0.9), (s.p99, 0.99), (s.p999, 0.999)] {
             let want = exact_quantile(&values, q);
-            assert!((got - want).abs() / want <= 0.001, "q={q}: got {got}, exact {want}");
+            assert!(
+                (got - want).abs() / want <= 0.001,
+                "q={q}: got {got}, exact {want}"
+            );
         }
-        assert!(s.p50 <= s.p90 && s.p90 <= s.p95 && s.p95 <= s.p97 && s.p97 <= s.p99 && s.p99 <= s.p999);
+        assert!(
+            s.p50 <= s.p90 && s.p90 <= s.p95 && s.p95 <= s.p97 && s.p97 <= s.p99 && s.p99 <= s.p999
+        );
         let exact_mean = values.iter().map(|v| *v as f64).sum::<f64>() / values.len() as f64;
         assert!((s.mean - exact_mean).abs() / exact_mean < 0.001);
     }
@@ -217,9 +226,17 @@ mod tests {
         }
         let s = stats(&h);
         let median = std::f64::consts::LN_2 / rate;
-        assert!(s.p50_ci.0 <= median * 1.001 && median <= s.p50_ci.1 * 1.001, "{:?} vs {median}", s.p50_ci);
+        assert!(
+            s.p50_ci.0 <= median * 1.001 && median <= s.p50_ci.1 * 1.001,
+            "{:?} vs {median}",
+            s.p50_ci
+        );
         let p99 = -(0.01f64).ln() / rate;
-        assert!(s.p99_ci.0 <= p99 * 1.001 && p99 <= s.p99_ci.1 * 1.001, "{:?} vs {p99}", s.p99_ci);
+        assert!(
+            s.p99_ci.0 <= p99 * 1.001 && p99 <= s.p99_ci.1 * 1.001,
+            "{:?} vs {p99}",
+            s.p99_ci
+        );
         // CI of the median is narrow with this many samples: about +-1 %.
         assert!((s.p50_ci.1 - s.p50_ci.0) / median < 0.03);
     }
@@ -267,15 +284,24 @@ mod tests {
     #[test]
     fn garbage_is_rejected_with_a_clear_error() {
         let err = decode(b"definitely not a histogram").unwrap_err();
-        assert!(err.to_string().contains("not a valid HdrHistogram"), "{err}");
+        assert!(
+            err.to_string().contains("not a valid HdrHistogram"),
+            "{err}"
+        );
     }
 
     #[test]
     fn stability_rule() {
         assert!(is_stable(&[100.0, 104.0, 109.0], 3, 1.10));
         assert!(!is_stable(&[100.0, 104.0, 111.0], 3, 1.10));
-        assert!(is_stable(&[500.0, 100.0, 104.0, 109.0], 3, 1.10), "only the last windows count");
+        assert!(
+            is_stable(&[500.0, 100.0, 104.0, 109.0], 3, 1.10),
+            "only the last windows count"
+        );
         assert!(!is_stable(&[100.0, 100.0], 3, 1.10), "too few windows");
-        assert!(!is_stable(&[0.0, 0.0, 0.0], 3, 1.10), "zero throughput is not stable");
+        assert!(
+            !is_stable(&[0.0, 0.0, 0.0], 3, 1.10),
+            "zero throughput is not stable"
+        );
     }
 }

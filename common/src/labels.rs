@@ -24,12 +24,17 @@ pub enum LabelError {
 
 /// Parses one `key=value` label.
 pub fn parse_label(s: &str) -> Result<(String, String), LabelError> {
-    let (k, v) = s.split_once('=').ok_or_else(|| LabelError::Malformed(s.to_string()))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| LabelError::Malformed(s.to_string()))?;
     let k = k.trim();
     if k.is_empty() {
         return Err(LabelError::Malformed(s.to_string()));
     }
-    if !k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+    if !k
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
         return Err(LabelError::BadKey(k.to_string()));
     }
     let v = v.trim().to_string();
@@ -71,7 +76,11 @@ pub fn matches(selector: &Labels, labels: &Labels) -> bool {
 
 /// `k=v, k2=v2` rendering.
 pub fn render(labels: &Labels) -> String {
-    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -90,10 +99,22 @@ mod tests {
 
     #[test]
     fn rejects_bad_labels() {
-        assert_eq!(parse_label("tier"), Err(LabelError::Malformed("tier".into())));
+        assert_eq!(
+            parse_label("tier"),
+            Err(LabelError::Malformed("tier".into()))
+        );
         assert_eq!(parse_label("=x"), Err(LabelError::Malformed("=x".into())));
-        assert_eq!(parse_label("ti er=x"), Err(LabelError::BadKey("ti er".into())));
-        assert_eq!(parse_label("cost_per_hour=-1"), Err(LabelError::BadCost("-1".into())));
-        assert_eq!(parse_label("cost_per_hour=cheap"), Err(LabelError::BadCost("cheap".into())));
+        assert_eq!(
+            parse_label("ti er=x"),
+            Err(LabelError::BadKey("ti er".into()))
+        );
+        assert_eq!(
+            parse_label("cost_per_hour=-1"),
+            Err(LabelError::BadCost("-1".into()))
+        );
+        assert_eq!(
+            parse_label("cost_per_hour=cheap"),
+            Err(LabelError::BadCost("cheap".into()))
+        );
     }
 }

@@ -3,7 +3,9 @@
 
 use prost::Message;
 
-use crate::proto::onnx::{ModelProto, TensorProto, TypeProto, tensor_shape_proto::dimension, type_proto};
+use crate::proto::onnx::{
+    ModelProto, TensorProto, TypeProto, tensor_shape_proto::dimension, type_proto,
+};
 use crate::proto::v1::TensorInfo;
 
 /// Why bytes are not a usable ONNX model.
@@ -41,7 +43,10 @@ pub fn decode_model(bytes: &[u8]) -> Result<ModelProto, OnnxError> {
     if model.opset_import.is_empty() {
         return Err(OnnxError::Incomplete("no opset_import"));
     }
-    let graph = model.graph.as_ref().ok_or(OnnxError::Incomplete("no graph"))?;
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or(OnnxError::Incomplete("no graph"))?;
     if graph.output.is_empty() {
         return Err(OnnxError::Incomplete("the graph has no outputs"));
     }
@@ -57,14 +62,19 @@ pub fn inspect(bytes: &[u8]) -> Result<ModelInfo, OnnxError> {
 /// Inspects a decoded model.
 pub fn inspect_model(model: &ModelProto) -> ModelInfo {
     let graph = model.graph.clone().unwrap_or_default();
-    let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+    let initializers: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name()).collect();
     let inputs = graph
         .input
         .iter()
         .filter(|v| !initializers.contains(v.name()))
         .map(|v| tensor_info(v.name(), v.r#type.as_ref()))
         .collect();
-    let outputs = graph.output.iter().map(|v| tensor_info(v.name(), v.r#type.as_ref())).collect();
+    let outputs = graph
+        .output
+        .iter()
+        .map(|v| tensor_info(v.name(), v.r#type.as_ref()))
+        .collect();
     let opset = model
         .opset_import
         .iter()
@@ -81,7 +91,10 @@ pub fn inspect_model(model: &ModelProto) -> ModelInfo {
 }
 
 fn tensor_info(name: &str, ty: Option<&TypeProto>) -> TensorInfo {
-    let mut info = TensorInfo { name: name.to_string(), ..Default::default() };
+    let mut info = TensorInfo {
+        name: name.to_string(),
+        ..Default::default()
+    };
     if let Some(type_proto::Value::TensorType(t)) = ty.and_then(|t| t.value.as_ref()) {
         info.element_type = element_type_name(t.elem_type()).to_string();
         if let Some(shape) = &t.shape {
@@ -161,10 +174,15 @@ fn weight_kind(initializers: &[TensorProto]) -> &'static str {
     }
     let int8 = bytes[2] + bytes[3];
     let (fp32, fp16, bf16) = (bytes[1], bytes[10], bytes[16]);
-    let best = [(int8, "int8"), (fp16, "fp16"), (bf16, "bf16"), (fp32, "fp32")]
-        .into_iter()
-        .max_by_key(|(b, _)| *b)
-        .expect("non-empty");
+    let best = [
+        (int8, "int8"),
+        (fp16, "fp16"),
+        (bf16, "bf16"),
+        (fp32, "fp32"),
+    ]
+    .into_iter()
+    .max_by_key(|(b, _)| *b)
+    .expect("non-empty");
     if best.0 == 0 { "fp32" } else { best.1 }
 }
 

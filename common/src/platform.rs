@@ -29,7 +29,8 @@ pub fn platform_id(inv: &Inventory, labels: &Labels) -> String {
         .map(|a| (a.kind.clone(), a.name.clone(), a.memory_bytes >> 30))
         .collect();
     accelerators.sort();
-    let mut execution_providers: Vec<&str> = inv.execution_providers.iter().map(String::as_str).collect();
+    let mut execution_providers: Vec<&str> =
+        inv.execution_providers.iter().map(String::as_str).collect();
     execution_providers.sort_unstable();
     let input = FingerprintInput {
         cpu_brand: inv.cpu_brand.trim(),
@@ -52,14 +53,21 @@ pub fn platform_id(inv: &Inventory, labels: &Labels) -> String {
 
 /// CPU brand without trademark marks and marketing suffixes: "Intel(R) Xeon(R) Processor" -> "Intel Xeon".
 pub fn short_cpu_brand(brand: &str) -> String {
-    let cleaned = brand.replace("(R)", "").replace("(TM)", "").replace("(tm)", "");
+    let cleaned = brand
+        .replace("(R)", "")
+        .replace("(TM)", "")
+        .replace("(tm)", "");
     let words: Vec<&str> = cleaned
         .split_whitespace()
         .filter(|w| !matches!(*w, "Processor" | "CPU"))
         .filter(|w| !w.ends_with("-Core"))
         .collect();
     let s = words.join(" ");
-    if s.is_empty() { "unknown CPU".to_string() } else { s }
+    if s.is_empty() {
+        "unknown CPU".to_string()
+    } else {
+        s
+    }
 }
 
 /// Readable platform name: labels (without cost), CPU, cores available, accelerators,
@@ -102,8 +110,14 @@ mod tests {
 
     #[test]
     fn identical_machines_pool_and_cost_does_not_split_them() {
-        let a = platform_id(&inv("a", &[0, 1]), &parse_labels(&["tier=cloud", "cost_per_hour=0.2"]).unwrap());
-        let b = platform_id(&inv("b", &[0, 1]), &parse_labels(&["tier=cloud", "cost_per_hour=0.3"]).unwrap());
+        let a = platform_id(
+            &inv("a", &[0, 1]),
+            &parse_labels(&["tier=cloud", "cost_per_hour=0.2"]).unwrap(),
+        );
+        let b = platform_id(
+            &inv("b", &[0, 1]),
+            &parse_labels(&["tier=cloud", "cost_per_hour=0.3"]).unwrap(),
+        );
         assert_eq!(a, b);
     }
 
@@ -113,16 +127,29 @@ mod tests {
         let one = platform_id(&inv("a", &[0]), &labels);
         let two = platform_id(&inv("a", &[0, 1]), &labels);
         assert_ne!(one, two);
-        assert_ne!(one, platform_id(&inv("a", &[0]), &parse_labels(&["tier=cloud"]).unwrap()));
+        assert_ne!(
+            one,
+            platform_id(&inv("a", &[0]), &parse_labels(&["tier=cloud"]).unwrap())
+        );
         let mut gpu = inv("a", &[0]);
-        gpu.accelerators.push(Accelerator { kind: "nvidia-gpu".into(), name: "NVIDIA H200".into(), memory_bytes: 141 << 30 });
+        gpu.accelerators.push(Accelerator {
+            kind: "nvidia-gpu".into(),
+            name: "NVIDIA H200".into(),
+            memory_bytes: 141 << 30,
+        });
         assert_ne!(one, platform_id(&gpu, &labels));
     }
 
     #[test]
     fn names_are_readable() {
         let labels = parse_labels(&["tier=edge", "cost_per_hour=0.05"]).unwrap();
-        assert_eq!(platform_name(&inv("a", &[0]), &labels), "tier=edge, Intel Xeon, 1 core");
-        assert_eq!(short_cpu_brand("AMD EPYC 7B13 64-Core Processor"), "AMD EPYC 7B13");
+        assert_eq!(
+            platform_name(&inv("a", &[0]), &labels),
+            "tier=edge, Intel Xeon, 1 core"
+        );
+        assert_eq!(
+            short_cpu_brand("AMD EPYC 7B13 64-Core Processor"),
+            "AMD EPYC 7B13"
+        );
     }
 }

@@ -62,7 +62,10 @@ impl CoordinatorConfig {
         let mut fig = Figment::from(Serialized::defaults(CoordinatorConfig::default()));
         if let Some(f) = file {
             if !f.exists() {
-                return Err(Error::InvalidArgument(format!("config file {} does not exist", f.display())));
+                return Err(Error::InvalidArgument(format!(
+                    "config file {} does not exist",
+                    f.display()
+                )));
             }
             fig = fig.merge(Toml::file(f));
         }
@@ -78,10 +81,15 @@ impl CoordinatorConfig {
     /// Checks values that would make the coordinator misbehave.
     pub fn validate(&self) -> Result<()> {
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(Error::InvalidArgument(format!("listen: '{}' is not an IP:port address", self.listen)));
+            return Err(Error::InvalidArgument(format!(
+                "listen: '{}' is not an IP:port address",
+                self.listen
+            )));
         }
         if self.heartbeat_interval_ms == 0 {
-            return Err(Error::InvalidArgument("heartbeat_interval_ms: must be > 0".into()));
+            return Err(Error::InvalidArgument(
+                "heartbeat_interval_ms: must be > 0".into(),
+            ));
         }
         if self.lease_timeout_ms < 2 * self.heartbeat_interval_ms as u64 {
             return Err(Error::InvalidArgument(format!(
@@ -93,7 +101,9 @@ impl CoordinatorConfig {
             return Err(Error::InvalidArgument("max_attempts: must be > 0".into()));
         }
         if self.max_tasks_per_job == 0 {
-            return Err(Error::InvalidArgument("max_tasks_per_job: must be > 0".into()));
+            return Err(Error::InvalidArgument(
+                "max_tasks_per_job: must be > 0".into(),
+            ));
         }
         if self.ingest_batch == 0 {
             return Err(Error::InvalidArgument("ingest_batch: must be > 0".into()));
@@ -135,13 +145,25 @@ mod tests {
         std::fs::write(&file, "lease_timeout_ms = 9000\nmax_attempts = 5\n").unwrap();
         let cfg = CoordinatorConfig::load(Some(&file), &Flags::default()).unwrap();
         assert_eq!((cfg.lease_timeout_ms, cfg.max_attempts), (9000, 5));
-        let cfg = CoordinatorConfig::load(Some(&file), &Flags { lease_timeout_ms: Some(4000) }).unwrap();
+        let cfg = CoordinatorConfig::load(
+            Some(&file),
+            &Flags {
+                lease_timeout_ms: Some(4000),
+            },
+        )
+        .unwrap();
         assert_eq!((cfg.lease_timeout_ms, cfg.max_attempts), (4000, 5));
     }
 
     #[test]
     fn bad_values_name_the_field() {
-        let err = CoordinatorConfig::load(None, &Flags { lease_timeout_ms: Some(10) }).unwrap_err();
+        let err = CoordinatorConfig::load(
+            None,
+            &Flags {
+                lease_timeout_ms: Some(10),
+            },
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("lease_timeout_ms"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");

@@ -19,11 +19,17 @@ pub fn is_online(coord: &Coordinator, a: &AgentRecord, now: i64) -> bool {
 pub async fn register(coord: &Coordinator, req: RegisterRequest) -> Result<RegisterResponse> {
     let name = req.name.trim().to_string();
     if name.is_empty() || name.len() > 64 {
-        return Err(Error::InvalidArgument("name: an agent needs a name of 1 to 64 characters".into()));
+        return Err(Error::InvalidArgument(
+            "name: an agent needs a name of 1 to 64 characters".into(),
+        ));
     }
-    let inventory = req.inventory.ok_or_else(|| Error::InvalidArgument("inventory: missing".into()))?;
+    let inventory = req
+        .inventory
+        .ok_or_else(|| Error::InvalidArgument("inventory: missing".into()))?;
     if inventory.cpu_set.is_empty() {
-        return Err(Error::InvalidArgument("inventory.cpu_set: the agent reports no usable CPU".into()));
+        return Err(Error::InvalidArgument(
+            "inventory.cpu_set: the agent reports no usable CPU".into(),
+        ));
     }
     let mut labels = Labels::new();
     for (k, v) in &req.labels {
@@ -33,7 +39,10 @@ pub async fn register(coord: &Coordinator, req: RegisterRequest) -> Result<Regis
     }
     let pid = platform_id(&inventory, &labels);
     let pname = platform_name(&inventory, &labels);
-    coord.store.upsert_platform(&pid, &pname, &inventory.encode_to_vec()).await?;
+    coord
+        .store
+        .upsert_platform(&pid, &pname, &inventory.encode_to_vec())
+        .await?;
     let now = now_ms();
     let reg = AgentRegistration {
         agent_id: (!req.agent_id.is_empty()).then(|| req.agent_id.clone()),

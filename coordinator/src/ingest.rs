@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetbench_common::now_ms;
-use fleetbench_proto::v1::{ResultAck, RunResult, TelemetryWindow, WindowAck, coordinator_message::Body};
+use fleetbench_proto::v1::{
+    ResultAck, RunResult, TelemetryWindow, WindowAck, coordinator_message::Body,
+};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -66,7 +68,11 @@ async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, max: usize) -> Option<Vec<T>>
 }
 
 /// Retries `op` with capped exponential backoff until it succeeds or `shutdown` fires.
-async fn until_stored<T, F, Fut>(what: &str, shutdown: &tokio::sync::watch::Receiver<bool>, mut op: F) -> Option<T>
+async fn until_stored<T, F, Fut>(
+    what: &str,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
+    mut op: F,
+) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
@@ -99,12 +105,18 @@ pub async fn run_writer(
         for item in batch {
             match item {
                 IngestItem::Window { window, reply } => windows.push((window, reply)),
-                IngestItem::Result { result, agent_id, reply } => {
+                IngestItem::Result {
+                    result,
+                    agent_id,
+                    reply,
+                } => {
                     if !flush_windows(&coord, &mut windows, &shutdown).await {
                         return;
                     }
-                    let Some(ack) =
-                        until_stored("a run result", &shutdown, || finish(&coord, &result, &agent_id)).await
+                    let Some(ack) = until_stored("a run result", &shutdown, || {
+                        finish(&coord, &result, &agent_id)
+                    })
+                    .await
                     else {
                         return;
                     };
@@ -129,19 +141,28 @@ async fn flush_windows(
         return true;
     }
     let batch: Vec<TelemetryWindow> = windows.iter().map(|(w, _)| w.clone()).collect();
-    let Some(outcomes) =
-        until_stored("telemetry windows", shutdown, || coord.store.store_windows(&batch, now_ms())).await
+    let Some(outcomes) = until_stored("telemetry windows", shutdown, || {
+        coord.store.store_windows(&batch, now_ms())
+    })
+    .await
     else {
         return false;
     };
     let mut cancelled: Vec<&str> = Vec::new();
     for ((w, reply), outcome) in windows.iter().zip(outcomes) {
         let discarded = outcome == WindowOutcome::Inactive;
-        let ack = WindowAck { run_id: w.run_id.clone(), seq: w.seq, discarded };
+        let ack = WindowAck {
+            run_id: w.run_id.clone(),
+            seq: w.seq,
+            discarded,
+        };
         let _ = reply.try_send(Ok(msg(Body::WindowAck(ack))));
         if discarded && !cancelled.contains(&w.run_id.as_str()) {
             cancelled.push(&w.run_id);
-            let _ = reply.try_send(Ok(cancel_msg(&w.run_id, "the run is no longer active on the coordinator")));
+            let _ = reply.try_send(Ok(cancel_msg(
+                &w.run_id,
+                "the run is no longer active on the coordinator",
+            )));
         }
     }
     windows.clear();
@@ -151,15 +172,25 @@ async fn flush_windows(
 
 /// Summarises and stores a finished run; the ack says whether it was taken.
 async fn finish(coord: &Coordinator, result: &RunResult, agent_id: &str) -> Result<ResultAck> {
-    let refuse = |reason: String| ResultAck { run_id: result.run_id.clone(), discarded: true, reason };
+    let refuse = |reason: String| ResultAck {
+        run_id: result.run_id.clone(),
+        discarded: true,
+        reason,
+    };
     let Some(ctx) = coord.store.run_context(&result.run_id).await? else {
         return Ok(refuse(format!("unknown run {}", result.run_id)));
     };
     if ctx.agent_id != agent_id {
-        return Ok(refuse(format!("run {} belongs to another agent", result.run_id)));
+        return Ok(refuse(format!(
+            "run {} belongs to another agent",
+            result.run_id
+        )));
     }
     if ctx.state != "running" {
-        return Ok(refuse(format!("run {} is {}, not running", result.run_id, ctx.state)));
+        return Ok(refuse(format!(
+            "run {} is {}, not running",
+            result.run_id, ctx.state
+        )));
     }
     let finished = summary::finish_run(&ctx, result)?;
     coord.store.finish_run(&finished, now_ms()).await?;
@@ -171,7 +202,11 @@ async fn finish(coord: &Coordinator, result: &RunResult, agent_id: &str) -> Resu
         error = %finished.error,
         "Run finished."
     );
-    Ok(ResultAck { run_id: result.run_id.clone(), discarded: false, reason: String::new() })
+    Ok(ResultAck {
+        run_id: result.run_id.clone(),
+        discarded: false,
+        reason: String::new(),
+    })
 }
 
 /// The heartbeat batcher loop: records liveness, extends leases, and tells agents to stop runs that are
@@ -185,11 +220,16 @@ pub async fn run_heartbeats(coord: Arc<Coordinator>, mut rx: mpsc::Receiver<Hear
             Ok(active) => {
                 for (item, active) in batch.iter().zip(active) {
                     if let (Some(false), Some(run)) = (active, &item.record.run_id) {
-                        let _ = item.reply.try_send(Ok(cancel_msg(run, "the run is no longer active (job cancelled or lease expired)")));
+                        let _ = item.reply.try_send(Ok(cancel_msg(
+                            run,
+                            "the run is no longer active (job cancelled or lease expired)",
+                        )));
                     }
                 }
             }
-            Err(e) => warn!(error = %e, beats = records.len(), "Could not record heartbeats; agents stay connected."),
+            Err(e) => {
+                warn!(error = %e, beats = records.len(), "Could not record heartbeats; agents stay connected.")
+            }
         }
     }
 }

@@ -42,7 +42,12 @@ fn check_shapes(variant: &ModelVariant, config: &RunConfig) -> Result<()> {
         }
         for (axis, dim) in input.dims.iter().enumerate().skip(1) {
             if *dim < 0 {
-                let sym = input.dim_names.get(axis).filter(|s| !s.is_empty()).cloned().unwrap_or_else(|| "?".into());
+                let sym = input
+                    .dim_names
+                    .get(axis)
+                    .filter(|s| !s.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| "?".into());
                 return Err(Error::InvalidArgument(format!(
                     "shape: input '{}' of {}/{} has symbolic dimension '{sym}' at axis {axis}; set it with --shape {}=1x...",
                     input.name, variant.model, variant.variant, input.name
@@ -58,50 +63,79 @@ pub async fn submit(coord: &Coordinator, spec: JobSpec) -> Result<(String, u32)>
     let configs = validate_job_spec(&spec, coord.config.max_tasks_per_job)?;
     let all = coord.store.list_variants(Some(&spec.model)).await?;
     if all.is_empty() {
-        let mut known: Vec<String> = coord.store.list_variants(None).await?.into_iter().map(|v| v.model).collect();
+        let mut known: Vec<String> = coord
+            .store
+            .list_variants(None)
+            .await?
+            .into_iter()
+            .map(|v| v.model)
+            .collect();
         known.dedup();
         return Err(Error::NotFound(format!(
             "model: unknown model '{}' (known: {})",
             spec.model,
-            if known.is_empty() { "none; push one with `fleetbench models push`".into() } else { known.join(", ") }
+            if known.is_empty() {
+                "none; push one with `fleetbench models push`".into()
+            } else {
+                known.join(", ")
+            }
         )));
     }
-    let wanted: Vec<&String> = spec.variants.iter().filter(|v| !v.trim().is_empty()).collect();
-    let variants: Vec<&ModelVariant> = if wanted.is_empty() || wanted.iter().any(|v| v.as_str() == "all") {
-        all.iter().collect()
-    } else {
-        let mut out = Vec::new();
-        for name in wanted {
-            match all.iter().find(|v| &v.variant == name) {
-                Some(v) => out.push(v),
-                None => {
-                    let names: Vec<&str> = all.iter().map(|v| v.variant.as_str()).collect();
-                    return Err(Error::NotFound(format!(
-                        "variants: model '{}' has no variant '{name}' (has: {})",
-                        spec.model,
-                        names.join(", ")
-                    )));
+    let wanted: Vec<&String> = spec
+        .variants
+        .iter()
+        .filter(|v| !v.trim().is_empty())
+        .collect();
+    let variants: Vec<&ModelVariant> =
+        if wanted.is_empty() || wanted.iter().any(|v| v.as_str() == "all") {
+            all.iter().collect()
+        } else {
+            let mut out = Vec::new();
+            for name in wanted {
+                match all.iter().find(|v| &v.variant == name) {
+                    Some(v) => out.push(v),
+                    None => {
+                        let names: Vec<&str> = all.iter().map(|v| v.variant.as_str()).collect();
+                        return Err(Error::NotFound(format!(
+                            "variants: model '{}' has no variant '{name}' (has: {})",
+                            spec.model,
+                            names.join(", ")
+                        )));
+                    }
                 }
             }
-        }
-        out
-    };
+            out
+        };
     for v in &variants {
         for c in &configs {
             check_shapes(v, c)?;
         }
     }
-    let selector: Labels = spec.selector.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let selector: Labels = spec
+        .selector
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let now = now_ms();
     let agents = coord.store.list_agents().await?;
     let online: Vec<_> = agents.iter().filter(|a| is_online(coord, a, now)).collect();
-    let matched: Vec<_> = online.iter().filter(|a| labels::matches(&selector, &a.labels)).collect();
+    let matched: Vec<_> = online
+        .iter()
+        .filter(|a| labels::matches(&selector, &a.labels))
+        .collect();
     if matched.is_empty() {
-        let listing: Vec<String> = online.iter().map(|a| format!("{} [{}]", a.name, labels::render(&a.labels))).collect();
+        let listing: Vec<String> = online
+            .iter()
+            .map(|a| format!("{} [{}]", a.name, labels::render(&a.labels)))
+            .collect();
         return Err(Error::FailedPrecondition(format!(
             "selector: '{}' matches no online agent (online: {})",
             labels::render(&selector),
-            if listing.is_empty() { "none".to_string() } else { listing.join("; ") }
+            if listing.is_empty() {
+                "none".to_string()
+            } else {
+                listing.join("; ")
+            }
         )));
     }
     let total = configs.len() * variants.len() * matched.len();
@@ -127,7 +161,11 @@ pub async fn submit(coord: &Coordinator, spec: JobSpec) -> Result<(String, u32)>
             }
         }
     }
-    let job = NewJob { id: uuid::Uuid::new_v4().simple().to_string(), spec, tasks };
+    let job = NewJob {
+        id: uuid::Uuid::new_v4().simple().to_string(),
+        spec,
+        tasks,
+    };
     coord.store.create_job(&job, now).await?;
     tracing::info!(job = %job.id, model = %job.spec.model, tasks = job.tasks.len(), "Job submitted.");
     coord.changed();
@@ -139,12 +177,19 @@ pub async fn detail(coord: &Coordinator, id_or_prefix: &str) -> Result<JobDetail
     let id = coord.store.resolve_job_id(id_or_prefix).await?;
     let (summary, spec) = coord.store.get_job(&id).await?;
     let tasks = coord.store.job_tasks(&id).await?;
-    Ok(JobDetail { summary: Some(summary), spec: Some(spec), tasks })
+    Ok(JobDetail {
+        summary: Some(summary),
+        spec: Some(spec),
+        tasks,
+    })
 }
 
 /// Jobs, newest first.
 pub async fn list(coord: &Coordinator, limit: u32) -> Result<Vec<JobSummary>> {
-    coord.store.list_jobs(if limit == 0 { 50 } else { limit.min(1000) }).await
+    coord
+        .store
+        .list_jobs(if limit == 0 { 50 } else { limit.min(1000) })
+        .await
 }
 
 /// Cancels a job and tells agents running its tasks to stop.
@@ -153,7 +198,9 @@ pub async fn cancel(coord: &Coordinator, id_or_prefix: &str) -> Result<JobSummar
     let running = coord.store.cancel_job(&id, now_ms()).await?;
     for (run_id, agent_id) in &running {
         // Agents connected to other replicas learn it from their next heartbeat.
-        coord.hub.send(agent_id, cancel_msg(run_id, "job cancelled"));
+        coord
+            .hub
+            .send(agent_id, cancel_msg(run_id, "job cancelled"));
     }
     tracing::info!(job = %id, running = running.len(), "Job cancelled.");
     coord.changed();
@@ -174,12 +221,16 @@ pub fn watch(
             }
         };
         let mut changes = coord.changes.subscribe();
+        let mut stopping = coord.stopping.clone();
         let mut last: Option<JobProgress> = None;
         loop {
             let snapshot = async {
                 let (summary, _) = coord.store.get_job(&id).await?;
                 let tasks = coord.store.job_tasks(&id).await?;
-                Ok::<_, Error>(JobProgress { summary: Some(summary), tasks })
+                Ok::<_, Error>(JobProgress {
+                    summary: Some(summary),
+                    tasks,
+                })
             }
             .await;
             match snapshot {
@@ -201,7 +252,13 @@ pub fn watch(
                 }
             }
             // Local changes wake us at once; changes made by other replicas show within a second.
-            let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+            tokio::select! {
+                _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()) => {}
+                _ = crate::stopped(&mut stopping) => {
+                    let _ = tx.send(Err(Error::Unavailable("the coordinator is shutting down; watch again".into()))).await;
+                    return;
+                }
+            }
         }
     })
 }

@@ -38,6 +38,18 @@ pub struct Coordinator {
     pub heartbeats: ingest::HeartbeatHandle,
     /// Bumped whenever jobs or tasks change here, for watchers.
     pub changes: tokio::sync::watch::Sender<u64>,
+    /// Becomes true when the server shuts down; long-lived streams (sessions, watches) end then.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Resolves once `rx` holds true (or its sender is gone).
+pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let done = *rx.borrow_and_update();
+        if done || rx.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Coordinator {

@@ -64,7 +64,7 @@ impl Objective {
 
     /// Sort key: smaller is better.
     fn key(self, row: &RankRow) -> f64 {
-        let lat = row.latency.clone().unwrap_or_default();
+        let lat = row.latency.unwrap_or_default();
         match self {
             Objective::P50 => lat.p50_ms,
             Objective::P90 => lat.p90_ms,
@@ -90,11 +90,20 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
     }
     let samples: u64 = runs.iter().map(|r| r.summary.samples).sum();
     let seconds: f64 = runs.iter().map(|r| r.summary.duration_ms / 1e3).sum();
-    let throughput = if seconds > 0.0 { samples as f64 / seconds } else { 0.0 };
+    let throughput = if seconds > 0.0 {
+        samples as f64 / seconds
+    } else {
+        0.0
+    };
     let accuracy = mean(runs.iter().filter_map(|r| r.summary.accuracy));
     let cost_per_hour = mean(runs.iter().filter_map(|r| r.summary.cost_per_hour));
-    let cost_per_million = cost_per_hour.filter(|_| throughput > 0.0).map(|c| c / (throughput * 3600.0) * 1e6);
-    let mut records: Vec<String> = runs.iter().map(|r| record_key(&r.summary.record_json)).collect();
+    let cost_per_million = cost_per_hour
+        .filter(|_| throughput > 0.0)
+        .map(|c| c / (throughput * 3600.0) * 1e6);
+    let mut records: Vec<String> = runs
+        .iter()
+        .map(|r| record_key(&r.summary.record_json))
+        .collect();
     records.sort();
     records.dedup();
     let first = runs[0];
@@ -134,21 +143,53 @@ pub async fn rank(coord: &Coordinator, req: RankRequest) -> Result<RankResponse>
     let objective = Objective::parse(&req.objective)?;
     let variants = coord.store.list_variants(Some(&req.model)).await?;
     if variants.is_empty() {
-        return Err(Error::NotFound(format!("model: unknown model '{}'", req.model)));
+        return Err(Error::NotFound(format!(
+            "model: unknown model '{}'",
+            req.model
+        )));
     }
-    let job = if req.job_id.is_empty() { None } else { Some(coord.store.resolve_job_id(&req.job_id).await?) };
-    let runs = coord.store.runs_for_model(&req.model, job.as_deref()).await?;
-    let runs: Vec<&StoredRun> = runs.iter().filter(|r| req.include_invalid || r.summary.valid).collect();
+    let job = if req.job_id.is_empty() {
+        None
+    } else {
+        Some(coord.store.resolve_job_id(&req.job_id).await?)
+    };
+    let runs = coord
+        .store
+        .runs_for_model(&req.model, job.as_deref())
+        .await?;
+    let runs: Vec<&StoredRun> = runs
+        .iter()
+        .filter(|r| req.include_invalid || r.summary.valid)
+        .collect();
 
     let mut groups: BTreeMap<(String, String, String), Vec<&StoredRun>> = BTreeMap::new();
     for r in &runs {
-        groups.entry((r.platform_id.clone(), r.variant.clone(), r.config_key.clone())).or_default().push(r);
+        groups
+            .entry((
+                r.platform_id.clone(),
+                r.variant.clone(),
+                r.config_key.clone(),
+            ))
+            .or_default()
+            .push(r);
     }
-    let size = |variant: &str| variants.iter().find(|v| v.variant == variant).map(|v| v.size_bytes).unwrap_or(0);
-    let mut rows = groups.values().map(|g| pool(g, size(&g[0].variant))).collect::<Result<Vec<_>>>()?;
+    let size = |variant: &str| {
+        variants
+            .iter()
+            .find(|v| v.variant == variant)
+            .map(|v| v.size_bytes)
+            .unwrap_or(0)
+    };
+    let mut rows = groups
+        .values()
+        .map(|g| pool(g, size(&g[0].variant)))
+        .collect::<Result<Vec<_>>>()?;
 
     // Accuracy change against the base variant on the same platform.
-    let base = variants.iter().find(|v| v.variant_of.is_empty()).map(|v| v.variant.clone());
+    let base = variants
+        .iter()
+        .find(|v| v.variant_of.is_empty())
+        .map(|v| v.variant.clone());
     let mut base_acc: HashMap<String, f64> = HashMap::new();
     if let Some(base) = &base {
         for r in &runs {
@@ -175,16 +216,22 @@ pub async fn rank(coord: &Coordinator, req: RankRequest) -> Result<RankResponse>
     }
     for row in &mut rows {
         if by_name.get(&row.platform).is_some_and(|ids| ids.len() > 1) {
-            row.platform = format!("{} #{}", row.platform, &row.platform_id[..6.min(row.platform_id.len())]);
+            row.platform = format!(
+                "{} #{}",
+                row.platform,
+                &row.platform_id[..6.min(row.platform_id.len())]
+            );
         }
     }
 
     rows.retain(|row| {
-        let lat = row.latency.clone().unwrap_or_default();
+        let lat = row.latency.unwrap_or_default();
         req.max_p99_ms.is_none_or(|m| lat.p99_ms <= m)
             && req.min_throughput.is_none_or(|m| row.throughput_per_s >= m)
             && req.max_rss_bytes.is_none_or(|m| row.rss_peak_bytes <= m)
-            && req.max_accuracy_drop.is_none_or(|m| row.accuracy_delta_pts.is_some_and(|d| -d <= m))
+            && req
+                .max_accuracy_drop
+                .is_none_or(|m| row.accuracy_delta_pts.is_some_and(|d| -d <= m))
     });
     rows.sort_by(|a, b| {
         objective
@@ -201,5 +248,8 @@ pub async fn rank(coord: &Coordinator, req: RankRequest) -> Result<RankResponse>
     for (i, row) in rows.iter_mut().enumerate() {
         row.rank = i as u32 + 1;
     }
-    Ok(RankResponse { rows, objective: objective.name().to_string() })
+    Ok(RankResponse {
+        rows,
+        objective: objective.name().to_string(),
+    })
 }

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleetbench_common::now_ms;
-use fleetbench_proto::v1::{CancelRun, CoordinatorMessage, TaskAssignment, coordinator_message::Body};
+use fleetbench_proto::v1::{
+    CancelRun, CoordinatorMessage, TaskAssignment, coordinator_message::Body,
+};
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
@@ -38,7 +40,11 @@ pub struct Hub {
 
 impl Default for Hub {
     fn default() -> Self {
-        Self { sessions: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1), wake: Notify::new() }
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            wake: Notify::new(),
+        }
     }
 }
 
@@ -49,7 +55,10 @@ pub fn msg(body: Body) -> CoordinatorMessage {
 
 /// A CancelRun message.
 pub fn cancel_msg(run_id: &str, reason: &str) -> CoordinatorMessage {
-    msg(Body::Cancel(CancelRun { run_id: run_id.to_string(), reason: reason.to_string() }))
+    msg(Body::Cancel(CancelRun {
+        run_id: run_id.to_string(),
+        reason: reason.to_string(),
+    }))
 }
 
 impl Hub {
@@ -59,7 +68,14 @@ impl Hub {
     }
 
     /// Adds a session (replacing an older one of the same agent); returns its id.
-    pub fn attach(&self, agent_id: &str, tx: SessionTx, platform_id: &str, host_id: &str, busy_run: Option<String>) -> u64 {
+    pub fn attach(
+        &self,
+        agent_id: &str,
+        tx: SessionTx,
+        platform_id: &str,
+        host_id: &str,
+        busy_run: Option<String>,
+    ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let session = Session {
             id,
@@ -68,7 +84,10 @@ impl Hub {
             host_id: host_id.to_string(),
             busy_run,
         };
-        self.sessions.lock().expect("hub lock").insert(agent_id.to_string(), session);
+        self.sessions
+            .lock()
+            .expect("hub lock")
+            .insert(agent_id.to_string(), session);
         self.kick();
         id
     }
@@ -96,11 +115,21 @@ impl Hub {
 
     /// Sends a message to an agent connected here; false when it is not connected here.
     pub fn send(&self, agent_id: &str, m: CoordinatorMessage) -> bool {
-        let tx = self.sessions.lock().expect("hub lock").get(agent_id).map(|s| s.tx.clone());
+        let tx = self
+            .sessions
+            .lock()
+            .expect("hub lock")
+            .get(agent_id)
+            .map(|s| s.tx.clone());
         match tx {
             Some(tx) => tx.try_send(Ok(m)).is_ok(),
             None => false,
         }
+    }
+
+    /// Drops every session (the server is stopping).
+    pub fn close_all(&self) {
+        self.sessions.lock().expect("hub lock").clear();
     }
 
     /// Number of connected agents.
@@ -149,10 +178,15 @@ pub async fn run(coord: Arc<Coordinator>, mut shutdown: tokio::sync::watch::Rece
 /// One pass: expire leases, then lease tasks to idle sessions.
 pub async fn schedule_once(coord: &Coordinator) -> Result<()> {
     let now = now_ms();
-    let expired = coord.store.expire_leases(now, coord.config.max_attempts).await?;
+    let expired = coord
+        .store
+        .expire_leases(now, coord.config.max_attempts)
+        .await?;
     for e in &expired {
         info!(task = %e.task_id, run = %e.run_id, requeued = e.requeued, "Lease expired; the agent went silent.");
-        coord.hub.send(&e.agent_id, cancel_msg(&e.run_id, "lease expired"));
+        coord
+            .hub
+            .send(&e.agent_id, cancel_msg(&e.run_id, "lease expired"));
         coord.hub.run_ended(&e.agent_id, &e.run_id);
     }
     let mut leased_any = !expired.is_empty();
@@ -166,7 +200,9 @@ pub async fn schedule_once(coord: &Coordinator) -> Result<()> {
             lease_until: now + coord.config.lease_timeout_ms as i64,
             alive_since: now - coord.config.lease_timeout_ms as i64,
         };
-        let Some(lease) = coord.store.lease_task(&req, now).await? else { continue };
+        let Some(lease) = coord.store.lease_task(&req, now).await? else {
+            continue;
+        };
         leased_any = true;
         let variant = coord
             .store
@@ -183,12 +219,20 @@ pub async fn schedule_once(coord: &Coordinator) -> Result<()> {
             config: Some(lease.config.clone()),
         };
         if !coord.hub.set_busy(&agent_id, session.id, &run_id)
-            || session.tx.try_send(Ok(msg(Body::Assignment(assignment)))).is_err()
+            || session
+                .tx
+                .try_send(Ok(msg(Body::Assignment(assignment))))
+                .is_err()
         {
             // The session went away between the snapshot and the lease: give the task back now.
             coord
                 .store
-                .release_run(&run_id, "agent disconnected before the task reached it", now, coord.config.max_attempts + 1)
+                .release_run(
+                    &run_id,
+                    "agent disconnected before the task reached it",
+                    now,
+                    coord.config.max_attempts + 1,
+                )
                 .await?;
             coord.hub.run_ended(&agent_id, &run_id);
             continue;
@@ -216,7 +260,11 @@ pub async fn serve_session(
     let agent = match coord.store.get_agent(&agent_id).await {
         Ok(Some(a)) => a,
         Ok(None) => {
-            let _ = tx.send(Err(tonic::Status::not_found(format!("unknown agent id {agent_id}; register first")))).await;
+            let _ = tx
+                .send(Err(tonic::Status::not_found(format!(
+                    "unknown agent id {agent_id}; register first"
+                ))))
+                .await;
             return;
         }
         Err(e) => {
@@ -226,19 +274,32 @@ pub async fn serve_session(
     };
     let now = now_ms();
     let reported = (!hello.current_run_id.is_empty()).then(|| hello.current_run_id.clone());
-    let active = coord.store.active_run_of_agent(&agent_id).await.ok().flatten();
+    let active = coord
+        .store
+        .active_run_of_agent(&agent_id)
+        .await
+        .ok()
+        .flatten();
     let busy = match (&reported, &active) {
         (Some(r), Some(a)) if r == a => Some(r.clone()),
         _ => None,
     };
     if let (Some(r), None) = (&reported, &busy) {
-        let _ = tx.try_send(Ok(cancel_msg(r, "the run is no longer active (lease expired or job cancelled)")));
+        let _ = tx.try_send(Ok(cancel_msg(
+            r,
+            "the run is no longer active (lease expired or job cancelled)",
+        )));
     }
     if let (Some(a), None) = (&active, &busy) {
         // The agent came back without the run it held (it restarted): give the task back now.
         let released = coord
             .store
-            .release_run(a, &format!("agent '{}' restarted and lost the run", agent.name), now, coord.config.max_attempts)
+            .release_run(
+                a,
+                &format!("agent '{}' restarted and lost the run", agent.name),
+                now,
+                coord.config.max_attempts,
+            )
             .await;
         if let Err(e) = released {
             warn!(error = %e, run = %a, "Could not release a lost run; its lease will expire instead.");
@@ -247,12 +308,23 @@ pub async fn serve_session(
     if let Err(e) = coord.store.set_connected(&agent_id, true, now).await {
         warn!(error = %e, agent = %agent_id, "Could not mark the agent connected.");
     }
-    let session_id = coord.hub.attach(&agent_id, tx.clone(), &agent.platform_id, &agent.host_id, busy.clone());
+    let session_id = coord.hub.attach(
+        &agent_id,
+        tx.clone(),
+        &agent.platform_id,
+        &agent.host_id,
+        busy.clone(),
+    );
     info!(agent = %agent.name, resumed_run = ?busy, "Agent session opened.");
     coord.changed();
 
+    let mut stopping = coord.stopping.clone();
     loop {
-        let message = match inbound.message().await {
+        let next = tokio::select! {
+            m = inbound.message() => m,
+            _ = crate::stopped(&mut stopping) => break,
+        };
+        let message = match next {
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(e) => {
@@ -266,14 +338,30 @@ pub async fn serve_session(
                     agent_id: agent_id.clone(),
                     run_id: (!hb.current_run_id.is_empty()).then_some(hb.current_run_id),
                 };
-                coord.heartbeats.send(crate::ingest::HeartbeatItem { record, reply: tx.clone() }).await.is_ok()
+                coord
+                    .heartbeats
+                    .send(crate::ingest::HeartbeatItem {
+                        record,
+                        reply: tx.clone(),
+                    })
+                    .await
+                    .is_ok()
             }
-            Some(In::Window(window)) => {
-                coord.ingest.send(crate::ingest::IngestItem::Window { window, reply: tx.clone() }).await.is_ok()
-            }
+            Some(In::Window(window)) => coord
+                .ingest
+                .send(crate::ingest::IngestItem::Window {
+                    window,
+                    reply: tx.clone(),
+                })
+                .await
+                .is_ok(),
             Some(In::Result(result)) => coord
                 .ingest
-                .send(crate::ingest::IngestItem::Result { result, agent_id: agent_id.clone(), reply: tx.clone() })
+                .send(crate::ingest::IngestItem::Result {
+                    result,
+                    agent_id: agent_id.clone(),
+                    reply: tx.clone(),
+                })
                 .await
                 .is_ok(),
             Some(In::Hello(_)) | None => true,

@@ -22,7 +22,11 @@ use crate::{Coordinator, ingest, scheduler};
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
 /// Opens the database named in `config` and serves on `listener` until `shutdown` completes.
-pub async fn serve(config: CoordinatorConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+pub async fn serve(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     let store = store::open(&config.database).await?;
     info!(database = %store::redact_url(&config.database), backend = store.backend(), "Database ready.");
     serve_with_store(config, store, listener, shutdown).await
@@ -35,10 +39,13 @@ pub async fn serve_with_store(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let addr = listener.local_addr().map_err(|e| Error::Internal(format!("listener address: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(format!("listener address: {e}")))?;
     let (ingest_tx, ingest_rx) = tokio::sync::mpsc::channel(16_384);
     let (hb_tx, hb_rx) = tokio::sync::mpsc::channel(16_384);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
     let coord = Arc::new(Coordinator {
         store,
         config: Arc::new(config),
@@ -46,22 +53,48 @@ pub async fn serve_with_store(
         ingest: ingest_tx,
         heartbeats: hb_tx,
         changes: tokio::sync::watch::channel(0).0,
+        stopping: stop_rx.clone(),
     });
     let background = [
         tokio::spawn(scheduler::run(coord.clone(), stop_rx.clone())),
-        tokio::spawn(ingest::run_writer(coord.clone(), ingest_rx, stop_rx.clone())),
+        tokio::spawn(ingest::run_writer(
+            coord.clone(),
+            ingest_rx,
+            stop_rx.clone(),
+        )),
         tokio::spawn(ingest::run_heartbeats(coord.clone(), hb_rx)),
     ];
     if !coord.config.addr_file.is_empty() {
-        std::fs::write(&coord.config.addr_file, addr.to_string())
-            .map_err(|e| Error::Internal(format!("cannot write addr_file {}: {e}", coord.config.addr_file)))?;
+        std::fs::write(&coord.config.addr_file, addr.to_string()).map_err(|e| {
+            Error::Internal(format!(
+                "cannot write addr_file {}: {e}",
+                coord.config.addr_file
+            ))
+        })?;
     }
     info!(%addr, "Coordinator listening.");
 
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Graceful shutdown waits for open streams, so agent sessions and job watches are ended first.
+    let shutdown = {
+        let stop_tx = stop_tx.clone();
+        let hub = coord.hub.clone();
+        async move {
+            shutdown.await;
+            info!("Coordinator stopping; closing agent sessions.");
+            let _ = stop_tx.send(true);
+            hub.close_all();
+        }
+    };
     let result = tonic::transport::Server::builder()
-        .add_service(AgentServiceServer::new(AgentApi(coord.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES))
-        .add_service(ModelServiceServer::new(ModelApi(coord.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(
+            AgentServiceServer::new(AgentApi(coord.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ModelServiceServer::new(ModelApi(coord.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .add_service(JobServiceServer::new(JobApi(coord.clone())))
         .add_service(FleetServiceServer::new(FleetApi(coord.clone())))
         .add_service(RankingServiceServer::new(RankingApi(coord.clone())))

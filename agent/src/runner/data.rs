@@ -35,7 +35,10 @@ impl HostArray {
             return self.clone();
         }
         shape[0] = n;
-        HostArray { shape, data: self.data[start * row..(start + n) * row].to_vec() }
+        HostArray {
+            shape,
+            data: self.data[start * row..(start + n) * row].to_vec(),
+        }
     }
 }
 
@@ -54,7 +57,10 @@ impl ToF64 for bool {
 }
 
 fn host<T: ToF64>(a: ArrayD<T>) -> HostArray {
-    HostArray { shape: a.shape().to_vec(), data: a.iter().map(|v| v.to_f64()).collect() }
+    HostArray {
+        shape: a.shape().to_vec(),
+        data: a.iter().map(|v| v.to_f64()).collect(),
+    }
 }
 
 /// Tries `$read` with `$t` bound to each numeric element type in turn; the first that parses wins.
@@ -79,22 +85,38 @@ macro_rules! first_readable {
 
 /// Reads a .npy file of any numeric dtype.
 pub fn read_npy(path: &Path) -> Result<HostArray> {
-    let open = || File::open(path).map(BufReader::new).map_err(|e| AgentError::Task(format!("cannot open {}: {e}", path.display())));
+    let open = || {
+        File::open(path)
+            .map(BufReader::new)
+            .map_err(|e| AgentError::Task(format!("cannot open {}: {e}", path.display())))
+    };
     first_readable!(|T| ArrayD::<T>::read_npy(open()?)).ok_or_else(|| {
-        AgentError::Task(format!("{} is not a .npy file of a numeric type (float, int, uint or bool)", path.display()))
+        AgentError::Task(format!(
+            "{} is not a .npy file of a numeric type (float, int, uint or bool)",
+            path.display()
+        ))
     })
 }
 
 /// Reads every array of a .npz file (numeric dtypes), keyed by name.
 pub fn read_npz(path: &Path) -> Result<HashMap<String, HostArray>> {
-    let file = File::open(path).map_err(|e| AgentError::Task(format!("cannot open {}: {e}", path.display())))?;
-    let mut npz = NpzReader::new(file).map_err(|e| AgentError::Task(format!("{} is not a .npz file: {e}", path.display())))?;
-    let names = npz.names().map_err(|e| AgentError::Task(format!("{}: {e}", path.display())))?;
+    let file = File::open(path)
+        .map_err(|e| AgentError::Task(format!("cannot open {}: {e}", path.display())))?;
+    let mut npz = NpzReader::new(file)
+        .map_err(|e| AgentError::Task(format!("{} is not a .npz file: {e}", path.display())))?;
+    let names = npz
+        .names()
+        .map_err(|e| AgentError::Task(format!("{}: {e}", path.display())))?;
     let mut out = HashMap::new();
     for name in names {
         let key = name.trim_end_matches(".npy").to_string();
         let arr = first_readable!(|T| npz.by_name::<ndarray::OwnedRepr<T>, ndarray::IxDyn>(&name))
-            .ok_or_else(|| AgentError::Task(format!("{}: array '{key}' has an unsupported dtype", path.display())))?;
+            .ok_or_else(|| {
+                AgentError::Task(format!(
+                    "{}: array '{key}' has an unsupported dtype",
+                    path.display()
+                ))
+            })?;
         out.insert(key, arr);
     }
     Ok(out)

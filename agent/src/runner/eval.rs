@@ -29,18 +29,24 @@ pub fn predictions(output: &DynValue) -> Result<Vec<i64>> {
     } else if let Ok(a) = output.try_extract_array::<half::f16>() {
         (a.shape().to_vec(), a.iter().map(|v| v.to_f64()).collect())
     } else {
-        return Err(AgentError::Task("eval: the first output is neither class scores nor labels".into()));
+        return Err(AgentError::Task(
+            "eval: the first output is neither class scores nor labels".into(),
+        ));
     };
     let classes = *shape.last().unwrap_or(&1);
     if shape.len() < 2 || classes == 0 {
-        return Err(AgentError::Task(format!("eval: the first output has shape {shape:?}, not [batch, classes]")));
+        return Err(AgentError::Task(format!(
+            "eval: the first output has shape {shape:?}, not [batch, classes]"
+        )));
     }
     Ok(values
         .chunks(classes)
         .map(|row| {
             row.iter()
                 .enumerate()
-                .fold((0usize, f64::NEG_INFINITY), |best, (i, v)| if *v > best.1 { (i, *v) } else { best })
+                .fold((0usize, f64::NEG_INFINITY), |best, (i, v)| {
+                    if *v > best.1 { (i, *v) } else { best }
+                })
                 .0 as i64
         })
         .collect())
@@ -58,17 +64,29 @@ pub fn top1_accuracy(
         return Err(AgentError::Task("eval set: no inputs".into()));
     }
     if labels.data.len() != rows {
-        return Err(AgentError::Task(format!("eval set: {rows} inputs but {} labels", labels.data.len())));
+        return Err(AgentError::Task(format!(
+            "eval set: {rows} inputs but {} labels",
+            labels.data.len()
+        )));
     }
     for spec in specs {
         let arr = inputs.get(&spec.name).ok_or_else(|| {
             AgentError::Task(format!("eval set: no data for input '{}'", spec.name))
         })?;
         if arr.rows() != rows {
-            return Err(AgentError::Task(format!("eval set: input '{}' has {} rows, expected {rows}", spec.name, arr.rows())));
+            return Err(AgentError::Task(format!(
+                "eval set: input '{}' has {} rows, expected {rows}",
+                spec.name,
+                arr.rows()
+            )));
         }
         let fits = arr.shape.len() == spec.dims.len()
-            && arr.shape.iter().zip(&spec.dims).skip(1).all(|(a, d)| *d < 0 || *a as i64 == *d);
+            && arr
+                .shape
+                .iter()
+                .zip(&spec.dims)
+                .skip(1)
+                .all(|(a, d)| *d < 0 || *a as i64 == *d);
         if !fits {
             return Err(AgentError::Task(format!(
                 "eval set: input '{}' rows have shape {:?}, the model declares {:?}",
@@ -86,7 +104,11 @@ pub fn top1_accuracy(
     let mut start = 0;
     while start < rows {
         let n = batch.min(rows - start);
-        if specs.first().and_then(|s| s.dims.first()).is_some_and(|d| *d > 0 && *d as usize != n) {
+        if specs
+            .first()
+            .and_then(|s| s.dims.first())
+            .is_some_and(|d| *d > 0 && *d as usize != n)
+        {
             break; // a fixed batch axis cannot take the remainder
         }
         let mut values = Vec::with_capacity(specs.len());
@@ -95,11 +117,15 @@ pub fn top1_accuracy(
             let shape = chunk.shape.iter().map(|d| *d as i64).collect();
             values.push(value_from_f64(&spec.name, spec.ty, shape, &chunk.data)?);
         }
-        let views: Vec<ort::session::SessionInputValue<'_>> = values.iter().map(Into::into).collect();
+        let views: Vec<ort::session::SessionInputValue<'_>> =
+            values.iter().map(Into::into).collect();
         let outputs = session.run(views.as_slice())?;
         let predicted = predictions(&outputs[0])?;
         if predicted.len() != n {
-            return Err(AgentError::Task(format!("eval: the model gave {} predictions for {n} rows", predicted.len())));
+            return Err(AgentError::Task(format!(
+                "eval: the model gave {} predictions for {n} rows",
+                predicted.len()
+            )));
         }
         for (i, p) in predicted.iter().enumerate() {
             if *p == labels.data[start + i].round() as i64 {
@@ -109,7 +135,9 @@ pub fn top1_accuracy(
         start += n;
     }
     if start == 0 {
-        return Err(AgentError::Task("eval set: no rows could be evaluated".into()));
+        return Err(AgentError::Task(
+            "eval set: no rows could be evaluated".into(),
+        ));
     }
     Ok((correct as f64 / start as f64, start as u64))
 }

@@ -30,7 +30,11 @@ pub fn input_specs(session: &Session) -> Result<Vec<InputSpec>> {
         .inputs()
         .iter()
         .map(|o| match o.dtype() {
-            ValueType::Tensor { ty, shape, dimension_symbols } => Ok(InputSpec {
+            ValueType::Tensor {
+                ty,
+                shape,
+                dimension_symbols,
+            } => Ok(InputSpec {
                 name: o.name().to_string(),
                 ty: *ty,
                 dims: shape.iter().copied().collect(),
@@ -49,12 +53,21 @@ pub fn input_specs(session: &Session) -> Result<Vec<InputSpec>> {
 pub fn resolve_shape(spec: &InputSpec, config: &RunConfig, batch: usize) -> Result<Vec<i64>> {
     if let Some(given) = config.shapes.iter().find(|s| s.name == spec.name) {
         let fits = given.dims.len() == spec.dims.len()
-            && given.dims.iter().zip(&spec.dims).all(|(g, d)| *d < 0 || g == d);
+            && given
+                .dims
+                .iter()
+                .zip(&spec.dims)
+                .all(|(g, d)| *d < 0 || g == d);
         if !fits {
             return Err(AgentError::Task(format!(
                 "shape: --shape {}={} does not fit the declared shape {} of input '{}'",
                 spec.name,
-                given.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x"),
+                given
+                    .dims
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("x"),
                 render_dims(spec),
                 spec.name
             )));
@@ -72,7 +85,12 @@ pub fn resolve_shape(spec: &InputSpec, config: &RunConfig, batch: usize) -> Resu
                 )));
             }
             (_, d) if d < 0 => {
-                let sym = spec.symbols.get(axis).filter(|s| !s.is_empty()).map(String::as_str).unwrap_or("?");
+                let sym = spec
+                    .symbols
+                    .get(axis)
+                    .filter(|s| !s.is_empty())
+                    .map(String::as_str)
+                    .unwrap_or("?");
                 return Err(AgentError::Task(format!(
                     "shape: input '{}' has symbolic dimension '{sym}' at axis {axis} (declared {}); set it with --shape {}=...",
                     spec.name,
@@ -91,7 +109,17 @@ fn render_dims(spec: &InputSpec) -> String {
         .dims
         .iter()
         .enumerate()
-        .map(|(i, d)| if *d < 0 { spec.symbols.get(i).filter(|s| !s.is_empty()).cloned().unwrap_or("?".into()) } else { d.to_string() })
+        .map(|(i, d)| {
+            if *d < 0 {
+                spec.symbols
+                    .get(i)
+                    .filter(|s| !s.is_empty())
+                    .cloned()
+                    .unwrap_or("?".into())
+            } else {
+                d.to_string()
+            }
+        })
         .collect();
     format!("[{}]", parts.join(", "))
 }
@@ -108,7 +136,12 @@ where
 }
 
 /// A tensor of `ty` from f64 values (cast per element).
-pub fn value_from_f64(name: &str, ty: TensorElementType, shape: Vec<i64>, v: &[f64]) -> Result<DynValue> {
+pub fn value_from_f64(
+    name: &str,
+    ty: TensorElementType,
+    shape: Vec<i64>,
+    v: &[f64],
+) -> Result<DynValue> {
     use TensorElementType as E;
     match ty {
         E::Float32 => tensor(shape, v.iter().map(|x| *x as f32).collect()),
@@ -139,7 +172,9 @@ pub fn value_from_f64(name: &str, ty: TensorElementType, shape: Vec<i64>, v: &[f
 fn random_values(ty: TensorElementType, n: usize, rng: &mut StdRng) -> Vec<f64> {
     use TensorElementType as E;
     match ty {
-        E::Float32 | E::Float64 | E::Float16 | E::Bfloat16 => (0..n).map(|_| rng.random::<f64>()).collect(),
+        E::Float32 | E::Float64 | E::Float16 | E::Bfloat16 => {
+            (0..n).map(|_| rng.random::<f64>()).collect()
+        }
         E::Bool => (0..n).map(|_| rng.random_range(0..2) as f64).collect(),
         _ => (0..n).map(|_| rng.random_range(0..10) as f64).collect(),
     }
@@ -165,7 +200,11 @@ pub fn build_inputs(
                     AgentError::Task(format!(
                         "input_data: no array named '{}' (arrays: {})",
                         spec.name,
-                        names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                        names
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ))
                 })?;
                 let arr = if spec.dims.first().is_some_and(|d| *d < 0) {
@@ -181,7 +220,8 @@ pub fn build_inputs(
                     arr.clone()
                 };
                 let shape: Vec<i64> = arr.shape.iter().map(|d| *d as i64).collect();
-                let fits = shape.len() == spec.dims.len() && shape.iter().zip(&spec.dims).all(|(s, d)| *d < 0 || s == d);
+                let fits = shape.len() == spec.dims.len()
+                    && shape.iter().zip(&spec.dims).all(|(s, d)| *d < 0 || s == d);
                 if !fits {
                     return Err(AgentError::Task(format!(
                         "input_data: array '{}' has shape {:?}, which does not fit the declared shape {}",
@@ -220,20 +260,53 @@ mod tests {
     #[test]
     fn batch_axis_comes_from_the_batch_size() {
         let c = RunConfig::default();
-        assert_eq!(resolve_shape(&spec(&[-1, 64], &["batch", ""]), &c, 8).unwrap(), vec![8, 64]);
-        assert_eq!(resolve_shape(&spec(&[1, 64], &["", ""]), &c, 1).unwrap(), vec![1, 64]);
-        let err = resolve_shape(&spec(&[1, 64], &["", ""]), &c, 8).unwrap_err().to_string();
-        assert!(err.contains("fixed batch dimension") && err.contains("'x'"), "{err}");
+        assert_eq!(
+            resolve_shape(&spec(&[-1, 64], &["batch", ""]), &c, 8).unwrap(),
+            vec![8, 64]
+        );
+        assert_eq!(
+            resolve_shape(&spec(&[1, 64], &["", ""]), &c, 1).unwrap(),
+            vec![1, 64]
+        );
+        let err = resolve_shape(&spec(&[1, 64], &["", ""]), &c, 8)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fixed batch dimension") && err.contains("'x'"),
+            "{err}"
+        );
     }
 
     #[test]
     fn other_symbolic_axes_need_a_shape_and_errors_name_the_input() {
         let s = spec(&[-1, -1], &["batch", "seq"]);
-        let err = resolve_shape(&s, &RunConfig::default(), 1).unwrap_err().to_string();
-        assert!(err.contains("'x'") && err.contains("'seq'") && err.contains("--shape x="), "{err}");
-        let c = RunConfig { shapes: vec![InputShape { name: "x".into(), dims: vec![2, 128] }], ..Default::default() };
+        let err = resolve_shape(&s, &RunConfig::default(), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'x'") && err.contains("'seq'") && err.contains("--shape x="),
+            "{err}"
+        );
+        let c = RunConfig {
+            shapes: vec![InputShape {
+                name: "x".into(),
+                dims: vec![2, 128],
+            }],
+            ..Default::default()
+        };
         assert_eq!(resolve_shape(&s, &c, 1).unwrap(), vec![2, 128]);
-        let bad = RunConfig { shapes: vec![InputShape { name: "x".into(), dims: vec![2] }], ..Default::default() };
-        assert!(resolve_shape(&s, &bad, 1).unwrap_err().to_string().contains("does not fit"));
+        let bad = RunConfig {
+            shapes: vec![InputShape {
+                name: "x".into(),
+                dims: vec![2],
+            }],
+            ..Default::default()
+        };
+        assert!(
+            resolve_shape(&s, &bad, 1)
+                .unwrap_err()
+                .to_string()
+                .contains("does not fit")
+        );
     }
 }

@@ -13,7 +13,9 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use fleetbench_common::config::{graph_optimization_name, scenario_name, with_defaults};
-use fleetbench_proto::v1::{GraphOptimization, RunConfig, RunReport, Scenario, TaskAssignment, TelemetryWindow};
+use fleetbench_proto::v1::{
+    GraphOptimization, RunConfig, RunReport, Scenario, TaskAssignment, TelemetryWindow,
+};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 
@@ -100,13 +102,17 @@ pub fn effective_config(config: &RunConfig, cpus: &[u32]) -> RunConfig {
 impl OrtRunner {
     /// Builds a session with the configuration's options and execution provider.
     pub fn session(&self, task: &PreparedTask, c: &RunConfig) -> Result<Session> {
-        let map = |e: ort::Error<ort::session::builder::SessionBuilder>| AgentError::from(ort::Error::<()>::from(e));
+        let map = |e: ort::Error<ort::session::builder::SessionBuilder>| {
+            AgentError::from(ort::Error::<()>::from(e))
+        };
         let mut builder = Session::builder(&self.runtime.env)?
             .with_intra_threads(c.intra_op_threads as usize)
             .map_err(map)?
             .with_inter_threads(1)
             .map_err(map)?
-            .with_optimization_level(opt_level(GraphOptimization::try_from(c.graph_optimization).unwrap_or_default()))
+            .with_optimization_level(opt_level(
+                GraphOptimization::try_from(c.graph_optimization).unwrap_or_default(),
+            ))
             .map_err(map)?;
         builder = match c.execution_provider.as_str() {
             "" | "cpu" => builder,
@@ -115,14 +121,20 @@ impl OrtRunner {
                 builder.with_execution_providers([dispatch]).map_err(map)?
             }
         };
-        Ok(builder.commit_from_file(&task.model_path).map_err(|e| {
-            AgentError::Task(format!("cannot load {} into ONNX Runtime: {e}", task.model_path.display()))
-        })?)
+        builder.commit_from_file(&task.model_path).map_err(|e| {
+            AgentError::Task(format!(
+                "cannot load {} into ONNX Runtime: {e}",
+                task.model_path.display()
+            ))
+        })
     }
 }
 
 /// The execution provider for a name, refused when the loaded runtime does not offer it.
-fn execution_provider(name: &str, available: &[String]) -> Result<ort::ep::ExecutionProviderDispatch> {
+fn execution_provider(
+    name: &str,
+    available: &[String],
+) -> Result<ort::ep::ExecutionProviderDispatch> {
     use ort::ep::{self, ExecutionProvider};
     let (canonical, dispatch) = match name {
         "cuda" => (ep::CUDA::NAME, ep::CUDA::default().build()),
@@ -130,7 +142,11 @@ fn execution_provider(name: &str, available: &[String]) -> Result<ort::ep::Execu
         "openvino" => (ep::OpenVINO::NAME, ep::OpenVINO::default().build()),
         "rocm" => (ep::ROCm::NAME, ep::ROCm::default().build()),
         "xnnpack" => (ep::XNNPACK::NAME, ep::XNNPACK::default().build()),
-        other => return Err(AgentError::Task(format!("execution_provider: unknown provider '{other}'"))),
+        other => {
+            return Err(AgentError::Task(format!(
+                "execution_provider: unknown provider '{other}'"
+            )));
+        }
     };
     if !available.iter().any(|p| p == canonical) {
         return Err(AgentError::Task(format!(
@@ -141,9 +157,15 @@ fn execution_provider(name: &str, available: &[String]) -> Result<ort::ep::Execu
     Ok(dispatch.error_on_failure())
 }
 
-fn load_task_data(task: &PreparedTask, specs: &[InputSpec]) -> Result<Option<HashMap<String, HostArray>>> {
+fn load_task_data(
+    task: &PreparedTask,
+    specs: &[InputSpec],
+) -> Result<Option<HashMap<String, HostArray>>> {
     let first = specs.first().map(|s| s.name.as_str()).unwrap_or("input");
-    task.input_data.as_deref().map(|p| data::read_arrays(p, first)).transpose()
+    task.input_data
+        .as_deref()
+        .map(|p| data::read_arrays(p, first))
+        .transpose()
 }
 
 impl ModelRunner for OrtRunner {
@@ -153,7 +175,13 @@ impl ModelRunner for OrtRunner {
         emit: &mut dyn FnMut(TelemetryWindow),
         cancel: &AtomicBool,
     ) -> std::result::Result<RunReport, RunError> {
-        let c = effective_config(task.assignment.config.as_ref().ok_or(RunError::Failed("task has no config".into()))?, &task.cpus);
+        let c = effective_config(
+            task.assignment
+                .config
+                .as_ref()
+                .ok_or(RunError::Failed("task has no config".into()))?,
+            &task.cpus,
+        );
         let started_at = fleetbench_common::now_ms();
         let t = Instant::now();
         let mut session = self.session(task, &c)?;
@@ -165,12 +193,16 @@ impl ModelRunner for OrtRunner {
 
         let t = Instant::now();
         {
-            let views: Vec<ort::session::SessionInputValue<'_>> = values.iter().map(Into::into).collect();
+            let views: Vec<ort::session::SessionInputValue<'_>> =
+                values.iter().map(Into::into).collect();
             session.run(views.as_slice())?;
         }
         let first_inference_ns = t.elapsed().as_nanos() as u64;
 
-        let sampler = Sampler::start(Duration::from_millis(c.sample_ms.max(10) as u64), task.cpus.clone());
+        let sampler = Sampler::start(
+            Duration::from_millis(c.sample_ms.max(10) as u64),
+            task.cpus.clone(),
+        );
         let mut rec = Recorder::new(
             &task.assignment.run_id,
             Duration::from_millis(c.window_ms as u64),
@@ -185,7 +217,10 @@ impl ModelRunner for OrtRunner {
                 scenario::single_stream(&mut session, &values, &c, &mut rec, cancel)?
             }
             other => {
-                return Err(RunError::Failed(format!("scenario: {} is not supported yet", scenario_name(other))));
+                return Err(RunError::Failed(format!(
+                    "scenario: {} is not supported yet",
+                    scenario_name(other)
+                )));
             }
         };
         let (windows, elapsed) = rec.finish();
@@ -196,7 +231,12 @@ impl ModelRunner for OrtRunner {
                 let first = specs.first().map(|s| s.name.clone()).unwrap_or_default();
                 let eval_inputs = data::read_arrays(inputs_path, &first)?;
                 let labels = data::read_npy(labels_path)?;
-                Some(eval::top1_accuracy(&mut session, &specs, &eval_inputs, &labels)?)
+                Some(eval::top1_accuracy(
+                    &mut session,
+                    &specs,
+                    &eval_inputs,
+                    &labels,
+                )?)
             }
             _ => None,
         };

@@ -109,7 +109,9 @@ impl<'a> Recorder<'a> {
     #[inline]
     pub fn maybe_close(&mut self, now: Instant) {
         let elapsed = now.duration_since(self.t0);
-        if elapsed - self.window_start >= self.window_len && self.window_queries >= self.window_min_queries {
+        if elapsed - self.window_start >= self.window_len
+            && self.window_queries >= self.window_min_queries
+        {
             self.close(elapsed);
         }
     }
@@ -121,8 +123,10 @@ impl<'a> Recorder<'a> {
         }
         let secs = (elapsed - self.window_start).as_secs_f64();
         if secs > 0.0 && self.window_queries > 0 {
-            self.window_throughput.push(self.window_queries as f64 * self.batch as f64 / secs);
-            self.window_p99.push(self.window.value_at_quantile(0.99) as f64);
+            self.window_throughput
+                .push(self.window_queries as f64 * self.batch as f64 / secs);
+            self.window_p99
+                .push(self.window.value_at_quantile(0.99) as f64);
         }
         let w = TelemetryWindow {
             run_id: self.run_id.clone(),
@@ -135,7 +139,11 @@ impl<'a> Recorder<'a> {
             resources: Some(self.sampler.take()),
             late_queries: self.window_late,
             dropped_queries: self.window_dropped,
-            issue_delay_histogram: if self.window_delay.is_empty() { Vec::new() } else { hist::encode(&self.window_delay) },
+            issue_delay_histogram: if self.window_delay.is_empty() {
+                Vec::new()
+            } else {
+                hist::encode(&self.window_delay)
+            },
             closed_at_ms: fleetbench_common::now_ms(),
         };
         (self.emit)(w);

@@ -58,8 +58,16 @@ impl StopRule {
         if self.early_stop
             && queries >= self.min_queries
             && elapsed >= self.min_duration
-            && is_stable(&rec.window_throughput, self.stability_windows, self.stability_ratio)
-            && is_stable(&rec.window_p99, self.stability_windows, self.stability_ratio)
+            && is_stable(
+                &rec.window_throughput,
+                self.stability_windows,
+                self.stability_ratio,
+            )
+            && is_stable(
+                &rec.window_p99,
+                self.stability_windows,
+                self.stability_ratio,
+            )
         {
             return true;
         }
@@ -68,7 +76,12 @@ impl StopRule {
 }
 
 /// Runs untimed queries.
-pub fn warm_up(session: &mut Session, views: &[SessionInputValue<'_>], n: u64, cancel: &AtomicBool) -> Result<(), RunError> {
+pub fn warm_up(
+    session: &mut Session,
+    views: &[SessionInputValue<'_>],
+    n: u64,
+    cancel: &AtomicBool,
+) -> Result<(), RunError> {
     for _ in 0..n {
         if cancel.load(Ordering::Relaxed) {
             return Err(RunError::Cancelled);

@@ -5,7 +5,7 @@ use clap::Subcommand;
 use fleetbench_common::labels::COST_LABEL;
 use fleetbench_proto::v1::ListAgentsRequest;
 
-use crate::client::{Client, status_error};
+use crate::client::Client;
 use crate::output::{self, Format};
 
 /// Agent commands.
@@ -22,25 +22,54 @@ pub enum AgentsCmd {
 /// Runs an agent command.
 pub async fn run(client: &Client, cmd: AgentsCmd) -> Result<()> {
     let AgentsCmd::List { output } = cmd;
-    let agents = client.fleet().list_agents(ListAgentsRequest {}).await.map_err(|s| status_error(s, "listing agents"))?.into_inner().agents;
+    let agents = client
+        .fleet()
+        .list_agents(ListAgentsRequest {})
+        .await
+        .map_err(|s| client.error(s, "listing agents"))?
+        .into_inner()
+        .agents;
     match output {
         Format::Json => output::print_json(&agents),
         Format::Table => {
-            let mut t = output::table(&["NAME", "STATE", "PLATFORM", "LABELS", "CPU", "CPUS", "MEMORY", "ONNX RUNTIME", "TASK"]);
+            let mut t = output::table(&[
+                "NAME",
+                "STATE",
+                "PLATFORM",
+                "LABELS",
+                "CPU",
+                "CPUS",
+                "MEMORY",
+                "ONNX RUNTIME",
+                "TASK",
+            ]);
             for a in &agents {
                 let inv = a.inventory.clone().unwrap_or_default();
-                let mut labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let mut labels: Vec<String> =
+                    a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 labels.sort_by_key(|l| l.starts_with(COST_LABEL));
                 t.add_row(vec![
                     a.name.clone(),
-                    if a.online { "online".into() } else { "offline".into() },
+                    if a.online {
+                        "online".into()
+                    } else {
+                        "offline".into()
+                    },
                     a.platform_name.clone(),
                     labels.join(", "),
                     inv.cpu_brand.clone(),
                     format!("{:?}", inv.cpu_set),
                     output::bytes(inv.memory_bytes),
-                    format!("{} ({})", inv.ort_version, inv.execution_providers.join(", ")),
-                    if a.current_task_id.is_empty() { "-".into() } else { output::short(&a.current_task_id).to_string() },
+                    format!(
+                        "{} ({})",
+                        inv.ort_version,
+                        inv.execution_providers.join(", ")
+                    ),
+                    if a.current_task_id.is_empty() {
+                        "-".into()
+                    } else {
+                        output::short(&a.current_task_id).to_string()
+                    },
                 ]);
             }
             println!("{t}");

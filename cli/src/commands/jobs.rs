@@ -9,13 +9,13 @@ use anyhow::Result;
 use clap::Subcommand;
 use fleetbench_common::config::{DEFAULT_MAX_TASKS, config_label, scenario_name};
 use fleetbench_proto::v1::{
-    CancelJobRequest, GetJobRequest, JobDetail, JobSummary, ListJobsRequest, RunSummary, Scenario, SubmitJobRequest,
-    TaskInfo,
+    CancelJobRequest, GetJobRequest, JobDetail, JobSummary, ListJobsRequest, RunSummary, Scenario,
+    SubmitJobRequest, TaskInfo,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use crate::client::{Client, status_error};
+use crate::client::Client;
 use crate::jobspec::JobArgs;
 use crate::output::{self, Format};
 
@@ -31,7 +31,7 @@ pub enum JobsCmd {
         #[arg(long)]
         watch: bool,
         #[command(flatten)]
-        args: JobArgs,
+        args: Box<JobArgs>,
     },
     /// List jobs, newest first.
     List {
@@ -65,10 +65,14 @@ pub enum JobsCmd {
 /// Runs a job command.
 pub async fn run(client: &Client, cmd: JobsCmd) -> Result<()> {
     match cmd {
-        JobsCmd::Submit { file, watch: follow, args } => {
+        JobsCmd::Submit {
+            file,
+            watch: follow,
+            args,
+        } => {
             let args = match file {
                 Some(f) => args.over(JobArgs::from_file(&f)?),
-                None => args,
+                None => *args,
             };
             let id = submit(client, &args).await?;
             println!("{id}");
@@ -81,11 +85,19 @@ pub async fn run(client: &Client, cmd: JobsCmd) -> Result<()> {
             Ok(())
         }
         JobsCmd::List { limit, output } => {
-            let jobs = client.jobs().list_jobs(ListJobsRequest { limit }).await.map_err(|s| status_error(s, "listing jobs"))?.into_inner().jobs;
+            let jobs = client
+                .jobs()
+                .list_jobs(ListJobsRequest { limit })
+                .await
+                .map_err(|s| client.error(s, "listing jobs"))?
+                .into_inner()
+                .jobs;
             match output {
                 Format::Json => output::print_json(&jobs),
                 Format::Table => {
-                    let mut t = output::table(&["JOB", "MODEL", "NAME", "STATE", "TASKS", "DONE", "FAILED", "CREATED"]);
+                    let mut t = output::table(&[
+                        "JOB", "MODEL", "NAME", "STATE", "TASKS", "DONE", "FAILED", "CREATED",
+                    ]);
                     for j in &jobs {
                         t.add_row(vec![
                             output::short(&j.job_id).to_string(),
@@ -104,7 +116,14 @@ pub async fn run(client: &Client, cmd: JobsCmd) -> Result<()> {
             }
         }
         JobsCmd::Show { job, output } => {
-            let detail = client.jobs().get_job(GetJobRequest { job_id: job.clone() }).await.map_err(|s| status_error(s, "showing the job"))?.into_inner();
+            let detail = client
+                .jobs()
+                .get_job(GetJobRequest {
+                    job_id: job.clone(),
+                })
+                .await
+                .map_err(|s| client.error(s, "showing the job"))?
+                .into_inner();
             match output {
                 Format::Json => output::print_json(&JobJson::from(&detail)),
                 Format::Table => {
@@ -119,7 +138,12 @@ pub async fn run(client: &Client, cmd: JobsCmd) -> Result<()> {
             Ok(())
         }
         JobsCmd::Cancel { job } => {
-            let s = client.jobs().cancel_job(CancelJobRequest { job_id: job }).await.map_err(|s| status_error(s, "cancelling the job"))?.into_inner();
+            let s = client
+                .jobs()
+                .cancel_job(CancelJobRequest { job_id: job })
+                .await
+                .map_err(|s| client.error(s, "cancelling the job"))?
+                .into_inner();
             println!("job {} {}", output::short(&s.job_id), s.state);
             Ok(())
         }
@@ -139,7 +163,7 @@ pub async fn submit(client: &Client, args: &JobArgs) -> Result<String> {
         .jobs()
         .submit_job(SubmitJobRequest { spec: Some(spec) })
         .await
-        .map_err(|s| status_error(s, "submitting the job"))?
+        .map_err(|s| client.error(s, "submitting the job"))?
         .into_inner();
     Ok(resp.job_id)
 }
@@ -149,22 +173,43 @@ fn format_time(ms: i64) -> String {
         return "-".into();
     }
     let secs = (fleetbench_common::now_ms() - ms).max(0) / 1000;
-    if secs < 120 { format!("{secs}s ago") } else if secs < 7200 { format!("{}m ago", secs / 60) } else { format!("{}h ago", secs / 3600) }
+    if secs < 120 {
+        format!("{secs}s ago")
+    } else if secs < 7200 {
+        format!("{}m ago", secs / 60)
+    } else {
+        format!("{}h ago", secs / 3600)
+    }
 }
 
 fn task_line(t: &TaskInfo) -> String {
     let cfg = t.config.as_ref().map(config_label).unwrap_or_default();
-    let who = if t.agent.is_empty() { &t.target_agent } else { &t.agent };
-    let mut s = format!("{} {} on {} [{}]: {}", output::short(&t.task_id), t.variant, who, cfg, t.state);
+    let who = if t.agent.is_empty() {
+        &t.target_agent
+    } else {
+        &t.agent
+    };
+    let mut s = format!(
+        "{} {} on {} [{}]: {}",
+        output::short(&t.task_id),
+        t.variant,
+        who,
+        cfg,
+        t.state
+    );
     if let Some(r) = &t.run {
-        let lat = r.latency.clone().unwrap_or_default();
+        let lat = r.latency.unwrap_or_default();
         s.push_str(&format!(
             " (p50 {} ms, p99 {} ms, {} samples/s, accuracy {}{})",
             output::ms(lat.p50_ms),
             output::ms(lat.p99_ms),
             output::rate(r.throughput_per_s),
             output::pct(r.accuracy),
-            if r.valid { String::new() } else { format!(", INVALID: {}", r.invalid_reason) }
+            if r.valid {
+                String::new()
+            } else {
+                format!(", INVALID: {}", r.invalid_reason)
+            }
         ));
     }
     if !t.error.is_empty() {
@@ -177,30 +222,54 @@ fn task_line(t: &TaskInfo) -> String {
 pub async fn watch(client: &Client, job: &str, show: bool) -> Result<JobSummary> {
     let mut stream = client
         .jobs()
-        .watch_job(GetJobRequest { job_id: job.to_string() })
+        .watch_job(GetJobRequest {
+            job_id: job.to_string(),
+        })
         .await
-        .map_err(|s| status_error(s, "watching the job"))?
+        .map_err(|s| client.error(s, "watching the job"))?
         .into_inner();
     let tty = show && std::io::stderr().is_terminal();
-    let multi = MultiProgress::with_draw_target(if tty { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let multi = MultiProgress::with_draw_target(if tty {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
     let overall = multi.add(ProgressBar::new(0));
-    overall.set_style(ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} tasks {msg}").expect("template").progress_chars("=> "));
+    overall.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} tasks {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
     overall.set_prefix("job");
-    let style = ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}").expect("template").progress_chars("=> ");
+    let style = ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
+        .expect("template")
+        .progress_chars("=> ");
     let mut bars: HashMap<String, ProgressBar> = HashMap::new();
     let mut seen: HashMap<String, String> = HashMap::new();
     let mut last = None;
-    while let Some(p) = stream.message().await.map_err(|s| status_error(s, "watching the job"))? {
-        let Some(summary) = p.summary.clone() else { continue };
+    while let Some(p) = stream
+        .message()
+        .await
+        .map_err(|s| client.error(s, "watching the job"))?
+    {
+        let Some(summary) = p.summary.clone() else {
+            continue;
+        };
         overall.set_length(summary.tasks_total as u64);
-        overall.set_position((summary.tasks_succeeded + summary.tasks_failed + summary.tasks_cancelled) as u64);
+        overall.set_position(
+            (summary.tasks_succeeded + summary.tasks_failed + summary.tasks_cancelled) as u64,
+        );
         overall.set_message(summary.state.clone());
         for t in &p.tasks {
             if seen.get(&t.task_id) != Some(&t.state) {
                 seen.insert(t.task_id.clone(), t.state.clone());
                 if show && t.state != "pending" {
                     let line = task_line(t);
-                    if tty { multi.println(line)?; } else { eprintln!("{line}"); }
+                    if tty {
+                        multi.println(line)?;
+                    } else {
+                        eprintln!("{line}");
+                    }
                 }
             }
             if !tty {
@@ -242,26 +311,55 @@ fn print_detail(d: &JobDetail) {
     let s = d.summary.clone().unwrap_or_default();
     println!(
         "job {}  model {}  state {}  tasks {} ({} succeeded, {} failed, {} cancelled, {} pending, {} running)",
-        s.job_id, s.model, s.state, s.tasks_total, s.tasks_succeeded, s.tasks_failed, s.tasks_cancelled, s.tasks_pending, s.tasks_running
+        s.job_id,
+        s.model,
+        s.state,
+        s.tasks_total,
+        s.tasks_succeeded,
+        s.tasks_failed,
+        s.tasks_cancelled,
+        s.tasks_pending,
+        s.tasks_running
     );
     let mut t = output::table(&[
-        "TASK", "VARIANT", "AGENT", "CONFIG", "STATE", "VALID", "P50 ms", "P90 ms", "P99 ms", "SAMPLES/S", "ACCURACY", "CPU %", "RSS PEAK", "NOTE",
+        "TASK",
+        "VARIANT",
+        "AGENT",
+        "CONFIG",
+        "STATE",
+        "VALID",
+        "P50 ms",
+        "P90 ms",
+        "P99 ms",
+        "SAMPLES/S",
+        "ACCURACY",
+        "CPU %",
+        "RSS PEAK",
+        "NOTE",
     ]);
     for task in &d.tasks {
         let cfg = task.config.as_ref().map(config_label).unwrap_or_default();
         let mut row = vec![
             output::short(&task.task_id).to_string(),
             task.variant.clone(),
-            if task.agent.is_empty() { task.target_agent.clone() } else { task.agent.clone() },
+            if task.agent.is_empty() {
+                task.target_agent.clone()
+            } else {
+                task.agent.clone()
+            },
             cfg,
             task.state.clone(),
         ];
         match &task.run {
             Some(r) => {
-                let lat = r.latency.clone().unwrap_or_default();
+                let lat = r.latency.unwrap_or_default();
                 let res = r.resources.clone().unwrap_or_default();
                 row.extend([
-                    if r.valid { "VALID".into() } else { "INVALID".into() },
+                    if r.valid {
+                        "VALID".into()
+                    } else {
+                        "INVALID".into()
+                    },
                     output::ms(lat.p50_ms),
                     output::ms(lat.p90_ms),
                     output::ms(lat.p99_ms),
@@ -269,10 +367,24 @@ fn print_detail(d: &JobDetail) {
                     output::pct(r.accuracy),
                     format!("{:.0}", res.cpu_user_pct + res.cpu_system_pct),
                     output::bytes(res.rss_peak_bytes),
-                    if r.valid { res.flags.join("; ") } else { r.invalid_reason.clone() },
+                    if r.valid {
+                        res.flags.join("; ")
+                    } else {
+                        r.invalid_reason.clone()
+                    },
                 ]);
             }
-            None => row.extend(["-".into(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into(), task.error.clone()]),
+            None => row.extend([
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                task.error.clone(),
+            ]),
         }
         t.add_row(row);
     }
@@ -386,7 +498,7 @@ pub struct RunJson {
 
 impl From<&RunSummary> for RunJson {
     fn from(r: &RunSummary) -> Self {
-        let l = r.latency.clone().unwrap_or_default();
+        let l = r.latency.unwrap_or_default();
         RunJson {
             run_id: r.run_id.clone(),
             valid: r.valid,
@@ -436,7 +548,11 @@ impl From<&JobDetail> for JobJson {
                 .map(|t| TaskJson {
                     task_id: t.task_id.clone(),
                     variant: t.variant.clone(),
-                    agent: if t.agent.is_empty() { t.target_agent.clone() } else { t.agent.clone() },
+                    agent: if t.agent.is_empty() {
+                        t.target_agent.clone()
+                    } else {
+                        t.agent.clone()
+                    },
                     platform: t.platform_name.clone(),
                     state: t.state.clone(),
                     error: t.error.clone(),
@@ -445,7 +561,12 @@ impl From<&JobDetail> for JobJson {
                     scenario: t
                         .config
                         .as_ref()
-                        .map(|c| scenario_name(Scenario::try_from(c.scenario).unwrap_or(Scenario::SingleStream)).to_string())
+                        .map(|c| {
+                            scenario_name(
+                                Scenario::try_from(c.scenario).unwrap_or(Scenario::SingleStream),
+                            )
+                            .to_string()
+                        })
                         .unwrap_or_default(),
                     run: t.run.as_ref().map(RunJson::from),
                 })
@@ -462,14 +583,17 @@ pub async fn wait_for_agents(client: &Client, online: usize, timeout: Duration) 
             .fleet()
             .list_agents(fleetbench_proto::v1::ListAgentsRequest {})
             .await
-            .map_err(|s| status_error(s, "listing agents"))?
+            .map_err(|s| client.error(s, "listing agents"))?
             .into_inner()
             .agents;
         if agents.iter().filter(|a| a.online).count() >= online {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("only {} of {online} agents came online within {timeout:?}", agents.iter().filter(|a| a.online).count());
+            anyhow::bail!(
+                "only {} of {online} agents came online within {timeout:?}",
+                agents.iter().filter(|a| a.online).count()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use clap::Subcommand;
 use fleetbench_proto::v1::{ListModelsRequest, ModelVariant, RegisterVariantRequest};
 
-use crate::client::{Client, status_error};
+use crate::client::Client;
 use crate::output::{self, Format};
 
 /// Model commands.
@@ -52,11 +52,29 @@ pub enum ModelsCmd {
 /// Runs a model command.
 pub async fn run(client: &Client, cmd: ModelsCmd) -> Result<()> {
     match cmd {
-        ModelsCmd::Push { file, name, variant, variant_of, technique, eval_inputs, eval_labels, output } => {
+        ModelsCmd::Push {
+            file,
+            name,
+            variant,
+            variant_of,
+            technique,
+            eval_inputs,
+            eval_labels,
+            output,
+        } => {
             if eval_inputs.is_some() != eval_labels.is_some() {
                 bail!("--eval-inputs and --eval-labels go together");
             }
-            let v = push(client, &file, &name, variant.as_deref(), variant_of.as_deref(), technique.as_deref(), eval_inputs.as_deref().zip(eval_labels.as_deref())).await?;
+            let v = push(
+                client,
+                &file,
+                &name,
+                variant.as_deref(),
+                variant_of.as_deref(),
+                technique.as_deref(),
+                eval_inputs.as_deref().zip(eval_labels.as_deref()),
+            )
+            .await?;
             match output {
                 Format::Json => output::print_json(&v)?,
                 Format::Table => println!(
@@ -65,7 +83,11 @@ pub async fn run(client: &Client, cmd: ModelsCmd) -> Result<()> {
                     v.variant,
                     output::bytes(v.size_bytes),
                     output::short(&v.artifact_sha256),
-                    if v.variant_of.is_empty() { String::new() } else { format!(", variant of {}", v.variant_of) }
+                    if v.variant_of.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", variant of {}", v.variant_of)
+                    }
                 ),
             }
             Ok(())
@@ -73,9 +95,11 @@ pub async fn run(client: &Client, cmd: ModelsCmd) -> Result<()> {
         ModelsCmd::List { model, output } => {
             let variants = client
                 .models()
-                .list_models(ListModelsRequest { model: model.unwrap_or_default() })
+                .list_models(ListModelsRequest {
+                    model: model.unwrap_or_default(),
+                })
                 .await
-                .map_err(|s| status_error(s, "listing models"))?
+                .map_err(|s| client.error(s, "listing models"))?
                 .into_inner()
                 .variants;
             match output {
@@ -101,7 +125,10 @@ pub async fn push(
 ) -> Result<ModelVariant> {
     let artifact = client.upload(file).await?;
     let (x, y) = match eval {
-        Some((x, y)) => (client.upload(x).await?.sha256, client.upload(y).await?.sha256),
+        Some((x, y)) => (
+            client.upload(x).await?.sha256,
+            client.upload(y).await?.sha256,
+        ),
         None => (String::new(), String::new()),
     };
     let req = RegisterVariantRequest {
@@ -118,15 +145,32 @@ pub async fn push(
         .models()
         .register_variant(req)
         .await
-        .map_err(|s| status_error(s, &format!("pushing {}", file.display())))?
+        .map_err(|s| client.error(s, &format!("pushing {}", file.display())))?
         .into_inner())
 }
 
 /// Variants as a table, children indented under the variant they derive from.
 pub fn variant_table(variants: &[ModelVariant]) -> comfy_table::Table {
-    let mut t = output::table(&["MODEL", "VARIANT", "TECHNIQUE", "SIZE", "INPUTS", "EVAL SET", "SHA256"]);
-    fn walk<'a>(all: &'a [ModelVariant], model: &str, parent: &str, depth: usize, out: &mut Vec<(usize, &'a ModelVariant)>) {
-        for v in all.iter().filter(|v| v.model == model && v.variant_of == parent) {
+    let mut t = output::table(&[
+        "MODEL",
+        "VARIANT",
+        "TECHNIQUE",
+        "SIZE",
+        "INPUTS",
+        "EVAL SET",
+        "SHA256",
+    ]);
+    fn walk<'a>(
+        all: &'a [ModelVariant],
+        model: &str,
+        parent: &str,
+        depth: usize,
+        out: &mut Vec<(usize, &'a ModelVariant)>,
+    ) {
+        for v in all
+            .iter()
+            .filter(|v| v.model == model && v.variant_of == parent)
+        {
             out.push((depth, v));
             walk(all, model, &v.variant, depth + 1, out);
         }
@@ -151,19 +195,37 @@ pub fn variant_table(variants: &[ModelVariant]) -> comfy_table::Table {
                         .dims
                         .iter()
                         .zip(i.dim_names.iter().chain(std::iter::repeat(&String::new())))
-                        .map(|(d, n)| if *d < 0 { if n.is_empty() { "?".into() } else { n.clone() } } else { d.to_string() })
+                        .map(|(d, n)| {
+                            if *d < 0 {
+                                if n.is_empty() { "?".into() } else { n.clone() }
+                            } else {
+                                d.to_string()
+                            }
+                        })
                         .collect();
                     format!("{} {}[{}]", i.name, i.element_type, dims.join(","))
                 })
                 .collect();
-            let name = if depth == 0 { v.variant.clone() } else { format!("{}└ {}", "  ".repeat(depth - 1), v.variant) };
+            let name = if depth == 0 {
+                v.variant.clone()
+            } else {
+                format!("{}└ {}", "  ".repeat(depth - 1), v.variant)
+            };
             t.add_row(vec![
                 v.model.clone(),
                 name,
-                if v.technique.is_empty() { "-".into() } else { v.technique.clone() },
+                if v.technique.is_empty() {
+                    "-".into()
+                } else {
+                    v.technique.clone()
+                },
                 output::bytes(v.size_bytes),
                 inputs.join("; "),
-                if v.eval_labels_sha256.is_empty() { "-".into() } else { "yes".into() },
+                if v.eval_labels_sha256.is_empty() {
+                    "-".into()
+                } else {
+                    "yes".into()
+                },
                 output::short(&v.artifact_sha256).to_string(),
             ]);
         }

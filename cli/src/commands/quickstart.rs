@@ -45,7 +45,8 @@ struct Fleet {
 
 impl Fleet {
     fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> Result<()> {
-        let file = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        let file = std::fs::File::create(log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
@@ -59,9 +60,13 @@ impl Fleet {
     fn check_alive(&mut self, dir: &Path) -> Result<()> {
         for (name, child) in &mut self.children {
             if let Some(status) = child.try_wait()? {
-                let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                bail!("{name} exited ({status}); last lines of its log:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                bail!(
+                    "{name} exited ({status}); last lines of its log:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
         }
         Ok(())
@@ -93,9 +98,16 @@ impl Drop for Fleet {
 /// The sibling binary `name` (next to this executable).
 fn sibling(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let path = exe.parent().map(|d| d.join(name)).unwrap_or_else(|| PathBuf::from(name));
+    let path = exe
+        .parent()
+        .map(|d| d.join(name))
+        .unwrap_or_else(|| PathBuf::from(name));
     if !path.exists() {
-        bail!("{} not found next to {}; build all binaries first (cargo build --release)", name, exe.display());
+        bail!(
+            "{} not found next to {}; build all binaries first (cargo build --release)",
+            name,
+            exe.display()
+        );
     }
     Ok(path)
 }
@@ -108,21 +120,30 @@ pub fn find_ort_lib(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    let lib = Path::new(".venv/lib");
-    if let Ok(entries) = std::fs::read_dir(lib) {
+    find_ort_lib_in(Path::new("."))
+}
+
+/// The library of the onnxruntime wheel installed in `root/.venv` (by `scripts/dev.sh setup`).
+pub fn find_ort_lib_in(root: &Path) -> Result<PathBuf> {
+    if let Ok(entries) = std::fs::read_dir(root.join(".venv/lib")) {
         for e in entries.flatten() {
             let capi = e.path().join("site-packages/onnxruntime/capi");
             if let Ok(files) = std::fs::read_dir(&capi) {
                 for f in files.flatten() {
-                    let name = f.file_name().to_string_lossy().to_string();
-                    if name.starts_with("libonnxruntime.so.") {
+                    if f.file_name()
+                        .to_string_lossy()
+                        .starts_with("libonnxruntime.so.")
+                    {
                         return Ok(f.path());
                     }
                 }
             }
         }
     }
-    bail!("ONNX Runtime library not found: set ORT_DYLIB_PATH or --ort-lib, or run `scripts/dev.sh quickstart`, which installs onnxruntime==1.31.1 into .venv")
+    bail!(
+        "ONNX Runtime library not found: set ORT_DYLIB_PATH or --ort-lib, or run `scripts/dev.sh quickstart`, \
+         which installs onnxruntime==1.31.1 into .venv"
+    )
 }
 
 fn wait_for_file(path: &Path, fleet: &mut Fleet, dir: &Path, timeout: Duration) -> Result<String> {
@@ -147,20 +168,32 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
     let coordinator_bin = sibling("fleetbench-coordinator")?;
     let agent_bin = sibling("fleetbench-agent")?;
     let ort_lib = find_ort_lib(a.ort_lib.as_deref())?;
-    let ort_lib = std::fs::canonicalize(&ort_lib).with_context(|| format!("ONNX Runtime library {} not found", ort_lib.display()))?;
+    let ort_lib = std::fs::canonicalize(&ort_lib)
+        .with_context(|| format!("ONNX Runtime library {} not found", ort_lib.display()))?;
     let digits = a.models.join("digits");
-    for f in ["digits-fp32.onnx", "digits-int8.onnx", "eval-inputs.npy", "eval-labels.npy"] {
+    for f in [
+        "digits-fp32.onnx",
+        "digits-int8.onnx",
+        "eval-inputs.npy",
+        "eval-labels.npy",
+    ] {
         if !digits.join(f).exists() {
-            bail!("bundled model file {} is missing (run from the repository root, or pass --models)", digits.join(f).display());
+            bail!(
+                "bundled model file {} is missing (run from the repository root, or pass --models)",
+                digits.join(f).display()
+            );
         }
     }
     if a.dir.exists() {
-        std::fs::remove_dir_all(&a.dir).with_context(|| format!("cannot clear {}", a.dir.display()))?;
+        std::fs::remove_dir_all(&a.dir)
+            .with_context(|| format!("cannot clear {}", a.dir.display()))?;
     }
     std::fs::create_dir_all(&a.dir)?;
     let dir = std::fs::canonicalize(&a.dir)?;
 
-    let mut fleet = Fleet { children: Vec::new() };
+    let mut fleet = Fleet {
+        children: Vec::new(),
+    };
     let addr_file = dir.join("coordinator.addr");
     let mut cmd = Command::new(&coordinator_bin);
     cmd.args(["--listen", "127.0.0.1:0", "--lease-timeout-ms", "10000"])
@@ -171,10 +204,15 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
     fleet.spawn("coordinator", cmd, &dir.join("coordinator.log"))?;
     let addr = wait_for_file(&addr_file, &mut fleet, &dir, Duration::from_secs(30))?;
     let url = format!("http://{addr}");
-    eprintln!("coordinator listening on {url} (SQLite at {})", dir.join("fleet.db").display());
+    eprintln!(
+        "coordinator listening on {url} (SQLite at {})",
+        dir.join("fleet.db").display()
+    );
 
     let cpus = {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         (0..n).collect::<Vec<_>>()
     };
     let all = format!("{}-{}", cpus[0], cpus[cpus.len() - 1]);
@@ -204,10 +242,34 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
         }
     }
 
-    let fp32 = models::push(&client, &digits.join("digits-fp32.onnx"), "digits", Some("fp32"), None, None, Some((&digits.join("eval-inputs.npy"), &digits.join("eval-labels.npy")))).await?;
+    let fp32 = models::push(
+        &client,
+        &digits.join("digits-fp32.onnx"),
+        "digits",
+        Some("fp32"),
+        None,
+        None,
+        Some((
+            &digits.join("eval-inputs.npy"),
+            &digits.join("eval-labels.npy"),
+        )),
+    )
+    .await?;
     eprintln!("pushed digits/{} ({} bytes)", fp32.variant, fp32.size_bytes);
-    let int8 = models::push(&client, &digits.join("digits-int8.onnx"), "digits", Some("int8"), Some("fp32"), Some("quantized"), None).await?;
-    eprintln!("pushed digits/{} ({} bytes, variant of {})", int8.variant, int8.size_bytes, int8.variant_of);
+    let int8 = models::push(
+        &client,
+        &digits.join("digits-int8.onnx"),
+        "digits",
+        Some("int8"),
+        Some("fp32"),
+        Some("quantized"),
+        None,
+    )
+    .await?;
+    eprintln!(
+        "pushed digits/{} ({} bytes, variant of {})",
+        int8.variant, int8.size_bytes, int8.variant_of
+    );
 
     let args = JobArgs {
         model: Some("digits".into()),
@@ -220,7 +282,12 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
     let job = jobs::submit(&client, &args).await?;
     eprintln!("job {job} submitted");
     let summary = jobs::watch(&client, &job, true).await?;
-    eprintln!("job {} {} in {:.1}s", &job[..8], summary.state, started.elapsed().as_secs_f64());
+    eprintln!(
+        "job {} {} in {:.1}s",
+        &job[..8],
+        summary.state,
+        started.elapsed().as_secs_f64()
+    );
 
     let rank_args = rank::RankArgs {
         model: "digits".into(),
@@ -238,8 +305,16 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
     println!("ranking of 'digits' by p99 latency (best first):");
     println!("{}", rank::table(&resp));
     if summary.state != "succeeded" {
-        bail!("job {job} ended {}; see `fleetbench jobs show {job}` and the logs in {}", summary.state, dir.display());
+        bail!(
+            "job {job} ended {}; see `fleetbench jobs show {job}` and the logs in {}",
+            summary.state,
+            dir.display()
+        );
     }
-    eprintln!("quickstart finished in {:.1}s; logs and database in {}", started.elapsed().as_secs_f64(), dir.display());
+    eprintln!(
+        "quickstart finished in {:.1}s; logs and database in {}",
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
     Ok(())
 }

@@ -5,7 +5,7 @@ use clap::Args;
 use fleetbench_proto::v1::{RankRequest, RankResponse, RankRow};
 use serde::Serialize;
 
-use crate::client::{Client, status_error};
+use crate::client::Client;
 use crate::output::{self, Format};
 
 /// Rank options.
@@ -91,7 +91,7 @@ pub struct RankJson {
 
 impl From<&RankRow> for RankJson {
     fn from(r: &RankRow) -> Self {
-        let l = r.latency.clone().unwrap_or_default();
+        let l = r.latency.unwrap_or_default();
         RankJson {
             rank: r.rank,
             platform: r.platform.clone(),
@@ -131,16 +131,32 @@ pub async fn fetch(client: &Client, a: &RankArgs) -> Result<RankResponse> {
         best_config_only: a.best_config,
         job_id: a.job.clone().unwrap_or_default(),
     };
-    Ok(client.rankings().rank(req).await.map_err(|s| status_error(s, "ranking"))?.into_inner())
+    Ok(client
+        .rankings()
+        .rank(req)
+        .await
+        .map_err(|s| client.error(s, "ranking"))?
+        .into_inner())
 }
 
 /// The ranking as a table.
 pub fn table(resp: &RankResponse) -> comfy_table::Table {
     let mut t = output::table(&[
-        "#", "PLATFORM", "VARIANT", "CONFIG", "P50 ms", "P90 ms", "P99 ms", "SAMPLES/S", "ACCURACY", "Δ ACC", "COST/1M", "RUNS",
+        "#",
+        "PLATFORM",
+        "VARIANT",
+        "CONFIG",
+        "P50 ms",
+        "P90 ms",
+        "P99 ms",
+        "SAMPLES/S",
+        "ACCURACY",
+        "Δ ACC",
+        "COST/1M",
+        "RUNS",
     ]);
     for r in &resp.rows {
-        let l = r.latency.clone().unwrap_or_default();
+        let l = r.latency.unwrap_or_default();
         t.add_row(vec![
             r.rank.to_string(),
             r.platform.clone(),
@@ -151,8 +167,12 @@ pub fn table(resp: &RankResponse) -> comfy_table::Table {
             output::ms(l.p99_ms),
             output::rate(r.throughput_per_s),
             output::pct(r.accuracy),
-            r.accuracy_delta_pts.map(|d| format!("{d:+.2}")).unwrap_or_else(|| "-".into()),
-            r.cost_per_million.map(|c| format!("{c:.4}")).unwrap_or_else(|| "-".into()),
+            r.accuracy_delta_pts
+                .map(|d| format!("{d:+.2}"))
+                .unwrap_or_else(|| "-".into()),
+            r.cost_per_million
+                .map(|c| format!("{c:.4}"))
+                .unwrap_or_else(|| "-".into()),
             r.runs.to_string(),
         ]);
     }
@@ -163,12 +183,20 @@ pub fn table(resp: &RankResponse) -> comfy_table::Table {
 pub async fn run(client: &Client, a: RankArgs) -> Result<()> {
     let resp = fetch(client, &a).await?;
     match a.output {
-        Format::Json => output::print_json(&resp.rows.iter().map(RankJson::from).collect::<Vec<_>>()),
+        Format::Json => {
+            output::print_json(&resp.rows.iter().map(RankJson::from).collect::<Vec<_>>())
+        }
         Format::Table => {
             if resp.rows.is_empty() {
-                println!("no finished runs of '{}' match (see `fleetbench jobs list`)", a.model);
+                println!(
+                    "no finished runs of '{}' match (see `fleetbench jobs list`)",
+                    a.model
+                );
             } else {
-                println!("ranking of '{}' by {} (best first)", a.model, resp.objective);
+                println!(
+                    "ranking of '{}' by {} (best first)",
+                    a.model, resp.objective
+                );
                 println!("{}", table(&resp));
             }
             Ok(())

@@ -15,17 +15,31 @@ pub struct AgentApi(pub Arc<Coordinator>);
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     #[tracing::instrument(skip_all, fields(name = %request.get_ref().name))]
-    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
-        Ok(Response::new(fleet::register(&self.0, request.into_inner()).await?))
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        Ok(Response::new(
+            fleet::register(&self.0, request.into_inner()).await?,
+        ))
     }
 
     type SessionStream = ResponseStream<CoordinatorMessage>;
 
-    async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
-            Some(AgentMessage { body: Some(Body::Hello(h)) }) if !h.agent_id.is_empty() => h,
-            _ => return Err(Status::invalid_argument("hello: the first session message must be a SessionHello with agent_id")),
+            Some(AgentMessage {
+                body: Some(Body::Hello(h)),
+            }) if !h.agent_id.is_empty() => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "hello: the first session message must be a SessionHello with agent_id",
+                ));
+            }
         };
         let (tx, rx) = tokio::sync::mpsc::channel(4096);
         tokio::spawn(scheduler::serve_session(self.0.clone(), hello, inbound, tx));

@@ -11,7 +11,12 @@ pub struct FleetApi(pub Arc<Coordinator>);
 
 #[tonic::async_trait]
 impl FleetService for FleetApi {
-    async fn list_agents(&self, _: Request<ListAgentsRequest>) -> Result<Response<ListAgentsResponse>, Status> {
-        Ok(Response::new(ListAgentsResponse { agents: fleet::list(&self.0).await? }))
+    async fn list_agents(
+        &self,
+        _: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        Ok(Response::new(ListAgentsResponse {
+            agents: fleet::list(&self.0).await?,
+        }))
     }
 }

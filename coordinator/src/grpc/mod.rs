@@ -16,4 +16,5 @@ pub use models::ModelApi;
 pub use rankings::RankingApi;
 
 /// A boxed response stream.
-pub type ResponseStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send + 'static>>;
+pub type ResponseStream<T> =
+    Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send + 'static>>;

@@ -17,7 +17,10 @@ pub struct ModelApi(pub Arc<Coordinator>);
 #[tonic::async_trait]
 impl ModelService for ModelApi {
     #[tracing::instrument(skip_all)]
-    async fn upload_blob(&self, request: Request<Streaming<BlobChunk>>) -> Result<Response<BlobRef>, Status> {
+    async fn upload_blob(
+        &self,
+        request: Request<Streaming<BlobChunk>>,
+    ) -> Result<Response<BlobRef>, Status> {
         let mut stream = request.into_inner();
         let mut data = Vec::new();
         let mut expected = String::new();
@@ -28,7 +31,9 @@ impl ModelService for ModelApi {
             }
             data.extend_from_slice(&chunk.data);
             if data.len() as u64 > max {
-                return Err(Status::invalid_argument(format!("blob: larger than max_blob_bytes ({max} bytes)")));
+                return Err(Status::invalid_argument(format!(
+                    "blob: larger than max_blob_bytes ({max} bytes)"
+                )));
             }
         }
         let (sha256, size_bytes) = models::store_blob(&self.0, data, &expected).await?;
@@ -37,7 +42,10 @@ impl ModelService for ModelApi {
 
     type DownloadBlobStream = ResponseStream<BlobChunk>;
 
-    async fn download_blob(&self, request: Request<DownloadBlobRequest>) -> Result<Response<Self::DownloadBlobStream>, Status> {
+    async fn download_blob(
+        &self,
+        request: Request<DownloadBlobRequest>,
+    ) -> Result<Response<Self::DownloadBlobStream>, Status> {
         let sha = request.into_inner().sha256;
         let (_, chunks) = self
             .0
@@ -51,21 +59,40 @@ impl ModelService for ModelApi {
             let coord = coord.clone();
             let sha = sha.clone();
             async move {
-                let data = coord.store.blob_chunk(&sha, i).await.map_err(Status::from)?;
-                Ok(BlobChunk { data, expected_sha256: if i == 0 { sha } else { String::new() } })
+                let data = coord
+                    .store
+                    .blob_chunk(&sha, i)
+                    .await
+                    .map_err(Status::from)?;
+                Ok(BlobChunk {
+                    data,
+                    expected_sha256: if i == 0 { sha } else { String::new() },
+                })
             }
         });
         Ok(Response::new(Box::pin(stream)))
     }
 
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
-    async fn register_variant(&self, request: Request<RegisterVariantRequest>) -> Result<Response<ModelVariant>, Status> {
-        Ok(Response::new(models::register_variant(&self.0, request.into_inner()).await?))
+    async fn register_variant(
+        &self,
+        request: Request<RegisterVariantRequest>,
+    ) -> Result<Response<ModelVariant>, Status> {
+        Ok(Response::new(
+            models::register_variant(&self.0, request.into_inner()).await?,
+        ))
     }
 
-    async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+    async fn list_models(
+        &self,
+        request: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
         let model = request.into_inner().model;
-        let variants = self.0.store.list_variants((!model.is_empty()).then_some(model.as_str())).await?;
+        let variants = self
+            .0
+            .store
+            .list_variants((!model.is_empty()).then_some(model.as_str()))
+            .await?;
         Ok(Response::new(ListModelsResponse { variants }))
     }
 }

@@ -13,6 +13,8 @@ pub struct RankingApi(pub Arc<Coordinator>);
 impl RankingService for RankingApi {
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
     async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
-        Ok(Response::new(ranking::rank(&self.0, request.into_inner()).await?))
+        Ok(Response::new(
+            ranking::rank(&self.0, request.into_inner()).await?,
+        ))
     }
 }

@@ -289,7 +289,12 @@ pub trait Store: Send + Sync + 'static {
     async fn set_connected(&self, agent_id: &str, connected: bool, now: i64) -> Result<()>;
     /// Records heartbeats and extends the leases of the runs they name until `lease_until`.
     /// Returns, per heartbeat, whether its run is still active (None when it names no run).
-    async fn heartbeats(&self, beats: &[HeartbeatRecord], now: i64, lease_until: i64) -> Result<Vec<Option<bool>>>;
+    async fn heartbeats(
+        &self,
+        beats: &[HeartbeatRecord],
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<Option<bool>>>;
 
     /// Creates a job and its tasks in one transaction.
     async fn create_job(&self, job: &NewJob, now: i64) -> Result<()>;
@@ -312,10 +317,20 @@ pub trait Store: Send + Sync + 'static {
     async fn expire_leases(&self, now: i64, max_attempts: u32) -> Result<Vec<ExpiredLease>>;
     /// Releases one running run at once, as if its lease had expired (its agent lost it, e.g. by
     /// restarting); returns what happened, or None when the run was not running.
-    async fn release_run(&self, run_id: &str, reason: &str, now: i64, max_attempts: u32) -> Result<Option<ExpiredLease>>;
+    async fn release_run(
+        &self,
+        run_id: &str,
+        reason: &str,
+        now: i64,
+        max_attempts: u32,
+    ) -> Result<Option<ExpiredLease>>;
 
     /// Stores windows in one transaction.
-    async fn store_windows(&self, windows: &[TelemetryWindow], now: i64) -> Result<Vec<WindowOutcome>>;
+    async fn store_windows(
+        &self,
+        windows: &[TelemetryWindow],
+        now: i64,
+    ) -> Result<Vec<WindowOutcome>>;
     /// What a result needs to be summarised; None when the run is unknown.
     async fn run_context(&self, run_id: &str) -> Result<Option<RunContext>>;
     /// Stores a run's final state, and updates its task and job.
@@ -364,8 +379,17 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(super::redact_url("postgres://bob:s3cret@db:5432/fleet"), "postgres://bob:***@db:5432/fleet");
-        assert_eq!(super::redact_url("postgres://bob@db/fleet"), "postgres://bob@db/fleet");
-        assert_eq!(super::redact_url("sqlite://./fleet.db"), "sqlite://./fleet.db");
+        assert_eq!(
+            super::redact_url("postgres://bob:s3cret@db:5432/fleet"),
+            "postgres://bob:***@db:5432/fleet"
+        );
+        assert_eq!(
+            super::redact_url("postgres://bob@db/fleet"),
+            "postgres://bob@db/fleet"
+        );
+        assert_eq!(
+            super::redact_url("sqlite://./fleet.db"),
+            "sqlite://./fleet.db"
+        );
     }
 }

@@ -11,7 +11,11 @@ use super::sql::{Backend, EmbeddedMigrations, SqlStore, migrate};
 use crate::error::{Error, Result};
 
 /// Schema migrations for Postgres (file names match migrations/sqlite).
-pub const MIGRATIONS: EmbeddedMigrations = &[(1, "init", include_str!("../../../migrations/postgres/0001_init.sql"))];
+pub const MIGRATIONS: EmbeddedMigrations = &[(
+    1,
+    "init",
+    include_str!("../../../migrations/postgres/0001_init.sql"),
+)];
 
 /// Connects to a `postgres://` URL and migrates the database.
 pub async fn open(url: &str) -> Result<SqlStore> {
@@ -21,7 +25,15 @@ pub async fn open(url: &str) -> Result<SqlStore> {
         .acquire_timeout(Duration::from_secs(10))
         .connect(url)
         .await
-        .map_err(|e| Error::Unavailable(format!("cannot connect to database {}: {e}", redact_url(url))))?;
+        .map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot connect to database {}: {e}",
+                redact_url(url)
+            ))
+        })?;
     migrate(&pool, MIGRATIONS).await?;
-    Ok(SqlStore { pool, backend: Backend::Postgres })
+    Ok(SqlStore {
+        pool,
+        backend: Backend::Postgres,
+    })
 }

@@ -13,8 +13,8 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
 use super::{
-    AgentRecord, AgentRegistration, ExpiredLease, FinishedRun, HeartbeatRecord, Lease, LeaseRequest, NewJob,
-    RunContext, Store, StoredRun, VariantInsert, WindowOutcome,
+    AgentRecord, AgentRegistration, ExpiredLease, FinishedRun, HeartbeatRecord, Lease,
+    LeaseRequest, NewJob, RunContext, Store, StoredRun, VariantInsert, WindowOutcome,
 };
 use crate::error::{Error, Result};
 
@@ -194,7 +194,9 @@ impl SqlStore {
         };
         let reason = match reason {
             Some(r) => format!("{r} (attempt {attempt} of {max_attempts})"),
-            None => format!("lease expired: agent '{agent_name}' went silent (attempt {attempt} of {max_attempts})"),
+            None => format!(
+                "lease expired: agent '{agent_name}' went silent (attempt {attempt} of {max_attempts})"
+            ),
         };
         let (new_run_id, finished_at) = if requeued { ("", 0) } else { (run_id, now) };
         sqlx::query(
@@ -217,10 +219,19 @@ impl SqlStore {
             .await?;
         Self::refresh_job(&mut tx, &job_id, now).await?;
         tx.commit().await?;
-        Ok(Some(ExpiredLease { task_id, run_id: run_id.to_string(), agent_id, requeued }))
+        Ok(Some(ExpiredLease {
+            task_id,
+            run_id: run_id.to_string(),
+            agent_id,
+            requeued,
+        }))
     }
 
-    async fn lease_statement(&self, tx: &mut Transaction<'static, Any>, req: &LeaseRequest) -> Result<Option<AnyRow>> {
+    async fn lease_statement(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        req: &LeaseRequest,
+    ) -> Result<Option<AnyRow>> {
         if self.backend == Backend::Postgres {
             // Serialize leases per host across replicas, so the one-task-per-host rule holds.
             sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1)::BIGINT)")
@@ -228,7 +239,11 @@ impl SqlStore {
                 .execute(&mut **tx)
                 .await?;
         }
-        let lock = if self.backend == Backend::Postgres { "FOR UPDATE OF t SKIP LOCKED" } else { "" };
+        let lock = if self.backend == Backend::Postgres {
+            "FOR UPDATE OF t SKIP LOCKED"
+        } else {
+            ""
+        };
         let sql = format!(
             "UPDATE tasks SET state = 'running', attempt = attempt + 1, agent_id = $1, run_id = $2, \
              lease_expires_at = $3, host_id = $5 \
@@ -266,7 +281,11 @@ impl Store for SqlStore {
         if self.blob_meta(sha256).await?.is_some() {
             return Ok(());
         }
-        let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[][..]] } else { data.chunks(BLOB_CHUNK_BYTES).collect() };
+        let chunks: Vec<&[u8]> = if data.is_empty() {
+            vec![&[][..]]
+        } else {
+            data.chunks(BLOB_CHUNK_BYTES).collect()
+        };
         let mut tx = self.begin().await?;
         for (i, chunk) in chunks.iter().enumerate() {
             sqlx::query("INSERT INTO blob_chunks (sha256, idx, data) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
@@ -296,7 +315,10 @@ impl Store for SqlStore {
             .fetch_optional(&self.pool)
             .await?;
         Ok(match row {
-            Some(r) => Some((r.try_get::<i64, _>(0)? as u64, r.try_get::<i64, _>(1)? as u64)),
+            Some(r) => Some((
+                r.try_get::<i64, _>(0)? as u64,
+                r.try_get::<i64, _>(1)? as u64,
+            )),
             None => None,
         })
     }
@@ -312,11 +334,13 @@ impl Store for SqlStore {
     }
 
     async fn insert_variant(&self, v: &ModelVariant) -> Result<VariantInsert> {
-        let existing = sqlx::query("SELECT artifact_sha256 FROM model_variants WHERE model = $1 AND variant = $2")
-            .bind(&v.model)
-            .bind(&v.variant)
-            .fetch_optional(&self.pool)
-            .await?;
+        let existing = sqlx::query(
+            "SELECT artifact_sha256 FROM model_variants WHERE model = $1 AND variant = $2",
+        )
+        .bind(&v.model)
+        .bind(&v.variant)
+        .fetch_optional(&self.pool)
+        .await?;
         if let Some(row) = existing {
             let sha: String = row.try_get(0)?;
             if sha == v.artifact_sha256 {
@@ -361,10 +385,12 @@ impl Store for SqlStore {
     async fn list_variants(&self, model: Option<&str>) -> Result<Vec<ModelVariant>> {
         let rows = match model {
             Some(m) => {
-                sqlx::query("SELECT info FROM model_variants WHERE model = $1 ORDER BY created_at, variant")
-                    .bind(m)
-                    .fetch_all(&self.pool)
-                    .await?
+                sqlx::query(
+                    "SELECT info FROM model_variants WHERE model = $1 ORDER BY created_at, variant",
+                )
+                .bind(m)
+                .fetch_all(&self.pool)
+                .await?
             }
             None => {
                 sqlx::query("SELECT info FROM model_variants ORDER BY model, created_at, variant")
@@ -372,7 +398,9 @@ impl Store for SqlStore {
                     .await?
             }
         };
-        rows.iter().map(|r| dec::<ModelVariant>(&r.try_get::<Vec<u8>, _>(0)?)).collect()
+        rows.iter()
+            .map(|r| dec::<ModelVariant>(&r.try_get::<Vec<u8>, _>(0)?))
+            .collect()
     }
 
     async fn upsert_platform(&self, id: &str, name: &str, descriptor: &[u8]) -> Result<()> {
@@ -396,7 +424,12 @@ impl Store for SqlStore {
             .fetch_optional(&mut *tx)
             .await?;
         let by_id = match &reg.agent_id {
-            Some(id) => sqlx::query("SELECT id FROM agents WHERE id = $1").bind(id).fetch_optional(&mut *tx).await?,
+            Some(id) => {
+                sqlx::query("SELECT id FROM agents WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+            }
             None => None,
         };
         let mut id = match (&reg.agent_id, by_id.is_some()) {
@@ -405,7 +438,8 @@ impl Store for SqlStore {
         };
         if let Some(row) = by_name {
             let holder: String = row.try_get(0)?;
-            let online = row.try_get::<i64, _>(1)? != 0 && row.try_get::<i64, _>(2)? > reg.alive_since;
+            let online =
+                row.try_get::<i64, _>(1)? != 0 && row.try_get::<i64, _>(2)? > reg.alive_since;
             if id.as_deref() != Some(holder.as_str()) {
                 if online {
                     return Err(Error::AlreadyExists(format!(
@@ -427,7 +461,8 @@ impl Store for SqlStore {
                 }
             }
         }
-        let labels_json = serde_json::to_string(&reg.labels).map_err(|e| Error::Internal(e.to_string()))?;
+        let labels_json =
+            serde_json::to_string(&reg.labels).map_err(|e| Error::Internal(e.to_string()))?;
         let inventory = enc(&reg.inventory);
         let id = match id {
             Some(id) => {
@@ -447,7 +482,10 @@ impl Store for SqlStore {
                 id
             }
             None => {
-                let id = reg.agent_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+                let id = reg
+                    .agent_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
                 sqlx::query(
                     "INSERT INTO agents (id, name, platform_id, host_id, labels_json, inventory, connected, \
                      registered_at, last_seen_at) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $7)",
@@ -470,7 +508,10 @@ impl Store for SqlStore {
 
     async fn get_agent(&self, agent_id: &str) -> Result<Option<AgentRecord>> {
         let sql = format!("{AGENT_SELECT} WHERE a.id = $1");
-        let row = sqlx::query(&sql).bind(agent_id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(agent_id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(agent_record).transpose()
     }
 
@@ -490,7 +531,12 @@ impl Store for SqlStore {
         Ok(())
     }
 
-    async fn heartbeats(&self, beats: &[HeartbeatRecord], now: i64, lease_until: i64) -> Result<Vec<Option<bool>>> {
+    async fn heartbeats(
+        &self,
+        beats: &[HeartbeatRecord],
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<Option<bool>>> {
         let mut tx = self.begin().await?;
         let mut out = Vec::with_capacity(beats.len());
         for b in beats {
@@ -555,7 +601,9 @@ impl Store for SqlStore {
     async fn resolve_job_id(&self, id_or_prefix: &str) -> Result<String> {
         let prefix = id_or_prefix.trim();
         if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(Error::InvalidArgument(format!("job id '{id_or_prefix}' is not a job id (hex digits)")));
+            return Err(Error::InvalidArgument(format!(
+                "job id '{id_or_prefix}' is not a job id (hex digits)"
+            )));
         }
         let rows = sqlx::query("SELECT id FROM jobs WHERE id LIKE $1 ORDER BY id LIMIT 2")
             .bind(format!("{}%", prefix.to_ascii_lowercase()))
@@ -564,7 +612,9 @@ impl Store for SqlStore {
         match rows.len() {
             0 => Err(Error::NotFound(format!("no job with id '{id_or_prefix}'"))),
             1 => Ok(rows[0].try_get(0)?),
-            _ => Err(Error::InvalidArgument(format!("job id prefix '{id_or_prefix}' is ambiguous; give more digits"))),
+            _ => Err(Error::InvalidArgument(format!(
+                "job id prefix '{id_or_prefix}' is ambiguous; give more digits"
+            ))),
         }
     }
 
@@ -573,7 +623,10 @@ impl Store for SqlStore {
             "{JOB_SUMMARY_SELECT} GROUP BY j.id, j.model, j.name, j.state, j.created_at, j.finished_at \
              ORDER BY j.created_at DESC, j.id LIMIT $1"
         );
-        let rows = sqlx::query(&sql).bind(limit as i64).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(job_summary).collect()
     }
 
@@ -587,7 +640,10 @@ impl Store for SqlStore {
             .await?
             .ok_or_else(|| Error::NotFound(format!("no job with id '{job_id}'")))?;
         let summary = job_summary(&row)?;
-        let spec_row = sqlx::query("SELECT spec FROM jobs WHERE id = $1").bind(job_id).fetch_one(&self.pool).await?;
+        let spec_row = sqlx::query("SELECT spec FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_one(&self.pool)
+            .await?;
         Ok((summary, dec(&spec_row.try_get::<Vec<u8>, _>(0)?)?))
     }
 
@@ -619,7 +675,9 @@ impl Store for SqlStore {
                     target_queries: config.iterations,
                     config: Some(config),
                     progress_queries: row.try_get::<i64, _>(10)? as u64,
-                    run: summary.map(|s: Vec<u8>| dec::<RunSummary>(&s)).transpose()?,
+                    run: summary
+                        .map(|s: Vec<u8>| dec::<RunSummary>(&s))
+                        .transpose()?,
                 })
             })
             .collect()
@@ -636,7 +694,10 @@ impl Store for SqlStore {
         .await?
         .rows_affected();
         if changed == 0 {
-            let state = sqlx::query("SELECT state FROM jobs WHERE id = $1").bind(job_id).fetch_optional(&mut *tx).await?;
+            let state = sqlx::query("SELECT state FROM jobs WHERE id = $1")
+                .bind(job_id)
+                .fetch_optional(&mut *tx)
+                .await?;
             return match state {
                 None => Err(Error::NotFound(format!("no job with id '{job_id}'"))),
                 Some(r) => Err(Error::FailedPrecondition(format!(
@@ -650,12 +711,16 @@ impl Store for SqlStore {
             .bind(job_id)
             .execute(&mut *tx)
             .await?;
-        let rows = sqlx::query("SELECT run_id, agent_id FROM tasks WHERE job_id = $1 AND state = 'running'")
-            .bind(job_id)
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT run_id, agent_id FROM tasks WHERE job_id = $1 AND state = 'running'",
+        )
+        .bind(job_id)
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
-        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
     }
 
     async fn lease_task(&self, req: &LeaseRequest, now: i64) -> Result<Option<Lease>> {
@@ -693,18 +758,22 @@ impl Store for SqlStore {
     }
 
     async fn active_run_of_agent(&self, agent_id: &str) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT run_id FROM tasks WHERE agent_id = $1 AND state = 'running' LIMIT 1")
-            .bind(agent_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT run_id FROM tasks WHERE agent_id = $1 AND state = 'running' LIMIT 1",
+        )
+        .bind(agent_id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
 
     async fn expire_leases(&self, now: i64, max_attempts: u32) -> Result<Vec<ExpiredLease>> {
-        let rows = sqlx::query("SELECT run_id FROM tasks WHERE state = 'running' AND lease_expires_at < $1")
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT run_id FROM tasks WHERE state = 'running' AND lease_expires_at < $1",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
         let mut out = Vec::new();
         for row in rows {
             let run_id: String = row.try_get(0)?;
@@ -715,11 +784,22 @@ impl Store for SqlStore {
         Ok(out)
     }
 
-    async fn release_run(&self, run_id: &str, reason: &str, now: i64, max_attempts: u32) -> Result<Option<ExpiredLease>> {
-        self.release(run_id, Some(reason), now, max_attempts, false).await
+    async fn release_run(
+        &self,
+        run_id: &str,
+        reason: &str,
+        now: i64,
+        max_attempts: u32,
+    ) -> Result<Option<ExpiredLease>> {
+        self.release(run_id, Some(reason), now, max_attempts, false)
+            .await
     }
 
-    async fn store_windows(&self, windows: &[TelemetryWindow], now: i64) -> Result<Vec<WindowOutcome>> {
+    async fn store_windows(
+        &self,
+        windows: &[TelemetryWindow],
+        now: i64,
+    ) -> Result<Vec<WindowOutcome>> {
         if windows.is_empty() {
             return Ok(Vec::new());
         }
@@ -729,7 +809,10 @@ impl Store for SqlStore {
         run_ids.dedup();
         let mut active = std::collections::HashSet::new();
         for ids in run_ids.chunks(ROWS_PER_INSERT) {
-            let sql = format!("SELECT id FROM runs WHERE state = 'running' AND id IN {}", placeholders(1, ids.len()));
+            let sql = format!(
+                "SELECT id FROM runs WHERE state = 'running' AND id IN {}",
+                placeholders(1, ids.len())
+            );
             let mut q = sqlx::query(&sql);
             for id in ids {
                 q = q.bind(*id);
@@ -738,10 +821,15 @@ impl Store for SqlStore {
                 active.insert(row.try_get::<String, _>(0)?);
             }
         }
-        let live: Vec<&TelemetryWindow> = windows.iter().filter(|w| active.contains(&w.run_id)).collect();
+        let live: Vec<&TelemetryWindow> = windows
+            .iter()
+            .filter(|w| active.contains(&w.run_id))
+            .collect();
         let mut stored = std::collections::HashSet::new();
         for rows in live.chunks(ROWS_PER_INSERT) {
-            let values: Vec<String> = (0..rows.len()).map(|i| placeholders(i * 7 + 1, 7)).collect();
+            let values: Vec<String> = (0..rows.len())
+                .map(|i| placeholders(i * 7 + 1, 7))
+                .collect();
             let sql = format!(
                 "INSERT INTO windows (run_id, seq, queries, samples, end_offset_ns, body, stored_at) VALUES {} \
                  ON CONFLICT DO NOTHING RETURNING run_id, seq",
@@ -759,7 +847,10 @@ impl Store for SqlStore {
                     .bind(now);
             }
             for row in q.fetch_all(&mut *tx).await? {
-                stored.insert((row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)? as u64));
+                stored.insert((
+                    row.try_get::<String, _>(0)?,
+                    row.try_get::<i64, _>(1)? as u64,
+                ));
             }
         }
         let mut progress: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
@@ -870,7 +961,11 @@ impl Store for SqlStore {
         let rows = match job_id {
             Some(j) => {
                 let sql = format!("{base} AND r.job_id = $2 ORDER BY r.started_at");
-                sqlx::query(&sql).bind(model).bind(j).fetch_all(&self.pool).await?
+                sqlx::query(&sql)
+                    .bind(model)
+                    .bind(j)
+                    .fetch_all(&self.pool)
+                    .await?
             }
             None => {
                 let sql = format!("{base} ORDER BY r.started_at");
@@ -901,7 +996,12 @@ pub(crate) type EmbeddedMigrations = &'static [(i64, &'static str, &'static str)
 struct Embedded(EmbeddedMigrations);
 
 impl<'s> sqlx::migrate::MigrationSource<'s> for Embedded {
-    fn resolve(self) -> futures::future::BoxFuture<'s, Result<Vec<sqlx::migrate::Migration>, sqlx::error::BoxDynError>> {
+    fn resolve(
+        self,
+    ) -> futures::future::BoxFuture<
+        's,
+        Result<Vec<sqlx::migrate::Migration>, sqlx::error::BoxDynError>,
+    > {
         Box::pin(async move {
             Ok(self
                 .0

@@ -9,7 +9,11 @@ use super::sql::{Backend, EmbeddedMigrations, SqlStore, migrate};
 use crate::error::{Error, Result};
 
 /// Schema migrations for SQLite (file names match migrations/postgres).
-pub const MIGRATIONS: EmbeddedMigrations = &[(1, "init", include_str!("../../../migrations/sqlite/0001_init.sql"))];
+pub const MIGRATIONS: EmbeddedMigrations = &[(
+    1,
+    "init",
+    include_str!("../../../migrations/sqlite/0001_init.sql"),
+)];
 
 /// Opens (creating when missing) a SQLite database from a `sqlite://PATH` URL and migrates it.
 pub async fn open(url: &str) -> Result<SqlStore> {
@@ -20,7 +24,11 @@ pub async fn open(url: &str) -> Result<SqlStore> {
             "database URL '{url}' names no file; use sqlite://PATH (in-memory databases are not shared across connections)"
         )));
     }
-    let url = if url.contains('?') { url.to_string() } else { format!("{url}?mode=rwc") };
+    let url = if url.contains('?') {
+        url.to_string()
+    } else {
+        format!("{url}?mode=rwc")
+    };
     let pool = AnyPoolOptions::new()
         .max_connections(8)
         .after_connect(|conn, _| {
@@ -37,5 +45,8 @@ pub async fn open(url: &str) -> Result<SqlStore> {
         .await
         .map_err(|e| Error::Unavailable(format!("cannot open database {}: {e}", redact_url(&url))))?;
     migrate(&pool, MIGRATIONS).await?;
-    Ok(SqlStore { pool, backend: Backend::Sqlite })
+    Ok(SqlStore {
+        pool,
+        backend: Backend::Sqlite,
+    })
 }

@@ -1,0 +1,76 @@
+//! The README's main job, as a user runs it: `fleetbench quickstart` starts a coordinator and two agents
+//! as separate processes (one pinned to one core), benchmarks the bundled model and prints a ranking.
+
+use std::process::Command;
+
+#[test]
+fn quickstart_prints_a_ranking_of_both_platforms() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetbench"))
+        .current_dir(repo)
+        .args(["quickstart", "--iterations", "500", "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run fleetbench quickstart");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "quickstart failed:\n{stdout}\n{stderr}"
+    );
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.contains("tier=")).collect();
+    assert_eq!(rows.len(), 4, "two platforms x two variants:\n{stdout}");
+    assert!(
+        rows.iter()
+            .any(|r| r.contains("tier=edge") && r.contains("1 core")),
+        "{stdout}"
+    );
+    assert!(rows.iter().any(|r| r.contains("tier=cloud")), "{stdout}");
+    assert!(
+        rows.iter().all(|r| r.contains(" %")),
+        "accuracy on every row:\n{stdout}"
+    );
+    // The agents were separate processes with their own logs, and the edge one was pinned.
+    let edge_log = std::fs::read_to_string(dir.path().join("edge-1.log")).unwrap();
+    assert!(edge_log.contains("Connected"), "{edge_log}");
+}
+
+#[test]
+fn bad_arguments_fail_before_any_network_use() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetbench"))
+        .args([
+            "--coordinator",
+            "http://127.0.0.1:9",
+            "jobs",
+            "submit",
+            "--model",
+            "digits",
+            "--iterations",
+            "-5",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("iterations: must be > 0 (got -5)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_unreachable_coordinator_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetbench"))
+        .args(["--coordinator", "http://127.0.0.1:9", "agents", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot reach the coordinator at http://127.0.0.1:9"),
+        "{stderr}"
+    );
+}
