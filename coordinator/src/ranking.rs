@@ -127,15 +127,35 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
             .unwrap_or(0),
         size_bytes,
         run_config: first.summary.config.clone(),
-        record_key: records.join(" | "),
+        record_key: record_key(&first.summary.record_json),
     })
 }
 
-/// The comparable part of a reproducibility record: runtime version and execution provider.
-fn record_key(record_json: &str) -> String {
+/// The part of a reproducibility record that decides whether runs are comparable: agent and runtime
+/// versions, the provider asked for, and the providers that actually ran the nodes.
+pub fn record_key(record_json: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(record_json).unwrap_or_default();
     let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string();
-    format!("ort {} {}", s("ort_version"), s("execution_provider"))
+    let used: Vec<String> = v
+        .get("providers_used")
+        .and_then(|u| u.as_object())
+        .map(|m| {
+            m.keys()
+                .map(|k| k.trim_end_matches("ExecutionProvider").to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "agent {} ort {} ep {} ran on {}",
+        s("agent_version"),
+        s("ort_version"),
+        s("execution_provider"),
+        if used.is_empty() {
+            "?".to_string()
+        } else {
+            used.join("+")
+        }
+    )
 }
 
 /// Ranks a model's platforms and variants.

@@ -141,6 +141,12 @@ pub fn validity(
     if queries == 0 {
         reasons.push("no queries completed".to_string());
     }
+    if c.iterations > 0 && queries < c.iterations {
+        reasons.push(format!(
+            "completed {queries} of {} iterations",
+            c.iterations
+        ));
+    }
     if c.min_queries > 0 && queries < c.min_queries {
         reasons.push(format!("{queries} queries < min_queries {}", c.min_queries));
     }

@@ -36,7 +36,8 @@ pub struct Recorder<'a> {
     pub window_throughput: Vec<f64>,
     /// p99 (ns) of each closed window.
     pub window_p99: Vec<f64>,
-    sampler: Sampler,
+    total_delay: LatencyHistogram,
+    sampler: Option<Sampler>,
     emit: &'a mut dyn FnMut(TelemetryWindow),
 }
 
@@ -47,7 +48,7 @@ impl<'a> Recorder<'a> {
         window_len: Duration,
         window_min_queries: u64,
         batch: u64,
-        sampler: Sampler,
+        sampler: Option<Sampler>,
         emit: &'a mut dyn FnMut(TelemetryWindow),
     ) -> Self {
         Self {
@@ -69,6 +70,7 @@ impl<'a> Recorder<'a> {
             dropped: 0,
             window_throughput: Vec::new(),
             window_p99: Vec::new(),
+            total_delay: hist::new_histogram(),
             sampler,
             emit,
         }
@@ -77,7 +79,14 @@ impl<'a> Recorder<'a> {
     /// Restarts the clock (after setup that should not count).
     pub fn restart(&mut self) {
         self.t0 = Instant::now();
-        let _ = self.sampler.take();
+        if let Some(s) = self.sampler.as_mut() {
+            let _ = s.take();
+        }
+    }
+
+    /// Issue delays of the whole run (server scenario).
+    pub fn issue_delays(&self) -> &LatencyHistogram {
+        &self.total_delay
     }
 
     /// Records one completed query; closes the window when due.
@@ -93,6 +102,7 @@ impl<'a> Recorder<'a> {
     /// Records how late a query was issued (server scenario); late beyond 1 ms counts as late.
     pub fn record_issue_delay(&mut self, delay_ns: u64) {
         hist::record_ns(&mut self.window_delay, delay_ns);
+        hist::record_ns(&mut self.total_delay, delay_ns);
         if delay_ns > 1_000_000 {
             self.window_late += 1;
             self.late += 1;
@@ -136,7 +146,7 @@ impl<'a> Recorder<'a> {
             queries: self.window_queries,
             samples: self.window_queries * self.batch,
             latency_histogram: hist::encode(&self.window),
-            resources: Some(self.sampler.take()),
+            resources: self.sampler.as_mut().map(Sampler::take),
             late_queries: self.window_late,
             dropped_queries: self.window_dropped,
             issue_delay_histogram: if self.window_delay.is_empty() {

@@ -27,9 +27,10 @@ pub struct QuickstartArgs {
     /// ONNX Runtime library (default: $ORT_DYLIB_PATH, else the one scripts/dev.sh installs in .venv).
     #[arg(long)]
     pub ort_lib: Option<PathBuf>,
-    /// Timed queries per run.
-    #[arg(long, default_value_t = 3000)]
-    pub iterations: i64,
+    /// Timed queries per run; without it each run uses the quick profile: it stops as soon as it is
+    /// VALID (at least 1.5 s and 2000 queries) and stable over its last three 0.5 s windows, or at 20 s.
+    #[arg(long)]
+    pub iterations: Option<i64>,
     /// Hourly cost of the edge agent.
     #[arg(long, default_value_t = 0.05)]
     pub edge_cost: f64,
@@ -271,14 +272,23 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
         int8.variant, int8.size_bytes, int8.variant_of
     );
 
-    let args = JobArgs {
+    let mut args = JobArgs {
         model: Some("digits".into()),
         variants: vec!["all".into()],
         name: Some("quickstart".into()),
-        iterations: Some(a.iterations),
         warmup: Some(200),
+        window_ms: Some(500),
         ..Default::default()
     };
+    match a.iterations {
+        Some(n) => args.iterations = Some(n),
+        None => {
+            args.duration_s = Some(20.0);
+            args.min_duration_s = Some(1.5);
+            args.min_queries = Some(2000);
+            args.early_stop = true;
+        }
+    }
     let job = jobs::submit(&client, &args).await?;
     eprintln!("job {job} submitted");
     let summary = jobs::watch(&client, &job, true).await?;
