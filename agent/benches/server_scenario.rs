@@ -70,13 +70,13 @@ fn main() {
     }
 
     println!(
-        "\narrivals at 1.5x capacity: the backlog grows, and so does latency from the schedule:"
+        "\narrivals at 2x capacity: the backlog grows, and so does latency from the schedule:"
     );
     println!(
         "{:>10} {:>10} {:>12} {:>12} {:>16}",
         "target", "run s", "achieved", "p99 ms", "service p99 ms"
     );
-    let target = (capacity * 1.5).round();
+    let target = (capacity * 2.0).round();
     for s in [1u64, 2, 4] {
         let v = server(&runner, target, s * 1000);
         println!(

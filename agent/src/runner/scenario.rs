@@ -244,7 +244,9 @@ pub fn offline(
     Ok(json!({ "scenario": "offline", "concurrency": streams }))
 }
 
-/// Receives worker events until every worker is done; sets `stop` when the rule says so.
+/// Receives worker events until every worker is done; sets `stop` when the rule says so. It wakes
+/// every couple of milliseconds and drains what arrived, rather than waking per query, so that the
+/// recording thread does not compete with the workers and the issuer for CPU.
 fn collect(
     rx: &crossbeam_channel::Receiver<Event>,
     rec: &mut Recorder<'_>,
@@ -254,39 +256,39 @@ fn collect(
     mut service: Option<&mut hist::LatencyHistogram>,
 ) -> Option<RunError> {
     let mut failure = None;
-    let tick = Duration::from_millis(20);
+    let tick = Duration::from_millis(2);
     loop {
-        match rx.recv_timeout(tick) {
-            Ok(Event::Done {
-                latency,
-                issue_delay,
-                service: s,
-                end,
-            }) => {
-                if let Some(d) = issue_delay {
-                    rec.record_issue_delay(d.as_nanos() as u64);
+        std::thread::sleep(tick);
+        let disconnected = loop {
+            match rx.try_recv() {
+                Ok(Event::Done { latency, issue_delay, service: s, end }) => {
+                    if let Some(d) = issue_delay {
+                        rec.record_issue_delay(d.as_nanos() as u64);
+                    }
+                    if let Some(h) = service.as_deref_mut() {
+                        hist::record_ns(h, s.as_nanos() as u64);
+                    }
+                    rec.record(latency.as_nanos() as u64, end);
+                    if !stop.load(Ordering::Relaxed) && rule.done_for(rec, end) {
+                        stop.store(true, Ordering::Relaxed);
+                    }
                 }
-                if let Some(h) = service.as_deref_mut() {
-                    hist::record_ns(h, s.as_nanos() as u64);
-                }
-                rec.record(latency.as_nanos() as u64, end);
-                if !stop.load(Ordering::Relaxed) && rule.done_for(rec, end) {
+                Ok(Event::Dropped) => rec.record_drop(),
+                Ok(Event::Failed(e)) => {
+                    failure.get_or_insert(e);
                     stop.store(true, Ordering::Relaxed);
                 }
+                Err(crossbeam_channel::TryRecvError::Empty) => break false,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => break true,
             }
-            Ok(Event::Dropped) => rec.record_drop(),
-            Ok(Event::Failed(e)) => {
-                failure.get_or_insert(e);
-                stop.store(true, Ordering::Relaxed);
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                let now = Instant::now();
-                rec.maybe_close(now);
-                if cancel.load(Ordering::Relaxed) || rule.done_for(rec, now) {
-                    stop.store(true, Ordering::Relaxed);
-                }
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return failure,
+        };
+        if disconnected {
+            return failure;
+        }
+        let now = Instant::now();
+        rec.maybe_close(now);
+        if cancel.load(Ordering::Relaxed) || rule.done_for(rec, now) {
+            stop.store(true, Ordering::Relaxed);
         }
     }
 }
