@@ -14,7 +14,7 @@ use fleetbench_proto::v1::agent_service_client::AgentServiceClient;
 use fleetbench_proto::v1::model_service_client::ModelServiceClient;
 use fleetbench_proto::v1::{
     AgentMessage, Heartbeat, Inventory, RegisterRequest, RunResult, SessionHello, TaskAssignment,
-    TelemetryWindow, agent_message, coordinator_message,
+    TelemetryWindow, WindowBatch, agent_message, coordinator_message,
 };
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
@@ -75,6 +75,20 @@ impl State {
 
 fn message(body: agent_message::Body) -> AgentMessage {
     AgentMessage { body: Some(body) }
+}
+
+/// Windows per message when resending a backlog.
+const REPLAY_BATCH: usize = 64;
+
+/// One window as itself, several as a batch.
+fn batch_message(mut windows: Vec<TelemetryWindow>) -> AgentMessage {
+    if windows.len() == 1 {
+        message(agent_message::Body::Window(
+            windows.pop().expect("one window"),
+        ))
+    } else {
+        message(agent_message::Body::WindowBatch(WindowBatch { windows }))
+    }
 }
 
 fn id_file(state_dir: &Path) -> PathBuf {
@@ -226,12 +240,11 @@ async fn session(
         .into_inner();
     info!(coordinator = %endpoint, agent_id = %reg.agent_id, platform = %reg.platform_name, "Connected.");
 
-    // Send again what was not acknowledged on the previous connection.
-    let replay: Vec<AgentMessage> = state
-        .unacked
-        .values()
-        .cloned()
-        .map(|w| message(agent_message::Body::Window(w)))
+    // Send again what was not acknowledged on the previous connection, in batches.
+    let windows: Vec<TelemetryWindow> = state.unacked.values().cloned().collect();
+    let replay: Vec<AgentMessage> = windows
+        .chunks(REPLAY_BATCH)
+        .map(|c| batch_message(c.to_vec()))
         .chain(
             state
                 .result
@@ -284,6 +297,11 @@ async fn session(
                     Some(coordinator_message::Body::WindowAck(ack)) => {
                         state.unacked.remove(&(ack.run_id, ack.seq));
                     }
+                    Some(coordinator_message::Body::WindowAcks(batch)) => {
+                        for ack in batch.acks {
+                            state.unacked.remove(&(ack.run_id, ack.seq));
+                        }
+                    }
                     Some(coordinator_message::Body::ResultAck(ack))
                         if state.result.as_ref().is_some_and(|r| r.run_id == ack.run_id) =>
                     {
@@ -303,8 +321,19 @@ async fn session(
                 }
             }
             ev = state.events_rx.recv() => {
-                if let Some(ev) = ev {
-                    let m = state.absorb(ev);
+                // Whatever else the runner has ready goes along: windows in one batch, then the result.
+                let mut windows = Vec::new();
+                let mut others = Vec::new();
+                let mut next = ev;
+                while let Some(ev) = next {
+                    match state.absorb(ev) {
+                        AgentMessage { body: Some(agent_message::Body::Window(w)) } => windows.push(w),
+                        m => others.push(m),
+                    }
+                    next = state.events_rx.try_recv().ok();
+                }
+                let batch = (!windows.is_empty()).then(|| batch_message(windows));
+                for m in batch.into_iter().chain(others) {
                     if out_tx.send(m).await.is_err() {
                         return Ok(SessionEnd::Lost("session closed".into()));
                     }

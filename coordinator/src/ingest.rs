@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fleetbench_common::now_ms;
 use fleetbench_proto::v1::{
-    ResultAck, RunResult, TelemetryWindow, WindowAck, coordinator_message::Body,
+    ResultAck, RunResult, TelemetryWindow, WindowAck, WindowAckBatch, coordinator_message::Body,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -69,6 +69,7 @@ async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, max: usize) -> Option<Vec<T>>
 
 /// Retries `op` with capped exponential backoff until it succeeds or `shutdown` fires.
 async fn until_stored<T, F, Fut>(
+    coord: &Coordinator,
     what: &str,
     shutdown: &tokio::sync::watch::Receiver<bool>,
     mut op: F,
@@ -82,6 +83,7 @@ where
         match op().await {
             Ok(v) => return Some(v),
             Err(e) => {
+                coord.store_trouble();
                 if *shutdown.borrow() {
                     return None;
                 }
@@ -113,7 +115,7 @@ pub async fn run_writer(
                     if !flush_windows(&coord, &mut windows, &shutdown).await {
                         return;
                     }
-                    let Some(ack) = until_stored("a run result", &shutdown, || {
+                    let Some(ack) = until_stored(&coord, "a run result", &shutdown, || {
                         finish(&coord, &result, &agent_id)
                     })
                     .await
@@ -140,32 +142,49 @@ async fn flush_windows(
     if windows.is_empty() {
         return true;
     }
-    let batch: Vec<TelemetryWindow> = windows.iter().map(|(w, _)| w.clone()).collect();
-    let Some(outcomes) = until_stored("telemetry windows", shutdown, || {
+    let (batch, replies): (Vec<TelemetryWindow>, Vec<SessionTx>) =
+        std::mem::take(windows).into_iter().unzip();
+    let Some(outcomes) = until_stored(coord, "telemetry windows", shutdown, || {
         coord.store.store_windows(&batch, now_ms())
     })
     .await
     else {
         return false;
     };
+    // Acks of consecutive windows from one session go out as one message.
     let mut cancelled: Vec<&str> = Vec::new();
-    for ((w, reply), outcome) in windows.iter().zip(outcomes) {
+    let mut pending: Vec<WindowAck> = Vec::new();
+    let send = |reply: &SessionTx, acks: &mut Vec<WindowAck>| {
+        let body = if acks.len() == 1 {
+            Body::WindowAck(acks.pop().expect("one ack"))
+        } else {
+            Body::WindowAcks(WindowAckBatch {
+                acks: std::mem::take(acks),
+            })
+        };
+        let _ = reply.try_send(Ok(msg(body)));
+    };
+    for (i, ((w, reply), outcome)) in batch.iter().zip(&replies).zip(outcomes).enumerate() {
         let discarded = outcome == WindowOutcome::Inactive;
-        let ack = WindowAck {
+        pending.push(WindowAck {
             run_id: w.run_id.clone(),
             seq: w.seq,
             discarded,
-        };
-        let _ = reply.try_send(Ok(msg(Body::WindowAck(ack))));
+        });
         if discarded && !cancelled.contains(&w.run_id.as_str()) {
             cancelled.push(&w.run_id);
+            send(reply, &mut pending);
             let _ = reply.try_send(Ok(cancel_msg(
                 &w.run_id,
                 "the run is no longer active on the coordinator",
             )));
+            continue;
+        }
+        let next_same = replies.get(i + 1).is_some_and(|r| r.same_channel(reply));
+        if !next_same {
+            send(reply, &mut pending);
         }
     }
-    windows.clear();
     coord.changes.send_modify(|v| *v = v.wrapping_add(1));
     true
 }

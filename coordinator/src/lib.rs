@@ -40,6 +40,9 @@ pub struct Coordinator {
     pub changes: tokio::sync::watch::Sender<u64>,
     /// Becomes true when the server shuts down; long-lived streams (sessions, watches) end then.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// When (Unix ms) a database call last failed. Leases do not expire until the database has been
+    /// healthy for a whole lease timeout, so an outage does not requeue tasks whose agents kept working.
+    pub store_trouble_at: std::sync::atomic::AtomicI64,
 }
 
 /// Resolves once `rx` holds true (or its sender is gone).
@@ -53,6 +56,22 @@ pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
 }
 
 impl Coordinator {
+    /// Records that a database call failed just now.
+    pub fn store_trouble(&self) {
+        self.store_trouble_at.store(
+            fleetbench_common::now_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// True when the database has worked for at least a lease timeout.
+    pub fn store_settled(&self, now: i64) -> bool {
+        now - self
+            .store_trouble_at
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > self.config.lease_timeout_ms as i64
+    }
+
     /// Tells watchers and the scheduler that something changed.
     pub fn changed(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));

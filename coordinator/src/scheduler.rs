@@ -170,6 +170,7 @@ pub async fn run(coord: Arc<Coordinator>, mut shutdown: tokio::sync::watch::Rece
             _ = shutdown.changed() => return,
         }
         if let Err(e) = schedule_once(&coord).await {
+            coord.store_trouble();
             warn!(error = %e, "Scheduling pass failed; retrying on the next tick.");
         }
     }
@@ -338,14 +339,30 @@ pub async fn serve_session(
                     agent_id: agent_id.clone(),
                     run_id: (!hb.current_run_id.is_empty()).then_some(hb.current_run_id),
                 };
-                coord
-                    .heartbeats
-                    .send(crate::ingest::HeartbeatItem {
-                        record,
+                // Liveness is idempotent: when the batcher is backed up (a slow database), drop
+                // the heartbeat rather than stall the session.
+                let item = crate::ingest::HeartbeatItem {
+                    record,
+                    reply: tx.clone(),
+                };
+                !matches!(
+                    coord.heartbeats.try_send(item),
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_))
+                )
+            }
+            Some(In::WindowBatch(batch)) => {
+                let mut ok = true;
+                for window in batch.windows {
+                    let item = crate::ingest::IngestItem::Window {
+                        window,
                         reply: tx.clone(),
-                    })
-                    .await
-                    .is_ok()
+                    };
+                    if coord.ingest.send(item).await.is_err() {
+                        ok = false;
+                        break;
+                    }
+                }
+                ok
             }
             Some(In::Window(window)) => coord
                 .ingest

@@ -54,6 +54,7 @@ pub async fn serve_with_store(
         heartbeats: hb_tx,
         changes: tokio::sync::watch::channel(0).0,
         stopping: stop_rx.clone(),
+        store_trouble_at: std::sync::atomic::AtomicI64::new(0),
     });
     let background = [
         tokio::spawn(scheduler::run(coord.clone(), stop_rx.clone())),

@@ -261,7 +261,12 @@ fn collect(
         std::thread::sleep(tick);
         let disconnected = loop {
             match rx.try_recv() {
-                Ok(Event::Done { latency, issue_delay, service: s, end }) => {
+                Ok(Event::Done {
+                    latency,
+                    issue_delay,
+                    service: s,
+                    end,
+                }) => {
                     if let Some(d) = issue_delay {
                         rec.record_issue_delay(d.as_nanos() as u64);
                     }

@@ -11,11 +11,18 @@ use super::sql::{Backend, EmbeddedMigrations, SqlStore, migrate};
 use crate::error::{Error, Result};
 
 /// Schema migrations for Postgres (file names match migrations/sqlite).
-pub const MIGRATIONS: EmbeddedMigrations = &[(
-    1,
-    "init",
-    include_str!("../../../migrations/postgres/0001_init.sql"),
-)];
+pub const MIGRATIONS: EmbeddedMigrations = &[
+    (
+        1,
+        "init",
+        include_str!("../../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "window ingest batch",
+        include_str!("../../../migrations/postgres/0002_window_ingest_batch.sql"),
+    ),
+];
 
 /// Connects to a `postgres://` URL and migrates the database.
 pub async fn open(url: &str) -> Result<SqlStore> {

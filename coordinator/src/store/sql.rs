@@ -51,10 +51,17 @@ fn labels_from_json(s: &str) -> Result<Labels> {
     serde_json::from_str(s).map_err(|e| Error::Corrupt(format!("agent labels: {e}")))
 }
 
-/// `($first, $first+1, ...)` placeholder list of `n` values.
-fn placeholders(first: usize, n: usize) -> String {
-    let items: Vec<String> = (first..first + n).map(|i| format!("${i}")).collect();
-    format!("({})", items.join(", "))
+impl Backend {
+    /// A parenthesised list of `n` placeholders, the first being parameter `first`. SQLite gets
+    /// positional `?` (its lookup of numbered parameters by name is linear, which makes binding a
+    /// statement with thousands of `$N` quadratic); Postgres gets `$N`.
+    fn placeholders(self, first: usize, n: usize) -> String {
+        let items: Vec<String> = match self {
+            Backend::Sqlite => vec!["?".to_string(); n],
+            Backend::Postgres => (first..first + n).map(|i| format!("${i}")).collect(),
+        };
+        format!("({})", items.join(", "))
+    }
 }
 
 const JOB_SUMMARY_SELECT: &str = "SELECT j.id, j.model, j.name, j.state, j.created_at, j.finished_at, \
@@ -811,7 +818,7 @@ impl Store for SqlStore {
         for ids in run_ids.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "SELECT id FROM runs WHERE state = 'running' AND id IN {}",
-                placeholders(1, ids.len())
+                self.backend.placeholders(1, ids.len())
             );
             let mut q = sqlx::query(&sql);
             for id in ids {
@@ -825,14 +832,17 @@ impl Store for SqlStore {
             .iter()
             .filter(|w| active.contains(&w.run_id))
             .collect();
-        let mut stored = std::collections::HashSet::new();
+        // Windows of this batch carry a random tag; when fewer rows were inserted than offered (a resend
+        // met its stored original), the tag tells which ones are new.
+        let tag = (uuid::Uuid::new_v4().as_u64_pair().0 >> 1) as i64;
+        let mut inserted = 0u64;
         for rows in live.chunks(ROWS_PER_INSERT) {
             let values: Vec<String> = (0..rows.len())
-                .map(|i| placeholders(i * 7 + 1, 7))
+                .map(|i| self.backend.placeholders(i * 8 + 1, 8))
                 .collect();
             let sql = format!(
-                "INSERT INTO windows (run_id, seq, queries, samples, end_offset_ns, body, stored_at) VALUES {} \
-                 ON CONFLICT DO NOTHING RETURNING run_id, seq",
+                "INSERT INTO windows (run_id, seq, queries, samples, end_offset_ns, body, stored_at, ingest_batch) \
+                 VALUES {} ON CONFLICT DO NOTHING",
                 values.join(", ")
             );
             let mut q = sqlx::query(&sql);
@@ -844,13 +854,37 @@ impl Store for SqlStore {
                     .bind(w.samples as i64)
                     .bind(w.end_offset_ns as i64)
                     .bind(enc(*w))
-                    .bind(now);
+                    .bind(now)
+                    .bind(tag);
             }
-            for row in q.fetch_all(&mut *tx).await? {
-                stored.insert((
-                    row.try_get::<String, _>(0)?,
-                    row.try_get::<i64, _>(1)? as u64,
-                ));
+            inserted += q.execute(&mut *tx).await?.rows_affected();
+        }
+        let mut stored: std::collections::HashSet<(String, u64)> = std::collections::HashSet::new();
+        if inserted == live.len() as u64 {
+            stored.extend(live.iter().map(|w| (w.run_id.clone(), w.seq)));
+        } else {
+            let mut runs: Vec<&str> = live.iter().map(|w| w.run_id.as_str()).collect();
+            runs.sort_unstable();
+            runs.dedup();
+            for ids in runs.chunks(ROWS_PER_INSERT) {
+                let tag_param = match self.backend {
+                    Backend::Sqlite => "?".to_string(),
+                    Backend::Postgres => "$1".to_string(),
+                };
+                let sql = format!(
+                    "SELECT run_id, seq FROM windows WHERE ingest_batch = {tag_param} AND run_id IN {}",
+                    self.backend.placeholders(2, ids.len())
+                );
+                let mut q = sqlx::query(&sql).bind(tag);
+                for id in ids {
+                    q = q.bind(*id);
+                }
+                for row in q.fetch_all(&mut *tx).await? {
+                    stored.insert((
+                        row.try_get::<String, _>(0)?,
+                        row.try_get::<i64, _>(1)? as u64,
+                    ));
+                }
             }
         }
         let mut progress: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
@@ -861,13 +895,33 @@ impl Store for SqlStore {
                 p.1 += 1;
             }
         }
-        for (run, (queries, count)) in progress {
-            sqlx::query("UPDATE runs SET progress_queries = progress_queries + $1, windows = windows + $2 WHERE id = $3")
-                .bind(queries)
-                .bind(count)
-                .bind(run)
-                .execute(&mut *tx)
-                .await?;
+        // One statement updates the progress of every run in the batch.
+        let progress: Vec<(&str, (i64, i64))> = progress.into_iter().collect();
+        for chunk in progress.chunks(ROWS_PER_INSERT) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let p = self.backend.placeholders(i * 3 + 1, 3);
+                    // (id, CAST(q AS BIGINT), CAST(n AS BIGINT)): Postgres needs the types spelled out.
+                    let parts: Vec<&str> = p
+                        .trim_matches(|c| c == '(' || c == ')')
+                        .split(", ")
+                        .collect();
+                    format!(
+                        "({}, CAST({} AS BIGINT), CAST({} AS BIGINT))",
+                        parts[0], parts[1], parts[2]
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "UPDATE runs SET progress_queries = progress_queries + v.column2, windows = windows + v.column3 \
+                 FROM (VALUES {}) AS v WHERE runs.id = v.column1",
+                rows.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for (run, (queries, count)) in chunk {
+                q = q.bind(*run).bind(*queries).bind(*count);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(windows

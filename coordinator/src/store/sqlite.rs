@@ -9,11 +9,18 @@ use super::sql::{Backend, EmbeddedMigrations, SqlStore, migrate};
 use crate::error::{Error, Result};
 
 /// Schema migrations for SQLite (file names match migrations/postgres).
-pub const MIGRATIONS: EmbeddedMigrations = &[(
-    1,
-    "init",
-    include_str!("../../../migrations/sqlite/0001_init.sql"),
-)];
+pub const MIGRATIONS: EmbeddedMigrations = &[
+    (
+        1,
+        "init",
+        include_str!("../../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "window ingest batch",
+        include_str!("../../../migrations/sqlite/0002_window_ingest_batch.sql"),
+    ),
+];
 
 /// Opens (creating when missing) a SQLite database from a `sqlite://PATH` URL and migrates it.
 pub async fn open(url: &str) -> Result<SqlStore> {
@@ -35,7 +42,7 @@ pub async fn open(url: &str) -> Result<SqlStore> {
             Box::pin(async move {
                 conn.execute(
                     "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 30000; \
-                     PRAGMA foreign_keys = ON;",
+                     PRAGMA foreign_keys = ON; PRAGMA cache_size = -16384; PRAGMA wal_autocheckpoint = 10000;",
                 )
                 .await?;
                 Ok(())
