@@ -28,14 +28,16 @@ pub async fn run(config: AgentConfig, shutdown: tokio::sync::watch::Receiver<boo
     let runtime = runtime::load(Some(&config.ort_lib))?;
     tracing::info!(version = %runtime.version, providers = ?runtime.providers, library = %runtime.path.display(), "ONNX Runtime loaded.");
     let runner = Arc::new(runner::OrtRunner { runtime });
-    run_with_runner(config, runner, runtime, shutdown).await
+    run_with_runner(config, runner, runtime, Arc::default(), shutdown).await
 }
 
-/// As [`run`], with a given runner (tests use this to slow a runner down on purpose).
+/// As [`run`], with a given runner (tests use this to slow a runner down on purpose) and counters of
+/// the link's activity.
 pub async fn run_with_runner(
     config: AgentConfig,
     runner: Arc<dyn runner::ModelRunner>,
     runtime: &runtime::Runtime,
+    stats: Arc<uplink::UplinkStats>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     let cpus = match config.cpu_list()? {
@@ -54,6 +56,7 @@ pub async fn run_with_runner(
         identity,
         runner,
         Duration::from_millis(config.max_backoff_ms),
+        stats,
         shutdown,
     )
     .await

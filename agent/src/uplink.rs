@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use fleetbench_common::labels::Labels;
@@ -37,6 +37,19 @@ pub struct Identity {
     pub state_dir: PathBuf,
 }
 
+/// Counters of the link's activity, for operators and tests.
+#[derive(Debug, Default)]
+pub struct UplinkStats {
+    /// Sessions opened (1 + reconnections).
+    pub sessions: AtomicU64,
+    /// Windows produced by the runner and sent.
+    pub windows_sent: AtomicU64,
+    /// Windows sent again after a reconnect.
+    pub windows_resent: AtomicU64,
+    /// Windows acknowledged by the coordinator.
+    pub windows_acked: AtomicU64,
+}
+
 /// What the runner thread reports.
 enum RunnerEvent {
     Window(TelemetryWindow),
@@ -56,12 +69,20 @@ struct State {
     result: Option<RunResult>,
     events_tx: mpsc::UnboundedSender<RunnerEvent>,
     events_rx: mpsc::UnboundedReceiver<RunnerEvent>,
+    stats: Arc<UplinkStats>,
 }
 
 impl State {
+    fn acked(&mut self, run_id: String, seq: u64) {
+        if self.unacked.remove(&(run_id, seq)).is_some() {
+            self.stats.windows_acked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn absorb(&mut self, ev: RunnerEvent) -> AgentMessage {
         match ev {
             RunnerEvent::Window(w) => {
+                self.stats.windows_sent.fetch_add(1, Ordering::Relaxed);
                 self.unacked.insert((w.run_id.clone(), w.seq), w.clone());
                 message(agent_message::Body::Window(w))
             }
@@ -107,6 +128,7 @@ pub async fn run(
     identity: Identity,
     runner: Arc<dyn ModelRunner>,
     max_backoff: Duration,
+    stats: Arc<UplinkStats>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     std::fs::create_dir_all(&identity.state_dir).map_err(|e| {
@@ -127,6 +149,7 @@ pub async fn run(
         result: None,
         events_tx,
         events_rx,
+        stats,
     };
     let mut backoff = Duration::from_millis(200);
     let mut i = 0usize;
@@ -239,9 +262,14 @@ async fn session(
         .await?
         .into_inner();
     info!(coordinator = %endpoint, agent_id = %reg.agent_id, platform = %reg.platform_name, "Connected.");
+    state.stats.sessions.fetch_add(1, Ordering::Relaxed);
 
     // Send again what was not acknowledged on the previous connection, in batches.
     let windows: Vec<TelemetryWindow> = state.unacked.values().cloned().collect();
+    state
+        .stats
+        .windows_resent
+        .fetch_add(windows.len() as u64, Ordering::Relaxed);
     let replay: Vec<AgentMessage> = windows
         .chunks(REPLAY_BATCH)
         .map(|c| batch_message(c.to_vec()))
@@ -294,12 +322,10 @@ async fn session(
                             cur.cancel.store(true, Ordering::Relaxed);
                         }
                     }
-                    Some(coordinator_message::Body::WindowAck(ack)) => {
-                        state.unacked.remove(&(ack.run_id, ack.seq));
-                    }
+                    Some(coordinator_message::Body::WindowAck(ack)) => state.acked(ack.run_id, ack.seq),
                     Some(coordinator_message::Body::WindowAcks(batch)) => {
                         for ack in batch.acks {
-                            state.unacked.remove(&(ack.run_id, ack.seq));
+                            state.acked(ack.run_id, ack.seq);
                         }
                     }
                     Some(coordinator_message::Body::ResultAck(ack))

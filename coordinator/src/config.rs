@@ -31,6 +31,8 @@ pub struct CoordinatorConfig {
     pub scheduler_tick_ms: u64,
     /// Most windows written in one database transaction.
     pub ingest_batch: usize,
+    /// How long the ingest writer waits for more windows before writing a batch, milliseconds.
+    pub ingest_linger_ms: u64,
     /// OTLP/gRPC endpoint to export metrics to, e.g. `http://127.0.0.1:4317`; empty to disable.
     pub otlp_endpoint: String,
     /// File to write the bound address to once listening (useful with port 0).
@@ -48,7 +50,8 @@ impl Default for CoordinatorConfig {
             max_tasks_per_job: fleetbench_common::config::DEFAULT_MAX_TASKS,
             max_blob_bytes: 2 << 30,
             scheduler_tick_ms: 500,
-            ingest_batch: 512,
+            ingest_batch: 1024,
+            ingest_linger_ms: 5,
             otlp_endpoint: String::new(),
             addr_file: String::new(),
         }
@@ -114,7 +117,7 @@ impl CoordinatorConfig {
 
 /// Environment keys read (FLEETBENCH_ + upper case); others, such as FLEETBENCH_COORDINATOR for the CLI,
 /// belong to other programs.
-const ENV_KEYS: [&str; 11] = [
+const ENV_KEYS: [&str; 12] = [
     "listen",
     "database",
     "heartbeat_interval_ms",
@@ -124,6 +127,7 @@ const ENV_KEYS: [&str; 11] = [
     "max_blob_bytes",
     "scheduler_tick_ms",
     "ingest_batch",
+    "ingest_linger_ms",
     "otlp_endpoint",
     "addr_file",
 ];

@@ -54,14 +54,22 @@ pub struct HeartbeatItem {
 /// Sender side of the heartbeat batcher.
 pub type HeartbeatHandle = mpsc::Sender<HeartbeatItem>;
 
-/// Takes the first item and whatever else is queued, up to `max`.
-async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, max: usize) -> Option<Vec<T>> {
+/// Takes the first item, then whatever else arrives within `linger`, up to `max`: a few milliseconds
+/// of waiting turns a trickle from many agents into one transaction instead of dozens.
+async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, max: usize, linger: Duration) -> Option<Vec<T>> {
     let first = rx.recv().await?;
     let mut batch = vec![first];
+    let deadline = tokio::time::Instant::now() + linger;
     while batch.len() < max {
         match rx.try_recv() {
             Ok(item) => batch.push(item),
-            Err(_) => break,
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(item)) => batch.push(item),
+                    _ => break,
+                }
+            }
         }
     }
     Some(batch)
@@ -102,7 +110,11 @@ pub async fn run_writer(
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let max = coord.config.ingest_batch;
-    while let Some(batch) = next_batch(&mut rx, max).await {
+    let linger = Duration::from_millis(coord.config.ingest_linger_ms);
+    // Summarising a run reads all its windows; a few run side by side, off the windows' path, so that a
+    // burst of finishing runs does not hold up the acknowledgements of runs still streaming.
+    let finishers = Arc::new(tokio::sync::Semaphore::new(4));
+    while let Some(batch) = next_batch(&mut rx, max, linger).await {
         let mut windows: Vec<(TelemetryWindow, SessionTx)> = Vec::new();
         for item in batch {
             match item {
@@ -112,19 +124,26 @@ pub async fn run_writer(
                     agent_id,
                     reply,
                 } => {
+                    // Every window sent before the result is stored before the result is read.
                     if !flush_windows(&coord, &mut windows, &shutdown).await {
                         return;
                     }
-                    let Some(ack) = until_stored(&coord, "a run result", &shutdown, || {
-                        finish(&coord, &result, &agent_id)
-                    })
-                    .await
-                    else {
+                    let Ok(permit) = finishers.clone().acquire_owned().await else {
                         return;
                     };
-                    let _ = reply.try_send(Ok(msg(Body::ResultAck(ack))));
-                    coord.hub.run_ended(&agent_id, &result.run_id);
-                    coord.changed();
+                    let (coord, shutdown) = (coord.clone(), shutdown.clone());
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let ack = until_stored(&coord, "a run result", &shutdown, || {
+                            finish(&coord, &result, &agent_id)
+                        })
+                        .await;
+                        if let Some(ack) = ack {
+                            let _ = reply.try_send(Ok(msg(Body::ResultAck(ack))));
+                            coord.hub.run_ended(&agent_id, &result.run_id);
+                            coord.changed();
+                        }
+                    });
                 }
             }
         }
@@ -231,7 +250,7 @@ async fn finish(coord: &Coordinator, result: &RunResult, agent_id: &str) -> Resu
 /// The heartbeat batcher loop: records liveness, extends leases, and tells agents to stop runs that are
 /// no longer theirs (cancelled jobs, expired leases).
 pub async fn run_heartbeats(coord: Arc<Coordinator>, mut rx: mpsc::Receiver<HeartbeatItem>) {
-    while let Some(batch) = next_batch(&mut rx, 1024).await {
+    while let Some(batch) = next_batch(&mut rx, 4096, Duration::from_millis(50)).await {
         let records: Vec<HeartbeatRecord> = batch.iter().map(|b| b.record.clone()).collect();
         let now = now_ms();
         let lease_until = now + coord.config.lease_timeout_ms as i64;

@@ -156,12 +156,24 @@ impl TestAgent {
         config: AgentConfig,
         runner: std::sync::Arc<dyn fleetbench_agent::runner::ModelRunner>,
     ) -> Self {
+        Self::start_with(config, Some(runner), Default::default())
+    }
+
+    /// Starts an agent on the real runner (or `runner`), counting its link's activity in `stats`.
+    pub fn start_with(
+        config: AgentConfig,
+        runner: Option<std::sync::Arc<dyn fleetbench_agent::runner::ModelRunner>>,
+        stats: std::sync::Arc<fleetbench_agent::uplink::UplinkStats>,
+    ) -> Self {
         let (stop, rx) = tokio::sync::watch::channel(false);
         let name = config.name.clone();
         let runtime =
             fleetbench_agent::runtime::load(Some(&config.ort_lib)).expect("ONNX Runtime loads");
+        let runner = runner.unwrap_or_else(|| {
+            std::sync::Arc::new(fleetbench_agent::runner::OrtRunner { runtime })
+        });
         let handle = tokio::spawn(fleetbench_agent::run_with_runner(
-            config, runner, runtime, rx,
+            config, runner, runtime, stats, rx,
         ));
         Self {
             name,
@@ -267,4 +279,138 @@ pub fn python_accuracy(variant: &str) -> f64 {
     meta["variants"][variant]["accuracy"]
         .as_f64()
         .expect("accuracy in metadata.json")
+}
+
+/// A throwaway Postgres database on FLEETBENCH_TEST_POSTGRES_URL (default
+/// postgres://postgres@127.0.0.1:5432/postgres), dropped at the end. Without a reachable server the test
+/// fails and says so; it never skips.
+pub struct PgDb {
+    admin: String,
+    name: String,
+    /// URL of the new database.
+    pub url: String,
+}
+
+impl PgDb {
+    /// Creates a fresh database.
+    pub async fn create() -> PgDb {
+        let admin = std::env::var("FLEETBENCH_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let name = format!("fleetbench_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::any::install_default_drivers();
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin).await.unwrap_or_else(|e| {
+            panic!(
+                "Postgres tests need a server: cannot connect to {} ({e}). Start one (scripts/ensure-postgres.sh) \
+                 or set FLEETBENCH_TEST_POSTGRES_URL.",
+                fleetbench_coordinator::store::redact_url(&admin)
+            )
+        });
+        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("create database");
+        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+        let url = format!("{base}/{name}");
+        PgDb { admin, name, url }
+    }
+
+    /// The database's URL with its host and port replaced (to go through a proxy).
+    pub fn url_via(&self, addr: std::net::SocketAddr) -> String {
+        let (scheme_user, rest) = self.url.split_once('@').expect("url has a user");
+        let path = rest.split_once('/').map(|(_, p)| p).unwrap_or("");
+        format!("{scheme_user}@{addr}/{path}")
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // Drop cannot await: a thread with its own runtime drops the database.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(mut conn) =
+                    <sqlx::AnyConnection as sqlx::Connection>::connect(&admin).await
+                {
+                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = sqlx::Executor::execute(&mut conn, sql.as_str()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A coordinator process (the real binary), for tests that kill one.
+pub struct CoordinatorProcess {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    child: std::process::Child,
+}
+
+impl CoordinatorProcess {
+    /// Starts `fleetbench-coordinator` from the build directory on `database`.
+    pub fn start(database: &str, dir: &Path, name: &str) -> Self {
+        let exe = std::env::current_exe().expect("test binary path");
+        let bin = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .map(|d| d.join("fleetbench-coordinator"))
+            .expect("target dir");
+        assert!(
+            bin.exists(),
+            "{} is missing: build the binaries first (cargo build --release --bins, or scripts/dev.sh test)",
+            bin.display()
+        );
+        let addr_file = dir.join(format!("{name}.addr"));
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
+        let child = std::process::Command::new(bin)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--lease-timeout-ms",
+                "4000",
+                "--heartbeat-interval-ms",
+                "300",
+            ])
+            .arg("--database")
+            .arg(database)
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the coordinator");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(a) = std::fs::read_to_string(&addr_file)
+                && !a.trim().is_empty()
+            {
+                return Self {
+                    url: format!("http://{}", a.trim()),
+                    child,
+                };
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "coordinator {name} did not start; see {}",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no goodbye to anyone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

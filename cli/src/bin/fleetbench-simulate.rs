@@ -70,6 +70,8 @@ struct Stats {
     results: AtomicU64,
     /// Per-agent acknowledgement latency histograms, merged at the end.
     ack_latency: Mutex<hist::LatencyHistogram>,
+    /// The same, for windows sent in the middle of each agent's run (20 % to 80 %).
+    ack_latency_steady: Mutex<hist::LatencyHistogram>,
 }
 
 /// A one-node ONNX model (Identity), so the harness needs no files.
@@ -305,6 +307,7 @@ async fn agent(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut in_flight: HashMap<u64, Instant> = HashMap::new();
     let mut latencies = hist::new_histogram();
+    let mut steady = hist::new_histogram();
     let mut result_sent = false;
     let mut rng = StdRng::seed_from_u64(i as u64);
     loop {
@@ -320,7 +323,16 @@ async fn agent(
                     }
                     Some(coordinator_message::Body::WindowAck(ack)) => {
                         if let Some(sent) = in_flight.remove(&ack.seq) {
-                            hist::record_ns(&mut latencies, sent.elapsed().as_nanos() as u64);
+                            {
+                                let l = sent.elapsed().as_nanos() as u64;
+                                hist::record_ns(&mut latencies, l);
+                                if let Some((_, _, start, end)) = &current {
+                                    let (a, b) = (*start + (*end - *start) / 5, *start + (*end - *start) * 4 / 5);
+                                    if sent >= a && sent <= b {
+                                        hist::record_ns(&mut steady, l);
+                                    }
+                                }
+                            }
                             let counter = if ack.discarded { &stats.discarded } else { &stats.acked };
                             counter.fetch_add(1, Ordering::Relaxed);
                         }
@@ -328,7 +340,16 @@ async fn agent(
                     Some(coordinator_message::Body::WindowAcks(acks)) => {
                         for ack in acks.acks {
                             if let Some(sent) = in_flight.remove(&ack.seq) {
-                                hist::record_ns(&mut latencies, sent.elapsed().as_nanos() as u64);
+                                {
+                                let l = sent.elapsed().as_nanos() as u64;
+                                hist::record_ns(&mut latencies, l);
+                                if let Some((_, _, start, end)) = &current {
+                                    let (a, b) = (*start + (*end - *start) / 5, *start + (*end - *start) * 4 / 5);
+                                    if sent >= a && sent <= b {
+                                        hist::record_ns(&mut steady, l);
+                                    }
+                                }
+                            }
                                 let counter = if ack.discarded { &stats.discarded } else { &stats.acked };
                                 counter.fetch_add(1, Ordering::Relaxed);
                             }
@@ -337,6 +358,7 @@ async fn agent(
                     Some(coordinator_message::Body::ResultAck(_)) => {
                         stats.results.fetch_add(1, Ordering::Relaxed);
                         hist::merge(&mut *stats.ack_latency.lock().await, &latencies)?;
+                        hist::merge(&mut *stats.ack_latency_steady.lock().await, &steady)?;
                         return Ok(());
                     }
                     _ => {}
@@ -447,6 +469,7 @@ async fn main() -> Result<()> {
         discarded: AtomicU64::new(0),
         results: AtomicU64::new(0),
         ack_latency: Mutex::new(hist::new_histogram()),
+        ack_latency_steady: Mutex::new(hist::new_histogram()),
     });
     let histograms = Arc::new(synthetic_histograms(16, a.window_latencies));
     let window_bytes = histograms.iter().map(Vec::len).sum::<usize>() / histograms.len();
@@ -577,6 +600,7 @@ async fn main() -> Result<()> {
     let sent = stats.sent.load(Ordering::Relaxed);
     let acked = stats.acked.load(Ordering::Relaxed);
     let ack = stats.ack_latency.lock().await;
+    let ack_steady = stats.ack_latency_steady.lock().await;
     // Steady state: the middle of the streaming period (from 20 % to 80 % of --duration-s), away from
     // start-up and from the result processing at the end.
     let samples = samples.lock().expect("samples").clone();
@@ -623,6 +647,11 @@ async fn main() -> Result<()> {
         "agent_failures": failures,
         "ingest_windows_per_s": ingest,
         "offered_windows_per_s": a.agents as f64 * a.rate,
+        "ack_latency_steady_ms": {
+            "p50": ack_steady.value_at_quantile(0.5) as f64 / 1e6,
+            "p99": ack_steady.value_at_quantile(0.99) as f64 / 1e6,
+            "max": ack_steady.max() as f64 / 1e6,
+        },
         "ack_latency_ms": {
             "p50": ack.value_at_quantile(0.5) as f64 / 1e6,
             "p99": ack.value_at_quantile(0.99) as f64 / 1e6,

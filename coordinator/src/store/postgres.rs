@@ -22,6 +22,11 @@ pub const MIGRATIONS: EmbeddedMigrations = &[
         "window ingest batch",
         include_str!("../../../migrations/postgres/0002_window_ingest_batch.sql"),
     ),
+    (
+        3,
+        "tasks run index",
+        include_str!("../../../migrations/postgres/0003_tasks_run_index.sql"),
+    ),
 ];
 
 /// Connects to a `postgres://` URL and migrates the database.
@@ -42,5 +47,6 @@ pub async fn open(url: &str) -> Result<SqlStore> {
     Ok(SqlStore {
         pool,
         backend: Backend::Postgres,
+        write_lock: None,
     })
 }

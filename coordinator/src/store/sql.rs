@@ -37,6 +37,8 @@ pub enum Backend {
 pub struct SqlStore {
     pub(crate) pool: AnyPool,
     pub(crate) backend: Backend,
+    /// Serialises writers in this process (SQLite).
+    pub(crate) write_lock: Option<tokio::sync::Mutex<()>>,
 }
 
 pub(crate) fn enc<M: Message>(m: &M) -> Vec<u8> {
@@ -61,6 +63,15 @@ impl Backend {
             Backend::Postgres => (first..first + n).map(|i| format!("${i}")).collect(),
         };
         format!("({})", items.join(", "))
+    }
+
+    /// Parameter number `n` written as this backend takes it in a statement whose other parameters
+    /// are all positional too.
+    fn param(self, n: usize) -> String {
+        match self {
+            Backend::Sqlite => "?".to_string(),
+            Backend::Postgres => format!("${n}"),
+        }
     }
 }
 
@@ -112,13 +123,25 @@ fn agent_record(row: &AnyRow) -> Result<AgentRecord> {
 }
 
 impl SqlStore {
-    /// Starts a write transaction. On SQLite it takes the write lock up front (BEGIN IMMEDIATE), so a
-    /// transaction that reads before it writes waits its turn instead of failing with SQLITE_BUSY.
-    async fn begin(&self) -> Result<Transaction<'static, Any>> {
-        Ok(match self.backend {
+    /// Takes the in-process writer lock (SQLite only): SQLite has one writer at a time, and queueing
+    /// writers here, in order, beats its busy handler, which sleeps and polls with growing delays.
+    pub(crate) async fn writer(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.write_lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        }
+    }
+
+    /// Starts a write transaction, holding the writer lock until the returned guard drops. On SQLite
+    /// it also takes the database's write lock up front (BEGIN IMMEDIATE), so a transaction that reads
+    /// before it writes never fails with SQLITE_BUSY.
+    async fn begin(&self) -> Result<(Option<tokio::sync::MutexGuard<'_, ()>>, Transaction<'static, Any>)> {
+        let guard = self.writer().await;
+        let tx = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.pool.begin().await?,
-        })
+        };
+        Ok((guard, tx))
     }
 
     /// Recomputes a job's state from its tasks (a cancelled job stays cancelled).
@@ -172,7 +195,7 @@ impl SqlStore {
         max_attempts: u32,
         only_expired: bool,
     ) -> Result<Option<ExpiredLease>> {
-        let mut tx = self.begin().await?;
+        let (_writer, mut tx) = self.begin().await?;
         let row = sqlx::query(
             "SELECT t.id, t.agent_id, t.attempt, t.job_id, j.state, COALESCE(a.name, ''), t.lease_expires_at \
              FROM tasks t JOIN jobs j ON j.id = t.job_id LEFT JOIN agents a ON a.id = t.agent_id \
@@ -293,7 +316,7 @@ impl Store for SqlStore {
         } else {
             data.chunks(BLOB_CHUNK_BYTES).collect()
         };
-        let mut tx = self.begin().await?;
+        let (_writer, mut tx) = self.begin().await?;
         for (i, chunk) in chunks.iter().enumerate() {
             sqlx::query("INSERT INTO blob_chunks (sha256, idx, data) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
                 .bind(sha256)
@@ -341,6 +364,7 @@ impl Store for SqlStore {
     }
 
     async fn insert_variant(&self, v: &ModelVariant) -> Result<VariantInsert> {
+        let _writer = self.writer().await;
         let existing = sqlx::query(
             "SELECT artifact_sha256 FROM model_variants WHERE model = $1 AND variant = $2",
         )
@@ -411,6 +435,7 @@ impl Store for SqlStore {
     }
 
     async fn upsert_platform(&self, id: &str, name: &str, descriptor: &[u8]) -> Result<()> {
+        let _writer = self.writer().await;
         sqlx::query(
             "INSERT INTO platforms (id, name, descriptor, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (id) DO UPDATE SET name = excluded.name",
@@ -425,7 +450,7 @@ impl Store for SqlStore {
     }
 
     async fn register_agent(&self, reg: &AgentRegistration, now: i64) -> Result<String> {
-        let mut tx = self.begin().await?;
+        let (_writer, mut tx) = self.begin().await?;
         let by_name = sqlx::query("SELECT id, connected, last_seen_at FROM agents WHERE name = $1")
             .bind(&reg.name)
             .fetch_optional(&mut *tx)
@@ -529,6 +554,7 @@ impl Store for SqlStore {
     }
 
     async fn set_connected(&self, agent_id: &str, connected: bool, now: i64) -> Result<()> {
+        let _writer = self.writer().await;
         sqlx::query("UPDATE agents SET connected = $1, last_seen_at = $2 WHERE id = $3")
             .bind(connected as i64)
             .bind(now)
@@ -544,37 +570,55 @@ impl Store for SqlStore {
         now: i64,
         lease_until: i64,
     ) -> Result<Vec<Option<bool>>> {
-        let mut tx = self.begin().await?;
-        let mut out = Vec::with_capacity(beats.len());
-        for b in beats {
-            sqlx::query("UPDATE agents SET last_seen_at = $1, connected = 1 WHERE id = $2")
-                .bind(now)
-                .bind(&b.agent_id)
-                .execute(&mut *tx)
-                .await?;
-            let active = match &b.run_id {
-                Some(run) => Some(
-                    sqlx::query(
-                        "UPDATE tasks SET lease_expires_at = $1 WHERE run_id = $2 AND agent_id = $3 AND state = 'running'",
-                    )
-                    .bind(lease_until)
-                    .bind(run)
-                    .bind(&b.agent_id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected()
-                        > 0,
-                ),
-                None => None,
-            };
-            out.push(active);
+        // Two statements per batch, whatever its size: last-seen times, then leases of the runs named.
+        let (_writer, mut tx) = self.begin().await?;
+        let mut agents: Vec<&str> = beats.iter().map(|b| b.agent_id.as_str()).collect();
+        agents.sort_unstable();
+        agents.dedup();
+        for ids in agents.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "UPDATE agents SET last_seen_at = {}, connected = 1 WHERE id IN {}",
+                self.backend.param(1),
+                self.backend.placeholders(2, ids.len())
+            );
+            let mut q = sqlx::query(&sql).bind(now);
+            for id in ids {
+                q = q.bind(*id);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        let runs: Vec<&HeartbeatRecord> = beats.iter().filter(|b| b.run_id.is_some()).collect();
+        let mut active = std::collections::HashSet::new();
+        for chunk in runs.chunks(ROWS_PER_INSERT) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| self.backend.placeholders(i * 2 + 2, 2))
+                .collect();
+            let sql = format!(
+                "UPDATE tasks SET lease_expires_at = {} FROM (VALUES {}) AS v \
+                 WHERE tasks.run_id = v.column1 AND tasks.agent_id = v.column2 AND tasks.state = 'running' \
+                 RETURNING tasks.run_id",
+                self.backend.param(1),
+                values.join(", ")
+            );
+            let mut q = sqlx::query(&sql).bind(lease_until);
+            for b in chunk {
+                q = q
+                    .bind(b.run_id.as_deref().unwrap_or_default())
+                    .bind(b.agent_id.as_str());
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                active.insert(row.try_get::<String, _>(0)?);
+            }
         }
         tx.commit().await?;
-        Ok(out)
+        Ok(beats
+            .iter()
+            .map(|b| b.run_id.as_ref().map(|r| active.contains(r)))
+            .collect())
     }
 
     async fn create_job(&self, job: &NewJob, now: i64) -> Result<()> {
-        let mut tx = self.begin().await?;
+        let (_writer, mut tx) = self.begin().await?;
         sqlx::query("INSERT INTO jobs (id, model, name, spec, state, created_at) VALUES ($1, $2, $3, $4, 'queued', $5)")
             .bind(&job.id)
             .bind(&job.spec.model)
@@ -691,7 +735,7 @@ impl Store for SqlStore {
     }
 
     async fn cancel_job(&self, job_id: &str, now: i64) -> Result<Vec<(String, String)>> {
-        let mut tx = self.begin().await?;
+        let (_writer, mut tx) = self.begin().await?;
         let changed = sqlx::query(
             "UPDATE jobs SET state = 'cancelled', finished_at = $1 WHERE id = $2 AND state IN ('queued', 'running')",
         )
@@ -731,7 +775,7 @@ impl Store for SqlStore {
     }
 
     async fn lease_task(&self, req: &LeaseRequest, now: i64) -> Result<Option<Lease>> {
-        let mut tx = self.begin().await?;
+        let (_writer, mut tx) = self.begin().await?;
         let Some(row) = self.lease_statement(&mut tx, req).await? else {
             return Ok(None);
         };
@@ -810,7 +854,7 @@ impl Store for SqlStore {
         if windows.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.begin().await?;
+        let (_writer, mut tx) = self.begin().await?;
         let mut run_ids: Vec<&str> = windows.iter().map(|w| w.run_id.as_str()).collect();
         run_ids.sort_unstable();
         run_ids.dedup();
@@ -867,10 +911,7 @@ impl Store for SqlStore {
             runs.sort_unstable();
             runs.dedup();
             for ids in runs.chunks(ROWS_PER_INSERT) {
-                let tag_param = match self.backend {
-                    Backend::Sqlite => "?".to_string(),
-                    Backend::Postgres => "$1".to_string(),
-                };
+                let tag_param = self.backend.param(1);
                 let sql = format!(
                     "SELECT run_id, seq FROM windows WHERE ingest_batch = {tag_param} AND run_id IN {}",
                     self.backend.placeholders(2, ids.len())
@@ -971,7 +1012,7 @@ impl Store for SqlStore {
     }
 
     async fn finish_run(&self, run: &FinishedRun, now: i64) -> Result<()> {
-        let mut tx = self.begin().await?;
+        let (_writer, mut tx) = self.begin().await?;
         let valid = run.summary.as_ref().is_some_and(|s| s.valid);
         let changed = sqlx::query(
             "UPDATE runs SET state = $1, valid = $2, summary = $3, histogram = $4, error = $5, config_key = $6, \

@@ -20,6 +20,11 @@ pub const MIGRATIONS: EmbeddedMigrations = &[
         "window ingest batch",
         include_str!("../../../migrations/sqlite/0002_window_ingest_batch.sql"),
     ),
+    (
+        3,
+        "tasks run index",
+        include_str!("../../../migrations/sqlite/0003_tasks_run_index.sql"),
+    ),
 ];
 
 /// Opens (creating when missing) a SQLite database from a `sqlite://PATH` URL and migrates it.
@@ -55,5 +60,6 @@ pub async fn open(url: &str) -> Result<SqlStore> {
     Ok(SqlStore {
         pool,
         backend: Backend::Sqlite,
+        write_lock: Some(tokio::sync::Mutex::new(())),
     })
 }

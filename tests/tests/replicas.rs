@@ -1,0 +1,170 @@
+//! Several coordinator replicas on one Postgres database: agents on either, jobs watched and cancelled
+//! from either, and a replica killed mid-job without any task running twice or any window lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetbench_cli::client::Client;
+use fleetbench_cli::commands::jobs;
+use fleetbench_cli::jobspec::JobArgs;
+use fleetbench_proto::v1::{CancelJobRequest, GetJobRequest};
+use fleetbench_tests::*;
+
+fn long_job(iterations: i64) -> JobArgs {
+    JobArgs {
+        model: Some("digits".into()),
+        variants: vec!["all".into()],
+        iterations: Some(iterations),
+        warmup: Some(20),
+        window_ms: Some(100),
+        skip_accuracy: true,
+        ..Default::default()
+    }
+}
+
+/// An agent on `host` that knows both replicas, trying `first` first.
+fn agent(
+    name: &str,
+    host: &str,
+    first: &str,
+    second: &str,
+    dir: &std::path::Path,
+) -> fleetbench_agent::AgentConfig {
+    let mut c = agent_config(first, name, &["tier=edge"], dir);
+    c.coordinator = vec![first.to_string(), second.to_string()];
+    c.host_id = host.into();
+    c.max_backoff_ms = 300;
+    c
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut cond: impl FnMut() -> F,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_dies_mid_job_and_every_task_still_runs_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = PgDb::create().await;
+    let mut a = CoordinatorProcess::start(&db.url, dir.path(), "replica-a");
+    let b = CoordinatorProcess::start(&db.url, dir.path(), "replica-b");
+    let via_a = Client::connect(&a.url).await.unwrap();
+    let via_b = Client::connect(&b.url).await.unwrap();
+    // One agent starts on each replica.
+    let stats = Arc::new(fleetbench_agent::uplink::UplinkStats::default());
+    let _on_a = TestAgent::start_with(
+        agent("on-a", "host-a", &a.url, &b.url, dir.path()),
+        None,
+        stats.clone(),
+    );
+    let _on_b = TestAgent::start(agent("on-b", "host-b", &b.url, &a.url, dir.path()));
+    wait_online(&via_b, 2).await;
+    push_digits(&via_a).await;
+    let iterations = 40_000;
+    let id = jobs::submit(&via_b, &long_job(iterations)).await.unwrap();
+
+    // Once the agent connected to A is streaming a task, A dies.
+    wait_until("the agent on replica A streams telemetry", || {
+        let stats = stats.clone();
+        async move {
+            stats
+                .windows_acked
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 3
+        }
+    })
+    .await;
+    a.kill();
+
+    let s = wait_job(&via_b, &id, Duration::from_secs(180)).await;
+    assert_eq!(s.state, "succeeded", "{:?}", job_detail(&via_b, &id).await);
+    assert!(
+        stats.sessions.load(std::sync::atomic::Ordering::Relaxed) >= 2,
+        "the agent moved to replica B"
+    );
+    let store = fleetbench_coordinator::store::open(&db.url).await.unwrap();
+    let detail = job_detail(&via_b, &id).await;
+    assert_eq!(detail.tasks.len(), 4);
+    for t in &detail.tasks {
+        assert_eq!(t.attempt, 1, "no task ran twice: {t:?}");
+        let run = t.run.as_ref().unwrap();
+        assert_eq!(run.queries, iterations as u64);
+        let ctx = store.run_context(&run.run_id).await.unwrap().unwrap();
+        let queries: u64 = ctx.windows.iter().map(|w| w.queries).sum();
+        assert_eq!(
+            queries, iterations as u64,
+            "every window stored exactly once"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_are_watched_and_cancelled_from_any_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = PgDb::create().await;
+    let a = CoordinatorProcess::start(&db.url, dir.path(), "replica-a");
+    let b = CoordinatorProcess::start(&db.url, dir.path(), "replica-b");
+    let via_a = Client::connect(&a.url).await.unwrap();
+    let via_b = Client::connect(&b.url).await.unwrap();
+    let _agent = TestAgent::start(agent("solo", "host-1", &a.url, &b.url, dir.path()));
+    wait_online(&via_b, 1).await;
+    push_digits(&via_b).await;
+    let mut args = long_job(0);
+    args.iterations = None;
+    args.duration_s = Some(120.0);
+    let id = jobs::submit(&via_a, &args).await.unwrap();
+    // B sees the task running on the agent connected to A.
+    wait_until("replica B sees a running task", || {
+        let (via_b, id) = (via_b.clone(), id.clone());
+        async move {
+            let d = via_b
+                .jobs()
+                .get_job(GetJobRequest { job_id: id })
+                .await
+                .unwrap()
+                .into_inner();
+            d.tasks
+                .iter()
+                .any(|t| t.state == "running" && t.progress_queries > 0)
+        }
+    })
+    .await;
+    let watcher = tokio::spawn({
+        let (via_b, id) = (via_b.clone(), id.clone());
+        async move { jobs::watch(&via_b, &id, false).await }
+    });
+    // Cancelled through B; the agent, connected to A, stops well before its two minutes.
+    via_b
+        .jobs()
+        .cancel_job(CancelJobRequest { job_id: id.clone() })
+        .await
+        .unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(30), watcher)
+        .await
+        .expect("the watch ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.state, "cancelled");
+    wait_until("the running task is cancelled", || {
+        let (via_a, id) = (via_a.clone(), id.clone());
+        async move {
+            let d = via_a
+                .jobs()
+                .get_job(GetJobRequest { job_id: id })
+                .await
+                .unwrap()
+                .into_inner();
+            d.tasks.iter().all(|t| t.state == "cancelled")
+        }
+    })
+    .await;
+}
