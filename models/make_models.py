@@ -4,10 +4,14 @@
 models/digits/
   digits-fp32.onnx   MLP 64-512-512-10 trained on scikit-learn's handwritten digits (load_digits), fp32
   digits-int8.onnx   the same, dynamically quantized to int8 by onnxruntime.quantization.quantize_dynamic
+  digits-student.onnx  MLP 64-64-10 distilled from digits-fp32: trained (numpy, Adam, fixed seed) only on the
+                     teacher's soft labels, softmax(teacher logits / T) with T = 4, over the same training split;
+                     same graph input and output as the teacher
   eval-inputs.npy    held-out eval set, float32 [n, 64], pixels scaled to [0, 1]
   eval-labels.npy    its labels, int64 [n]
   sample-inputs.npz  8 eval rows under the graph input name, for --input-data
   metadata.json      top-1 accuracy of each variant on the eval set as measured here with onnxruntime
+                     (and the student's top-1 agreement with the fp32 teacher)
 models/testdata/
   multi-input.onnx   one input of every element type ONNX Runtime takes and a symbolic non-batch dimension,
                      for the runner's input-building tests
@@ -60,14 +64,84 @@ def mlp_graph(name, layers):
     return model
 
 
-def accuracy(path, x, y):
+def predict(path, x):
+    """Top-1 class of each row of x under the model at path, run by onnxruntime on one thread."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    logits = sess.run(None, {INPUT: x})[0]
-    return float((logits.argmax(axis=1) == y).mean())
+    return sess.run(None, {INPUT: x})[0].argmax(axis=1)
+
+
+def accuracy(path, x, y):
+    return float((predict(path, x) == y).mean())
+
+
+# Knowledge distillation of the student (Hinton et al., 2015): soft targets only.
+STUDENT_HIDDEN = 64
+STUDENT_TEMPERATURE = 4.0
+STUDENT_EPOCHS = 300
+STUDENT_BATCH = 64
+STUDENT_LR = 3e-3
+STUDENT_SEED = 0
+
+
+def softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def mlp_forward(layers, x):
+    """Logits of the MLP (Relu between layers) in float64, from the float32 weights the ONNX graph holds."""
+    h = x.astype(np.float64)
+    for i, (w, b) in enumerate(layers):
+        h = h @ w.astype(np.float32).astype(np.float64) + b.astype(np.float32).astype(np.float64)
+        if i < len(layers) - 1:
+            h = np.maximum(h, 0.0)
+    return h
+
+
+def distill_student(teacher_layers, x_train):
+    """Trains a 64-H-10 MLP on the teacher's soft labels softmax(logits / T), minimising the cross-entropy to them
+    (equivalently KL(teacher || student) at temperature T) with minibatch Adam. Deterministic: seeded init and
+    shuffling, no labels used. Returns [(W1, b1), (W2, b2)]."""
+    rng = np.random.default_rng(STUDENT_SEED)
+    t = STUDENT_TEMPERATURE
+    x = x_train.astype(np.float64)
+    target = softmax(mlp_forward(teacher_layers, x_train) / t)
+    n_in, n_out, hidden = x.shape[1], target.shape[1], STUDENT_HIDDEN
+    params = [
+        rng.normal(0.0, np.sqrt(2.0 / n_in), (n_in, hidden)),
+        np.zeros(hidden),
+        rng.normal(0.0, np.sqrt(2.0 / hidden), (hidden, n_out)),
+        np.zeros(n_out),
+    ]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    beta1, beta2, eps, step = 0.9, 0.999, 1e-8, 0
+    for _ in range(STUDENT_EPOCHS):
+        perm = rng.permutation(len(x))
+        for start in range(0, len(x), STUDENT_BATCH):
+            idx = perm[start : start + STUDENT_BATCH]
+            w1, b1, w2, b2 = params
+            xb = x[idx]
+            h = np.maximum(xb @ w1 + b1, 0.0)
+            z = h @ w2 + b2
+            # d/dz of T^2 * CE(target, softmax(z / T)), averaged over the batch
+            g = t * (softmax(z / t) - target[idx]) / len(idx)
+            gh = (g @ w2.T) * (h > 0)
+            grads = [xb.T @ gh, gh.sum(axis=0), h.T @ g, g.sum(axis=0)]
+            step += 1
+            for p, gr, mp, vp in zip(params, grads, m, v):
+                mp *= beta1
+                mp += (1 - beta1) * gr
+                vp *= beta2
+                vp += (1 - beta2) * gr * gr
+                p -= STUDENT_LR * (mp / (1 - beta1**step)) / (np.sqrt(vp / (1 - beta2**step)) + eps)
+    w1, b1, w2, b2 = params
+    return [(w1, b1), (w2, b2)]
 
 
 def make_digits():
@@ -93,6 +167,9 @@ def make_digits():
     int8 = os.path.join(DIGITS, "digits-int8.onnx")
     quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
 
+    student = os.path.join(DIGITS, "digits-student.onnx")
+    onnx.save(mlp_graph("digits_student", distill_student(layers, x_train)), student)
+
     np.save(os.path.join(DIGITS, "eval-inputs.npy"), x_eval)
     np.save(os.path.join(DIGITS, "eval-labels.npy"), y_eval)
     np.savez(os.path.join(DIGITS, "sample-inputs.npz"), **{INPUT: x_eval[:8]})
@@ -104,6 +181,14 @@ def make_digits():
         "variants": {
             "fp32": {"file": "digits-fp32.onnx", "accuracy": accuracy(fp32, x_eval, y_eval)},
             "int8": {"file": "digits-int8.onnx", "accuracy": accuracy(int8, x_eval, y_eval)},
+            "student": {
+                "file": "digits-student.onnx",
+                "accuracy": accuracy(student, x_eval, y_eval),
+                "agreement_with_fp32": float((predict(student, x_eval) == predict(fp32, x_eval)).mean()),
+                "architecture": f"MLP {x.shape[1]}-{STUDENT_HIDDEN}-10",
+                "distillation": f"soft labels only, softmax(teacher logits / {STUDENT_TEMPERATURE:g}), "
+                f"{STUDENT_EPOCHS} epochs of Adam (lr {STUDENT_LR:g}, batch {STUDENT_BATCH}, seed {STUDENT_SEED})",
+            },
         },
     }
     with open(os.path.join(DIGITS, "metadata.json"), "w") as f:

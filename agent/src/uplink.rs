@@ -470,6 +470,16 @@ async fn prepare(
     } else {
         None
     };
+    let base_model_path = if config.skip_accuracy || a.base_artifact_sha256.is_empty() {
+        None
+    } else {
+        Some(
+            cache
+                .fetch(models, &a.base_artifact_sha256)
+                .await
+                .map_err(|e| fetch("base model artifact", e))?,
+        )
+    };
     let input_data = if config.input_data_sha256.is_empty() {
         None
     } else {
@@ -484,6 +494,7 @@ async fn prepare(
         assignment: a.clone(),
         model_path,
         eval,
+        base_model_path,
         input_data,
         cpus,
         host_id,

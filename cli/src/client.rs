@@ -8,7 +8,7 @@ use fleetbench_proto::v1::fleet_service_client::FleetServiceClient;
 use fleetbench_proto::v1::job_service_client::JobServiceClient;
 use fleetbench_proto::v1::model_service_client::ModelServiceClient;
 use fleetbench_proto::v1::ranking_service_client::RankingServiceClient;
-use fleetbench_proto::v1::{BlobChunk, BlobRef};
+use fleetbench_proto::v1::{BlobChunk, BlobRef, DownloadBlobRequest};
 use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint};
 
@@ -79,6 +79,31 @@ impl Client {
     /// Ranking service.
     pub fn rankings(&self) -> RankingServiceClient<Channel> {
         RankingServiceClient::new(self.channel.clone()).max_decoding_message_size(64 << 20)
+    }
+
+    /// Downloads a blob and checks its sha256.
+    pub async fn download(&self, sha256: &str) -> Result<Vec<u8>> {
+        let mut stream = self
+            .models()
+            .download_blob(DownloadBlobRequest {
+                sha256: sha256.to_string(),
+            })
+            .await
+            .map_err(|s| self.error(s, &format!("downloading blob {sha256}")))?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| self.error(s, &format!("downloading blob {sha256}")))?
+        {
+            out.extend_from_slice(&chunk.data);
+        }
+        let got = hex::encode(Sha256::digest(&out));
+        if got != sha256 {
+            anyhow::bail!("blob {sha256} arrived with sha256 {got}");
+        }
+        Ok(out)
     }
 
     /// Uploads a file as a blob in chunks; returns its reference.

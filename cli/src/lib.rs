@@ -4,4 +4,5 @@
 pub mod client;
 pub mod commands;
 pub mod jobspec;
+pub mod optimize;
 pub mod output;

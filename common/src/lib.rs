@@ -7,6 +7,7 @@ pub mod hist;
 pub mod labels;
 pub mod onnx;
 pub mod platform;
+pub mod quality;
 
 pub use fleetbench_proto as proto;
 

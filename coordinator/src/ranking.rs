@@ -96,6 +96,16 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
         0.0
     };
     let accuracy = mean(runs.iter().filter_map(|r| r.summary.accuracy));
+    let fidelity: Vec<fleetbench_common::quality::Fidelity> = runs
+        .iter()
+        .filter_map(|r| {
+            serde_json::from_str::<fleetbench_common::quality::Quality>(&r.summary.quality_json)
+                .ok()?
+                .fidelity
+        })
+        .collect();
+    let agreement = mean(fidelity.iter().filter_map(|f| f.top1_agreement));
+    let fidelity_cosine = mean(fidelity.iter().map(|f| f.cosine));
     let cost_per_hour = mean(runs.iter().filter_map(|r| r.summary.cost_per_hour));
     let cost_per_million = cost_per_hour
         .filter(|_| throughput > 0.0)
@@ -117,6 +127,8 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
         throughput_per_s: throughput,
         accuracy,
         accuracy_delta_pts: None,
+        agreement,
+        fidelity_cosine,
         cost_per_million,
         runs: runs.len() as u32,
         run_ids: runs.iter().map(|r| r.run_id.clone()).collect(),

@@ -205,13 +205,29 @@ pub async fn schedule_once(coord: &Coordinator) -> Result<()> {
             continue;
         };
         leased_any = true;
-        let variant = coord
-            .store
-            .list_variants(Some(&lease.model))
-            .await?
-            .into_iter()
-            .find(|v| v.variant == lease.variant);
+        let variants = coord.store.list_variants(Some(&lease.model)).await?;
+        let variant = variants
+            .iter()
+            .find(|v| v.variant == lease.variant)
+            .cloned();
+        // The lineage's root, for fidelity.
+        let mut root = variant.as_ref();
+        for _ in 0..variants.len() {
+            match root.and_then(|r| {
+                variants
+                    .iter()
+                    .find(|v| !r.variant_of.is_empty() && v.variant == r.variant_of)
+            }) {
+                Some(parent) => root = Some(parent),
+                None => break,
+            }
+        }
+        let base_artifact_sha256 = match (root, variant.as_ref()) {
+            (Some(r), Some(v)) if r.variant != v.variant => r.artifact_sha256.clone(),
+            _ => String::new(),
+        };
         let assignment = TaskAssignment {
+            base_artifact_sha256,
             task_id: lease.task_id.clone(),
             run_id: lease.run_id.clone(),
             job_id: lease.job_id.clone(),

@@ -119,6 +119,7 @@ pub fn finish_run(ctx: &RunContext, result: &RunResult) -> Result<FinishedRun> {
         finished_at_ms: fleetbench_common::now_ms(),
         windows: ctx.windows.len() as u64,
         cost_per_hour: cost_per_hour(&ctx.agent_labels),
+        quality_json: report.quality_json.clone(),
     };
     Ok(FinishedRun {
         state: RunState::Succeeded,

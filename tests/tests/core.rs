@@ -26,15 +26,30 @@ fn job(model: &str, iterations: i64) -> JobArgs {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_agents_benchmark_the_digits_model_end_to_end() {
+async fn two_agents_benchmark_the_digits_model_end_to_end_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
+    benchmark_digits_end_to_end(&coord, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_agents_benchmark_the_digits_model_end_to_end_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = PgDb::create().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let coord = TestCoordinator::serve(test_config(&db.url), listener).await;
+    benchmark_digits_end_to_end(&coord, dir.path()).await;
+}
+
+/// Two agents (an edge one on one core, a cloud one on all), the digits model and its int8 variant, a
+/// job, and assertions on what was stored and on the ranking.
+async fn benchmark_digits_end_to_end(coord: &TestCoordinator, dir: &std::path::Path) {
     let client = coord.client().await;
     let mut edge = agent_config(
         &coord.url,
         "edge-1",
         &["tier=edge", "cost_per_hour=0.05"],
-        dir.path(),
+        dir,
     );
     edge.cpus = "0".into();
     let _edge = TestAgent::start(edge);
@@ -42,7 +57,7 @@ async fn two_agents_benchmark_the_digits_model_end_to_end() {
         &coord.url,
         "cloud-1",
         &["tier=cloud", "cost_per_hour=0.2"],
-        dir.path(),
+        dir,
     ));
     wait_online(&client, 2).await;
     push_digits(&client).await;

@@ -78,11 +78,12 @@ async fn postgres_going_away_mid_run_loses_nothing() {
     );
     wait_online(&client, 1).await;
     push_digits(&client).await;
-    let iterations = 60_000;
+    // A run by duration, so that it outlasts the outage whatever the machine's speed: 100 ms windows for
+    // 10 s, of which about 3 s pass with the database away.
     let args = JobArgs {
         model: Some("digits".into()),
         variants: vec!["fp32".into()],
-        iterations: Some(iterations),
+        duration_s: Some(10.0),
         warmup: Some(20),
         window_ms: Some(100),
         skip_accuracy: true,
@@ -141,9 +142,16 @@ async fn postgres_going_away_mid_run_loses_nothing() {
     let run = t.run.as_ref().unwrap();
     let store = fleetbench_coordinator::store::open(&db.url).await.unwrap();
     let ctx = store.run_context(&run.run_id).await.unwrap().unwrap();
+    let seqs: Vec<u64> = ctx.windows.iter().map(|w| w.seq).collect();
+    assert_eq!(
+        seqs,
+        (0..sent() as u64).collect::<Vec<_>>(),
+        "every window sent is stored exactly once, in sequence"
+    );
+    assert!(run.queries > 0);
     assert_eq!(
         ctx.windows.iter().map(|w| w.queries).sum::<u64>(),
-        iterations as u64,
-        "nothing lost"
+        run.queries,
+        "the stored windows hold every query the run reported"
     );
 }

@@ -77,6 +77,7 @@ pub fn run(
         },
         model_path: model.to_path_buf(),
         eval: None,
+        base_model_path: None,
         input_data: None,
         cpus: fleetbench_agent::inventory::affinity(),
         host_id: "bench".into(),

@@ -1,5 +1,5 @@
-//! The untimed accuracy pass: a variant runs over its model's eval set and its top-1 accuracy is
-//! reported beside its latency.
+//! The untimed quality pass: a variant runs over its model's eval set (and beside its base variant)
+//! and its accuracy and fidelity are reported beside its latency.
 
 use std::collections::HashMap;
 
@@ -13,69 +13,24 @@ use crate::error::{AgentError, Result};
 /// Rows per eval batch when the batch axis is symbolic.
 const EVAL_BATCH: usize = 128;
 
-/// Predicted class per row of a model output: the output itself when it holds integer labels, else the
-/// argmax over its last axis.
-pub fn predictions(output: &DynValue) -> Result<Vec<i64>> {
-    if let Ok(a) = output.try_extract_array::<i64>() {
-        return Ok(a.iter().copied().collect());
-    }
-    if let Ok(a) = output.try_extract_array::<i32>() {
-        return Ok(a.iter().map(|v| *v as i64).collect());
-    }
-    let (shape, values): (Vec<usize>, Vec<f64>) = if let Ok(a) = output.try_extract_array::<f32>() {
-        (a.shape().to_vec(), a.iter().map(|v| *v as f64).collect())
-    } else if let Ok(a) = output.try_extract_array::<f64>() {
-        (a.shape().to_vec(), a.iter().copied().collect())
-    } else if let Ok(a) = output.try_extract_array::<half::f16>() {
-        (a.shape().to_vec(), a.iter().map(|v| v.to_f64()).collect())
-    } else {
-        return Err(AgentError::Task(
-            "eval: the first output is neither class scores nor labels".into(),
-        ));
-    };
-    let classes = *shape.last().unwrap_or(&1);
-    if shape.len() < 2 || classes == 0 {
-        return Err(AgentError::Task(format!(
-            "eval: the first output has shape {shape:?}, not [batch, classes]"
-        )));
-    }
-    Ok(values
-        .chunks(classes)
-        .map(|row| {
-            row.iter()
-                .enumerate()
-                .fold((0usize, f64::NEG_INFINITY), |best, (i, v)| {
-                    if *v > best.1 { (i, *v) } else { best }
-                })
-                .0 as i64
-        })
-        .collect())
-}
-
-/// Runs the eval set through the session; returns (top-1 accuracy, samples).
-pub fn top1_accuracy(
-    session: &mut Session,
+/// Checks that a data set holds every input of the model, with the same number of rows and rows of the
+/// declared shape; returns the number of rows. `what` names the set in errors.
+pub fn check_rows(
+    what: &str,
     specs: &[InputSpec],
     inputs: &HashMap<String, HostArray>,
-    labels: &HostArray,
-) -> Result<(f64, u64)> {
+) -> Result<usize> {
     let rows = inputs.values().next().map(HostArray::rows).unwrap_or(0);
     if rows == 0 {
-        return Err(AgentError::Task("eval set: no inputs".into()));
-    }
-    if labels.data.len() != rows {
-        return Err(AgentError::Task(format!(
-            "eval set: {rows} inputs but {} labels",
-            labels.data.len()
-        )));
+        return Err(AgentError::Task(format!("{what}: no inputs")));
     }
     for spec in specs {
         let arr = inputs.get(&spec.name).ok_or_else(|| {
-            AgentError::Task(format!("eval set: no data for input '{}'", spec.name))
+            AgentError::Task(format!("{what}: no data for input '{}'", spec.name))
         })?;
         if arr.rows() != rows {
             return Err(AgentError::Task(format!(
-                "eval set: input '{}' has {} rows, expected {rows}",
+                "{what}: input '{}' has {} rows, expected {rows}",
                 spec.name,
                 arr.rows()
             )));
@@ -89,27 +44,36 @@ pub fn top1_accuracy(
                 .all(|(a, d)| *d < 0 || *a as i64 == *d);
         if !fits {
             return Err(AgentError::Task(format!(
-                "eval set: input '{}' rows have shape {:?}, the model declares {:?}",
+                "{what}: input '{}' rows have shape {:?}, the model declares {:?}",
                 spec.name,
                 &arr.shape[1.min(arr.shape.len())..],
                 &spec.dims[1.min(spec.dims.len())..]
             )));
         }
     }
-    let batch = match specs.first().and_then(|s| s.dims.first()) {
-        Some(d) if *d > 0 => *d as usize,
-        _ => EVAL_BATCH,
-    };
-    let mut correct = 0u64;
+    Ok(rows)
+}
+
+/// The data set cut into batches of ort values: (first row, rows, values). The batch is the model's
+/// fixed batch size, or 128 rows when the batch axis is symbolic; a remainder a fixed batch axis cannot
+/// take is left out.
+pub fn batches(
+    specs: &[InputSpec],
+    inputs: &HashMap<String, HostArray>,
+    rows: usize,
+) -> Result<Vec<(usize, usize, Vec<DynValue>)>> {
+    let fixed = specs
+        .first()
+        .and_then(|s| s.dims.first())
+        .filter(|d| **d > 0)
+        .map(|d| *d as usize);
+    let batch = fixed.unwrap_or(EVAL_BATCH);
+    let mut out = Vec::new();
     let mut start = 0;
     while start < rows {
         let n = batch.min(rows - start);
-        if specs
-            .first()
-            .and_then(|s| s.dims.first())
-            .is_some_and(|d| *d > 0 && *d as usize != n)
-        {
-            break; // a fixed batch axis cannot take the remainder
+        if fixed.is_some_and(|f| f != n) {
+            break;
         }
         let mut values = Vec::with_capacity(specs.len());
         for spec in specs {
@@ -117,27 +81,131 @@ pub fn top1_accuracy(
             let shape = chunk.shape.iter().map(|d| *d as i64).collect();
             values.push(value_from_f64(&spec.name, spec.ty, shape, &chunk.data)?);
         }
+        out.push((start, n, values));
+        start += n;
+    }
+    Ok(out)
+}
+
+/// Seeded random batches compared with the base variant when there is no eval set.
+const FIDELITY_RANDOM_BATCHES: u64 = 8;
+
+/// The first output's values as f64 with its shape, and whether it holds integers (labels).
+fn output_values(output: &DynValue) -> Result<(Vec<usize>, Vec<f64>, bool)> {
+    if let Ok(a) = output.try_extract_array::<f32>() {
+        return Ok((
+            a.shape().to_vec(),
+            a.iter().map(|v| *v as f64).collect(),
+            false,
+        ));
+    }
+    if let Ok(a) = output.try_extract_array::<f64>() {
+        return Ok((a.shape().to_vec(), a.iter().copied().collect(), false));
+    }
+    if let Ok(a) = output.try_extract_array::<half::f16>() {
+        return Ok((
+            a.shape().to_vec(),
+            a.iter().map(|v| v.to_f64()).collect(),
+            false,
+        ));
+    }
+    if let Ok(a) = output.try_extract_array::<i64>() {
+        return Ok((
+            a.shape().to_vec(),
+            a.iter().map(|v| *v as f64).collect(),
+            true,
+        ));
+    }
+    if let Ok(a) = output.try_extract_array::<i32>() {
+        return Ok((
+            a.shape().to_vec(),
+            a.iter().map(|v| *v as f64).collect(),
+            true,
+        ));
+    }
+    Err(AgentError::Task(
+        "quality: the first output is not a numeric tensor".into(),
+    ))
+}
+
+/// The untimed quality pass: the variant (and, when it derives from one, the base variant) over the
+/// eval set, or over seeded random inputs when there is none. Classification figures for outputs with
+/// a class axis (or integer labels), regression errors for single-value outputs, fidelity to the base.
+pub fn quality(
+    session: &mut Session,
+    mut base: Option<&mut Session>,
+    specs: &[InputSpec],
+    eval: Option<(&HashMap<String, HostArray>, &HostArray)>,
+    config: &fleetbench_proto::v1::RunConfig,
+) -> Result<Option<fleetbench_common::quality::Quality>> {
+    use fleetbench_common::quality;
+    if eval.is_none() && base.is_none() {
+        return Ok(None);
+    }
+    let sets: Vec<Vec<DynValue>> = match eval {
+        Some((inputs, labels)) => {
+            let rows = check_rows("eval set", specs, inputs)?;
+            if labels.data.len() != rows {
+                return Err(AgentError::Task(format!(
+                    "eval set: {rows} inputs but {} labels",
+                    labels.data.len()
+                )));
+            }
+            batches(specs, inputs, rows)?
+                .into_iter()
+                .map(|(_, _, v)| v)
+                .collect()
+        }
+        None => (0..FIDELITY_RANDOM_BATCHES)
+            .map(|i| {
+                super::inputs::build_inputs(
+                    specs,
+                    config,
+                    config.batch_size.max(1) as usize,
+                    None,
+                    config.seed.wrapping_add(1000 + i),
+                )
+            })
+            .collect::<Result<_>>()?,
+    };
+    let (mut outs, mut base_outs) = (Vec::new(), Vec::new());
+    let (mut width, mut integer) = (1usize, false);
+    for values in &sets {
         let views: Vec<ort::session::SessionInputValue<'_>> =
             values.iter().map(Into::into).collect();
         let outputs = session.run(views.as_slice())?;
-        let predicted = predictions(&outputs[0])?;
-        if predicted.len() != n {
-            return Err(AgentError::Task(format!(
-                "eval: the model gave {} predictions for {n} rows",
-                predicted.len()
-            )));
-        }
-        for (i, p) in predicted.iter().enumerate() {
-            if *p == labels.data[start + i].round() as i64 {
-                correct += 1;
+        let (shape, v, int) = output_values(&outputs[0])?;
+        width = if shape.len() >= 2 {
+            *shape.last().unwrap_or(&1)
+        } else {
+            1
+        };
+        integer = int;
+        outs.extend(v);
+        if let Some(b) = base.as_deref_mut() {
+            let bo = b.run(views.as_slice())?;
+            let (bshape, bv, _) = output_values(&bo[0])?;
+            if bshape != shape {
+                return Err(AgentError::Task(format!(
+                    "quality: the variant's first output has shape {shape:?}, the base variant's {bshape:?}"
+                )));
             }
+            base_outs.extend(bv);
         }
-        start += n;
     }
-    if start == 0 {
-        return Err(AgentError::Task(
-            "eval set: no rows could be evaluated".into(),
-        ));
+    let mut q = quality::Quality::default();
+    if let Some((_, labels)) = eval {
+        let rows = outs.len() / width.max(1);
+        let truth = &labels.data[..rows.min(labels.data.len())];
+        if width > 1 || integer {
+            let y: Vec<i64> = truth.iter().map(|v| v.round() as i64).collect();
+            q.classification = Some(quality::classification(&outs, width, &y, 5));
+        } else {
+            q.regression = Some(quality::regression(&outs, truth));
+        }
     }
-    Ok((correct as f64 / start as f64, start as u64))
+    if base.is_some() {
+        q.fidelity = Some(quality::fidelity(&outs, &base_outs, width, eval.is_some()));
+    }
+    Ok(Some(q))
 }

@@ -38,6 +38,8 @@ pub struct PreparedTask {
     pub model_path: PathBuf,
     /// Local paths of the eval inputs and labels, when the variant has an eval set.
     pub eval: Option<(PathBuf, PathBuf)>,
+    /// Local path of the base variant's artifact, when this variant derives from one.
+    pub base_model_path: Option<PathBuf>,
     /// Local path of the .npz input data, when the task asks for real inputs.
     pub input_data: Option<PathBuf>,
     /// CPUs the agent may use.
@@ -314,20 +316,37 @@ impl ModelRunner for OrtRunner {
             (outcome, rec.queries, rec.late, rec.dropped, elapsed)
         };
 
-        let accuracy = match (&task.eval, c.skip_accuracy) {
-            (Some((inputs_path, labels_path)), false) => {
-                let first = specs.first().map(|s| s.name.clone()).unwrap_or_default();
-                let eval_inputs = data::read_arrays(inputs_path, &first)?;
-                let labels = data::read_npy(labels_path)?;
-                Some(eval::top1_accuracy(
-                    &mut sessions[0],
-                    &specs,
-                    &eval_inputs,
-                    &labels,
-                )?)
-            }
-            _ => None,
+        let quality = if c.skip_accuracy {
+            None
+        } else {
+            let mut base = match &task.base_model_path {
+                Some(p) => Some(self.builder(&c)?.commit_from_file(p).map_err(|e| {
+                    AgentError::Task(format!("cannot load the base variant {}: {e}", p.display()))
+                })?),
+                None => None,
+            };
+            let eval_set = match &task.eval {
+                Some((inputs_path, labels_path)) => {
+                    let first = specs.first().map(|s| s.name.clone()).unwrap_or_default();
+                    Some((
+                        data::read_arrays(inputs_path, &first)?,
+                        data::read_npy(labels_path)?,
+                    ))
+                }
+                None => None,
+            };
+            eval::quality(
+                &mut sessions[0],
+                base.as_mut(),
+                &specs,
+                eval_set.as_ref().map(|(x, y)| (x, y)),
+                &c,
+            )?
         };
+        let accuracy = quality
+            .as_ref()
+            .and_then(|q| q.classification.as_ref())
+            .map(|cl| (cl.top1, cl.samples));
         drop(sessions);
         let used = self.providers_used(task, &c, &values)?;
         let asked = canonical_provider(&c.execution_provider);
@@ -387,6 +406,9 @@ impl ModelRunner for OrtRunner {
             late_queries: late,
             dropped_queries: dropped,
             scenario_json: outcome.to_string(),
+            quality_json: quality
+                .map(|q| serde_json::to_string(&q).unwrap_or_default())
+                .unwrap_or_default(),
         })
     }
 }

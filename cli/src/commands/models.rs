@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use fleetbench_proto::v1::{ListModelsRequest, ModelVariant, RegisterVariantRequest};
 
@@ -35,6 +35,36 @@ pub enum ModelsCmd {
         #[arg(long)]
         eval_labels: Option<PathBuf>,
         /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Make a variant with a recipe of fleetbench's optimizer (quantization, pruning) from a stored
+    /// variant, check that it runs in ONNX Runtime, and store it with its lineage.
+    Optimize {
+        /// Model name.
+        model: String,
+        #[command(flatten)]
+        recipe: crate::optimize::RecipeArgs,
+        /// Variant to start from (default: the model's base); chain recipes by starting from a variant
+        /// an earlier recipe made.
+        #[arg(long)]
+        from: Option<String>,
+        /// Name of the new variant (default: from the recipe, e.g. int8-dynamic, pruned-s50).
+        #[arg(long)]
+        name: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Apply a recipe to a local ONNX file, offline (no coordinator), and write the result.
+    OptimizeFile {
+        /// ONNX file to read.
+        input: PathBuf,
+        /// ONNX file to write.
+        output_file: PathBuf,
+        #[command(flatten)]
+        recipe: crate::optimize::RecipeArgs,
+        /// Output format of the report.
         #[arg(long, value_enum, default_value_t)]
         output: Format,
     },
@@ -92,6 +122,58 @@ pub async fn run(client: &Client, cmd: ModelsCmd) -> Result<()> {
             }
             Ok(())
         }
+        ModelsCmd::Optimize {
+            model,
+            recipe,
+            from,
+            name,
+            output,
+        } => {
+            let v = optimize(client, &model, &recipe, from.as_deref(), name.as_deref()).await?;
+            match output {
+                Format::Json => output::print_json(&v)?,
+                Format::Table => println!(
+                    "optimized {}/{} ({}, {} of {}): {}",
+                    v.variant.model,
+                    v.variant.variant,
+                    output::bytes(v.variant.size_bytes),
+                    v.variant.technique,
+                    v.variant.variant_of,
+                    summary(&v.report)
+                ),
+            }
+            Ok(())
+        }
+        ModelsCmd::OptimizeFile {
+            input,
+            output_file,
+            recipe,
+            output,
+        } => {
+            let bytes = std::fs::read(&input)
+                .with_context(|| format!("cannot read {}", input.display()))?;
+            let outcome = crate::optimize::optimize(&bytes, &recipe, None)
+                .with_context(|| format!("{}", input.display()))?;
+            std::fs::write(&output_file, outcome.encode())
+                .with_context(|| format!("cannot write {}", output_file.display()))?;
+            match output {
+                Format::Json => output::print_json(&serde_json::json!({
+                    "input": input,
+                    "output": output_file,
+                    "recipe": recipe.recipe()?,
+                    "size_bytes": outcome.report.size_after,
+                    "report": outcome.report,
+                }))?,
+                Format::Table => println!(
+                    "wrote {} ({}, from {}): {}",
+                    output_file.display(),
+                    output::bytes(outcome.report.size_after),
+                    output::bytes(outcome.report.size_before),
+                    summary(&outcome.report)
+                ),
+            }
+            Ok(())
+        }
         ModelsCmd::List { model, output } => {
             let variants = client
                 .models()
@@ -111,6 +193,120 @@ pub async fn run(client: &Client, cmd: ModelsCmd) -> Result<()> {
             }
         }
     }
+}
+
+/// A variant made by `models optimize`, with the optimizer's report.
+#[derive(Debug, serde::Serialize)]
+pub struct Optimized {
+    /// The stored variant.
+    pub variant: ModelVariant,
+    /// What the recipe did.
+    pub report: fleetbench_optimizer::Report,
+}
+
+fn summary(r: &fleetbench_optimizer::Report) -> String {
+    let mut s = format!(
+        "{} nodes rewritten, {} skipped",
+        r.rewritten.len(),
+        r.skipped.len()
+    );
+    for k in &r.skipped {
+        s.push_str(&format!(
+            "\n  skipped '{}' ({}): {}",
+            k.node, k.op, k.reason
+        ));
+    }
+    for n in &r.notes {
+        s.push_str(&format!("\n  {n}"));
+    }
+    s
+}
+
+/// Makes a variant of a stored model with a recipe and stores it with its lineage.
+pub async fn optimize(
+    client: &Client,
+    model: &str,
+    args: &crate::optimize::RecipeArgs,
+    from: Option<&str>,
+    name: Option<&str>,
+) -> Result<Optimized> {
+    let recipe = args.recipe()?;
+    let variants = client
+        .models()
+        .list_models(ListModelsRequest {
+            model: model.to_string(),
+        })
+        .await
+        .map_err(|s| client.error(s, "listing models"))?
+        .into_inner()
+        .variants;
+    if variants.is_empty() {
+        bail!("model '{model}' does not exist; push it first");
+    }
+    let source = match from {
+        Some(f) => variants
+            .iter()
+            .find(|v| v.variant == f)
+            .ok_or_else(|| anyhow::anyhow!("--from: model '{model}' has no variant '{f}'"))?,
+        None => variants
+            .iter()
+            .find(|v| v.variant_of.is_empty())
+            .unwrap_or(&variants[0]),
+    };
+    let is_base = source.variant_of.is_empty();
+    let new_name = match name {
+        Some(n) => n.to_string(),
+        None if is_base => recipe.default_variant(),
+        None => format!("{}-{}", source.variant, recipe.default_variant()),
+    };
+    if variants.iter().any(|v| v.variant == new_name) {
+        bail!("model '{model}' already has a variant '{new_name}'; choose another with --name");
+    }
+    let bytes = client.download(&source.artifact_sha256).await?;
+    let dir = tempfile::tempdir()?;
+    let calibration_default = if recipe.needs_calibration()
+        && args.calibration.is_none()
+        && !source.eval_inputs_sha256.is_empty()
+    {
+        let p = dir.path().join("calibration.npy");
+        let data = client.download(&source.eval_inputs_sha256).await?;
+        let p = if data.starts_with(b"PK\x03\x04") {
+            dir.path().join("calibration.npz")
+        } else {
+            p
+        };
+        std::fs::write(&p, data)?;
+        Some(p)
+    } else {
+        None
+    };
+    let outcome = tokio::task::block_in_place(|| {
+        crate::optimize::optimize(&bytes, args, calibration_default.as_deref())
+    })
+    .with_context(|| format!("{model}/{}: recipe {}", source.variant, recipe.name()))?;
+    let file = dir.path().join(format!("{new_name}.onnx"));
+    std::fs::write(&file, outcome.encode())?;
+    let artifact = client.upload(&file).await?;
+    let req = RegisterVariantRequest {
+        model: model.to_string(),
+        variant: new_name,
+        artifact_sha256: artifact.sha256,
+        variant_of: source.variant.clone(),
+        technique: recipe.technique().to_string(),
+        recipe_json: crate::optimize::recipe_json(&recipe, &outcome, &source.artifact_sha256),
+        eval_inputs_sha256: String::new(),
+        eval_labels_sha256: String::new(),
+    };
+    let variant = client
+        .models()
+        .register_variant(req)
+        .await
+        .map_err(|s| client.error(s, "storing the optimized variant"))?
+        .into_inner();
+    Ok(Optimized {
+        variant,
+        report: outcome.report,
+    })
 }
 
 /// Uploads a file (and an eval set) and registers the variant.

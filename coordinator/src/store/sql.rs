@@ -135,7 +135,12 @@ impl SqlStore {
     /// Starts a write transaction, holding the writer lock until the returned guard drops. On SQLite
     /// it also takes the database's write lock up front (BEGIN IMMEDIATE), so a transaction that reads
     /// before it writes never fails with SQLITE_BUSY.
-    async fn begin(&self) -> Result<(Option<tokio::sync::MutexGuard<'_, ()>>, Transaction<'static, Any>)> {
+    async fn begin(
+        &self,
+    ) -> Result<(
+        Option<tokio::sync::MutexGuard<'_, ()>>,
+        Transaction<'static, Any>,
+    )> {
         let guard = self.writer().await;
         let tx = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,

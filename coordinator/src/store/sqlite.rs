@@ -47,7 +47,8 @@ pub async fn open(url: &str) -> Result<SqlStore> {
             Box::pin(async move {
                 conn.execute(
                     "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 30000; \
-                     PRAGMA foreign_keys = ON; PRAGMA cache_size = -16384; PRAGMA wal_autocheckpoint = 10000;",
+                     PRAGMA foreign_keys = ON; PRAGMA cache_size = -4096; PRAGMA wal_autocheckpoint = 0; \
+                     PRAGMA journal_size_limit = 67108864;",
                 )
                 .await?;
                 Ok(())
@@ -57,9 +58,33 @@ pub async fn open(url: &str) -> Result<SqlStore> {
         .await
         .map_err(|e| Error::Unavailable(format!("cannot open database {}: {e}", redact_url(&url))))?;
     migrate(&pool, MIGRATIONS).await?;
+    spawn_checkpointer(pool.clone());
     Ok(SqlStore {
         pool,
         backend: Backend::Sqlite,
         write_lock: Some(tokio::sync::Mutex::new(())),
     })
+}
+
+/// Checkpoints the WAL in the background. Automatic checkpoints are off: they run inside the commit that
+/// crosses the threshold and stall it (and every acknowledgement waiting on it) for hundreds of
+/// milliseconds. A PASSIVE checkpoint never blocks writers, and the WAL is truncated back to its limit
+/// once it has been copied.
+fn spawn_checkpointer(pool: sqlx::AnyPool) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if pool.is_closed() {
+                return;
+            }
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&pool)
+                .await
+            {
+                tracing::debug!(error = %e, "WAL checkpoint skipped.");
+            }
+        }
+    });
 }

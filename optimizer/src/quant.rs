@@ -1,0 +1,654 @@
+//! Quantization recipes: int8 dynamic (MatMulInteger / ConvInteger with activations quantized at run
+//! time), int8 static in QDQ form (calibrated activation ranges), int8 weight-only (per-channel).
+//!
+//! The nodes these recipes rewrite are MatMul, Gemm and Conv whose weight is a constant float32
+//! initializer. Every other node is left as it is; a MatMul/Gemm/Conv that cannot be rewritten is
+//! skipped and listed in the report with the reason.
+
+use std::collections::HashMap;
+
+use fleetbench_common::proto::onnx::{GraphProto, ModelProto, NodeProto, TensorProto};
+
+use crate::graph::{self, Names, attr_f, attr_i, dtype, node, op};
+use crate::{Calibration, OptError, Report};
+
+/// Which kind of weighted node, and where its output channels are in the weight.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    MatMul,
+    Gemm { trans_b: bool },
+    Conv,
+}
+
+/// A node a quantization recipe may rewrite.
+#[derive(Debug, Clone)]
+struct Target {
+    index: usize,
+    kind: Kind,
+    act: String,
+    weight: String,
+    bias: Option<String>,
+}
+
+impl Kind {
+    /// Axis of the weight that holds output channels.
+    fn channel_axis(self) -> usize {
+        match self {
+            Kind::MatMul | Kind::Gemm { trans_b: false } => 1,
+            Kind::Gemm { trans_b: true } | Kind::Conv => 0,
+        }
+    }
+}
+
+/// Channel index of flat element `i` of a tensor with `dims`, along `axis`.
+pub(crate) fn channel_of(i: usize, dims: &[i64], axis: usize) -> usize {
+    let inner: usize = dims[axis + 1..].iter().map(|d| *d as usize).product();
+    (i / inner) % dims[axis] as usize
+}
+
+/// Symmetric int8 quantization (zero point 0, range ±127), per channel along `axis` or per tensor.
+pub(crate) fn quantize_symmetric(
+    w: &[f32],
+    dims: &[i64],
+    axis: Option<usize>,
+) -> (Vec<i8>, Vec<f32>) {
+    let channels = axis.map(|a| dims[a] as usize).unwrap_or(1);
+    let mut max = vec![0f32; channels];
+    for (i, v) in w.iter().enumerate() {
+        let c = axis.map(|a| channel_of(i, dims, a)).unwrap_or(0);
+        max[c] = max[c].max(v.abs());
+    }
+    let scales: Vec<f32> = max
+        .iter()
+        .map(|m| if *m > 0.0 { m / 127.0 } else { 1.0 })
+        .collect();
+    let q = w
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let c = axis.map(|a| channel_of(i, dims, a)).unwrap_or(0);
+            (v / scales[c]).round().clamp(-127.0, 127.0) as i8
+        })
+        .collect();
+    (q, scales)
+}
+
+/// Asymmetric uint8 parameters for a real range (which always includes 0, so that 0 is exact).
+pub(crate) fn uint8_params(lo: f32, hi: f32) -> (f32, u8) {
+    let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+    if hi - lo <= f32::EPSILON {
+        return (1.0, 0);
+    }
+    let scale = (hi - lo) / 255.0;
+    let zp = (-lo / scale).round().clamp(0.0, 255.0) as u8;
+    (scale, zp)
+}
+
+/// Finds the weighted nodes of the graph; those that do not qualify are recorded as skipped.
+fn targets(g: &GraphProto, report: &mut Report) -> Vec<Target> {
+    let inits = graph::initializers(g);
+    let mut out = Vec::new();
+    for (index, n) in g.node.iter().enumerate() {
+        let kind = match op(n) {
+            "MatMul" => Kind::MatMul,
+            "Gemm" => Kind::Gemm {
+                trans_b: attr_i(n, "transB").unwrap_or(0) != 0,
+            },
+            "Conv" => Kind::Conv,
+            _ => continue,
+        };
+        if !n.domain.as_deref().unwrap_or("").is_empty() {
+            continue;
+        }
+        let skip = |report: &mut Report, reason: &str| report.skip(n, index, reason);
+        let (Some(act), Some(weight)) = (n.input.first(), n.input.get(1)) else {
+            skip(report, "missing inputs");
+            continue;
+        };
+        let Some(&wi) = inits.get(weight) else {
+            skip(report, "the weight is not a constant initializer");
+            continue;
+        };
+        let w = &g.initializer[wi];
+        if w.data_type != Some(dtype::FLOAT) {
+            skip(report, "the weight is not float32");
+            continue;
+        }
+        let rank_ok = match kind {
+            Kind::MatMul | Kind::Gemm { .. } => w.dims.len() == 2,
+            Kind::Conv => w.dims.len() >= 3,
+        };
+        if !rank_ok {
+            skip(
+                report,
+                &format!("weight of shape {:?} is not supported", w.dims),
+            );
+            continue;
+        }
+        if inits.contains_key(act) {
+            skip(report, "the activation input is a constant");
+            continue;
+        }
+        if matches!(kind, Kind::Gemm { .. }) && attr_i(n, "transA").unwrap_or(0) != 0 {
+            skip(report, "Gemm with transA=1 is not supported");
+            continue;
+        }
+        let bias = n.input.get(2).filter(|b| !b.is_empty()).cloned();
+        out.push(Target {
+            index,
+            kind,
+            act: act.clone(),
+            weight: weight.clone(),
+            bias,
+        });
+    }
+    out
+}
+
+fn weight_values(
+    g: &GraphProto,
+    name: &str,
+    n: &NodeProto,
+    index: usize,
+) -> Result<(Vec<f32>, Vec<i64>), OptError> {
+    let t = g
+        .initializer
+        .iter()
+        .find(|t| t.name.as_deref() == Some(name))
+        .expect("target weight is an initializer");
+    let v = graph::f32_values(t).map_err(|reason| OptError::Node {
+        node: graph::node_label(n, index),
+        op: op(n).to_string(),
+        reason: format!("weight '{name}': {reason}"),
+    })?;
+    Ok((v, t.dims.clone()))
+}
+
+/// Replaces the graph's node list: each original node is preceded by the nodes `before` maps to it and
+/// replaced by what `replace` maps to it (or kept).
+fn splice(
+    g: &mut GraphProto,
+    mut before: HashMap<usize, Vec<NodeProto>>,
+    mut replace: HashMap<usize, Vec<NodeProto>>,
+    new_inits: Vec<TensorProto>,
+) {
+    let old = std::mem::take(&mut g.node);
+    for (i, n) in old.into_iter().enumerate() {
+        if let Some(pre) = before.remove(&i) {
+            g.node.extend(pre);
+        }
+        match replace.remove(&i) {
+            Some(r) => g.node.extend(r),
+            None => g.node.push(n),
+        }
+    }
+    g.initializer.extend(new_inits);
+    drop_unused_initializers(g);
+}
+
+/// Removes initializers no node reads any more (the float weights that were replaced), and graph
+/// inputs that only declared them.
+pub(crate) fn drop_unused_initializers(g: &mut GraphProto) {
+    let used: std::collections::HashSet<String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .chain(g.output.iter().filter_map(|o| o.name.clone()))
+        .collect();
+    let removed: std::collections::HashSet<String> = g
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.clone())
+        .filter(|n| !used.contains(n))
+        .collect();
+    g.initializer
+        .retain(|t| t.name.as_ref().is_none_or(|n| !removed.contains(n)));
+    g.input
+        .retain(|v| v.name.as_ref().is_none_or(|n| !removed.contains(n)));
+}
+
+/// int8 dynamic: weights quantized ahead of time (symmetric int8 per tensor, as ONNX Runtime's
+/// `quantize_dynamic` does by default), activations quantized at run time by DynamicQuantizeLinear.
+pub fn int8_dynamic(model: &mut ModelProto, report: &mut Report) -> Result<(), OptError> {
+    let g = graph::graph_mut(model)?;
+    let found = targets(g, report);
+    let mut names = Names::of(g);
+    let mut before: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    let mut replace = HashMap::new();
+    let mut inits = Vec::new();
+    // One DynamicQuantizeLinear per activation tensor, shared by its consumers.
+    let mut dq: HashMap<String, [String; 3]> = HashMap::new();
+    let inits_index = graph::initializers(g);
+    for t in &found {
+        let n = &g.node[t.index];
+        if let Kind::Gemm { .. } = t.kind {
+            let alpha = attr_f(n, "alpha").unwrap_or(1.0);
+            let beta = attr_f(n, "beta").unwrap_or(1.0);
+            if t.bias
+                .as_ref()
+                .is_some_and(|b| !inits_index.contains_key(b))
+                && beta != 1.0
+            {
+                report.skip(
+                    n,
+                    t.index,
+                    "Gemm with beta != 1 and a computed C is not supported",
+                );
+                continue;
+            }
+            if alpha != 1.0 {
+                report.skip(n, t.index, "Gemm with alpha != 1 is not supported");
+                continue;
+            }
+        }
+        let (w, dims) = weight_values(g, &t.weight, n, t.index)?;
+        let base = t.weight.replace(['/', ':'], "_");
+        // Gemm's B goes in as [K, N] whatever transB says.
+        let (w, dims) = match t.kind {
+            Kind::Gemm { trans_b: true } => {
+                let (rows, cols) = (dims[0] as usize, dims[1] as usize);
+                let mut tr = vec![0f32; w.len()];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        tr[c * rows + r] = w[r * cols + c];
+                    }
+                }
+                (tr, vec![dims[1], dims[0]])
+            }
+            _ => (w, dims),
+        };
+        let (q, scales) = quantize_symmetric(&w, &dims, None);
+        let wq = names.fresh(&format!("{base}_quantized"));
+        let ws = names.fresh(&format!("{base}_scale"));
+        let wz = names.fresh(&format!("{base}_zero_point"));
+        inits.push(graph::i8_tensor(&wq, &dims, &q));
+        inits.push(graph::f32_tensor(&ws, &[], &scales));
+        inits.push(graph::i8_tensor(&wz, &[], &[0]));
+        let pre = before.entry(t.index).or_default();
+        let [xq, xs, xz] = dq
+            .entry(t.act.clone())
+            .or_insert_with(|| {
+                let a = t.act.replace(['/', ':'], "_");
+                let outs = [
+                    names.fresh(&format!("{a}_quantized")),
+                    names.fresh(&format!("{a}_scale")),
+                    names.fresh(&format!("{a}_zero_point")),
+                ];
+                pre.push(node(
+                    "DynamicQuantizeLinear",
+                    names.fresh(&format!("{a}_QuantizeLinear")),
+                    &[&t.act],
+                    &[&outs[0], &outs[1], &outs[2]],
+                ));
+                outs
+            })
+            .clone();
+        let label = n
+            .name
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| base.clone());
+        let out = n.output[0].clone();
+        let y32 = names.fresh(&format!("{out}_int32"));
+        let yf = names.fresh(&format!("{out}_float"));
+        let sc = names.fresh(&format!("{out}_scale"));
+        let mut nodes = Vec::new();
+        let mut integer = match t.kind {
+            Kind::Conv => {
+                let mut c = node(
+                    "ConvInteger",
+                    names.fresh(&format!("{label}_quant")),
+                    &[&xq, &wq, &xz, &wz],
+                    &[&y32],
+                );
+                c.attribute = n.attribute.clone();
+                c
+            }
+            _ => node(
+                "MatMulInteger",
+                names.fresh(&format!("{label}_quant")),
+                &[&xq, &wq, &xz, &wz],
+                &[&y32],
+            ),
+        };
+        integer.doc_string = n.doc_string.clone();
+        nodes.push(integer);
+        let mut cast = node(
+            "Cast",
+            names.fresh(&format!("{label}_cast")),
+            &[&y32],
+            &[&yf],
+        );
+        cast.attribute
+            .push(graph::int_attr("to", dtype::FLOAT as i64));
+        nodes.push(cast);
+        nodes.push(node(
+            "Mul",
+            names.fresh(&format!("{label}_scales_mul")),
+            &[&xs, &ws],
+            &[&sc],
+        ));
+        match &t.bias {
+            None => nodes.push(node(
+                "Mul",
+                names.fresh(&format!("{label}_output_scale_mul")),
+                &[&yf, &sc],
+                &[&out],
+            )),
+            Some(b) => {
+                let scaled = names.fresh(&format!("{out}_scaled"));
+                nodes.push(node(
+                    "Mul",
+                    names.fresh(&format!("{label}_output_scale_mul")),
+                    &[&yf, &sc],
+                    &[&scaled],
+                ));
+                let bias_in = match (t.kind, inits_index.get(b)) {
+                    // Conv's bias [M] broadcasts over [N, M, H, W] once reshaped to [M, 1, 1].
+                    (Kind::Conv, Some(&bi)) => {
+                        let bt = &g.initializer[bi];
+                        let v = graph::f32_values(bt).map_err(|reason| OptError::Node {
+                            node: graph::node_label(n, t.index),
+                            op: op(n).to_string(),
+                            reason: format!("bias '{b}': {reason}"),
+                        })?;
+                        let mut shape = vec![v.len() as i64];
+                        shape.extend(std::iter::repeat_n(1, dims.len() - 2));
+                        let name = names.fresh(&format!("{b}_reshaped"));
+                        inits.push(graph::f32_tensor(&name, &shape, &v));
+                        name
+                    }
+                    (Kind::Conv, None) => {
+                        return Err(OptError::Node {
+                            node: graph::node_label(n, t.index),
+                            op: op(n).to_string(),
+                            reason: "a computed Conv bias is not supported".into(),
+                        });
+                    }
+                    (_, Some(&bi)) => {
+                        let beta = attr_f(n, "beta").unwrap_or(1.0);
+                        if beta == 1.0 {
+                            b.clone()
+                        } else {
+                            let bt = &g.initializer[bi];
+                            let v: Vec<f32> = graph::f32_values(bt)
+                                .map_err(|reason| OptError::Node {
+                                    node: graph::node_label(n, t.index),
+                                    op: op(n).to_string(),
+                                    reason: format!("C '{b}': {reason}"),
+                                })?
+                                .iter()
+                                .map(|x| x * beta)
+                                .collect();
+                            let name = names.fresh(&format!("{b}_beta"));
+                            inits.push(graph::f32_tensor(&name, &bt.dims, &v));
+                            name
+                        }
+                    }
+                    (_, None) => b.clone(),
+                };
+                nodes.push(node(
+                    "Add",
+                    names.fresh(&format!("{label}_bias_add")),
+                    &[&scaled, &bias_in],
+                    &[&out],
+                ));
+            }
+        }
+        replace.insert(t.index, nodes);
+        report.rewrote(n, t.index);
+    }
+    splice(g, before, replace, inits);
+    Ok(())
+}
+
+/// Tensors whose ranges int8-static needs: the activation input and the output of every weighted node.
+pub fn calibration_tensors(model: &ModelProto) -> Vec<String> {
+    let Some(g) = model.graph.as_ref() else {
+        return Vec::new();
+    };
+    let mut scratch = Report::default();
+    let mut out: Vec<String> = Vec::new();
+    for t in targets(g, &mut scratch) {
+        for name in [&t.act, &g.node[t.index].output[0]] {
+            if !out.contains(name) {
+                out.push(name.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Adds a DequantizeLinear of `weight` (per channel when the opset allows it) and returns its output.
+#[allow(clippy::too_many_arguments)]
+fn dequantized_weight(
+    g: &GraphProto,
+    t: &Target,
+    per_channel: bool,
+    names: &mut Names,
+    inits: &mut Vec<TensorProto>,
+    pre: &mut Vec<NodeProto>,
+) -> Result<(String, Vec<f32>), OptError> {
+    let n = &g.node[t.index];
+    let (w, dims) = weight_values(g, &t.weight, n, t.index)?;
+    let axis = t.kind.channel_axis();
+    let (q, scales) = quantize_symmetric(&w, &dims, per_channel.then_some(axis));
+    let base = t.weight.replace(['/', ':'], "_");
+    let wq = names.fresh(&format!("{base}_quantized"));
+    let ws = names.fresh(&format!("{base}_scale"));
+    let wz = names.fresh(&format!("{base}_zero_point"));
+    let wd = names.fresh(&format!("{base}_DequantizeLinear_Output"));
+    inits.push(graph::i8_tensor(&wq, &dims, &q));
+    if per_channel {
+        inits.push(graph::f32_tensor(&ws, &[scales.len() as i64], &scales));
+        inits.push(graph::i8_tensor(
+            &wz,
+            &[scales.len() as i64],
+            &vec![0; scales.len()],
+        ));
+    } else {
+        inits.push(graph::f32_tensor(&ws, &[], &scales));
+        inits.push(graph::i8_tensor(&wz, &[], &[0]));
+    }
+    let mut d = node(
+        "DequantizeLinear",
+        names.fresh(&format!("{base}_DequantizeLinear")),
+        &[&wq, &ws, &wz],
+        &[&wd],
+    );
+    if per_channel {
+        d.attribute.push(graph::int_attr("axis", axis as i64));
+    }
+    pre.push(d);
+    Ok((wd, scales))
+}
+
+/// int8 weight-only: per-channel int8 weights dequantized in the graph; compute stays float.
+pub fn int8_weight_only(model: &mut ModelProto, report: &mut Report) -> Result<(), OptError> {
+    let opset = graph::opset(model);
+    let g = graph::graph_mut(model)?;
+    let found = targets(g, report);
+    let mut names = Names::of(g);
+    let mut before: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    let mut replace = HashMap::new();
+    let mut inits = Vec::new();
+    for t in &found {
+        let n = &g.node[t.index];
+        if opset < 13 {
+            report.skip(
+                n,
+                t.index,
+                &format!(
+                    "per-channel DequantizeLinear needs opset 13; the model has opset {opset}"
+                ),
+            );
+            continue;
+        }
+        let pre = before.entry(t.index).or_default();
+        let (wd, _) = dequantized_weight(g, t, true, &mut names, &mut inits, pre)?;
+        let mut new = n.clone();
+        new.input[1] = wd;
+        replace.insert(t.index, vec![new]);
+        report.rewrote(n, t.index);
+    }
+    splice(g, before, replace, inits);
+    Ok(())
+}
+
+/// int8 static, QDQ form: QuantizeLinear/DequantizeLinear pairs (uint8, calibrated ranges) on each
+/// weighted node's activation input and output, per-channel int8 weights, int32 biases; ONNX Runtime
+/// fuses these into QLinearConv / QLinearMatMul and runs them in int8.
+pub fn int8_static(
+    model: &mut ModelProto,
+    calibration: &Calibration,
+    report: &mut Report,
+) -> Result<(), OptError> {
+    let opset = graph::opset(model);
+    if opset < 10 {
+        return Err(OptError::Model(format!(
+            "int8-static needs opset 10 or later (QuantizeLinear); the model has opset {opset}"
+        )));
+    }
+    let per_channel = opset >= 13;
+    if !per_channel {
+        report
+            .notes
+            .push(format!("opset {opset} < 13: weights quantized per tensor"));
+    }
+    let g = graph::graph_mut(model)?;
+    let found = targets(g, report);
+    let inits_index = graph::initializers(g);
+    let mut names = Names::of(g);
+    let mut before: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    let mut replace = HashMap::new();
+    let mut inits = Vec::new();
+    // One QDQ pair per activation tensor: (dequantized name, scale).
+    let mut qdq: HashMap<String, (String, f32)> = HashMap::new();
+    let qdq_pair = |tensor: &str,
+                    input: &str,
+                    output: &str,
+                    names: &mut Names,
+                    inits: &mut Vec<TensorProto>,
+                    nodes: &mut Vec<NodeProto>|
+     -> Option<f32> {
+        let (lo, hi) = *calibration.ranges.get(tensor)?;
+        let (scale, zp) = uint8_params(lo, hi);
+        let base = tensor.replace(['/', ':'], "_");
+        let s = names.fresh(&format!("{base}_scale"));
+        let z = names.fresh(&format!("{base}_zero_point"));
+        let q = names.fresh(&format!("{base}_QuantizeLinear_Output"));
+        inits.push(graph::f32_tensor(&s, &[], &[scale]));
+        inits.push(graph::u8_tensor(&z, &[], &[zp]));
+        nodes.push(node(
+            "QuantizeLinear",
+            names.fresh(&format!("{base}_QuantizeLinear")),
+            &[input, &s, &z],
+            &[&q],
+        ));
+        nodes.push(node(
+            "DequantizeLinear",
+            names.fresh(&format!("{base}_DequantizeLinear")),
+            &[&q, &s, &z],
+            &[output],
+        ));
+        Some(scale)
+    };
+    for t in &found {
+        let n = &g.node[t.index];
+        let out = n.output[0].clone();
+        if !calibration.ranges.contains_key(&t.act) || !calibration.ranges.contains_key(&out) {
+            report.skip(n, t.index, "no calibrated range for its input or output");
+            continue;
+        }
+        let mut pre = Vec::new();
+        let (act_dq, act_scale) = match qdq.get(&t.act) {
+            Some(v) => v.clone(),
+            None => {
+                let dqn = names.fresh(&format!(
+                    "{}_DequantizeLinear_Output",
+                    t.act.replace(['/', ':'], "_")
+                ));
+                let scale = qdq_pair(&t.act, &t.act, &dqn, &mut names, &mut inits, &mut pre)
+                    .expect("range checked");
+                qdq.insert(t.act.clone(), (dqn.clone(), scale));
+                (dqn, scale)
+            }
+        };
+        let (wd, wscales) =
+            dequantized_weight(g, t, per_channel, &mut names, &mut inits, &mut pre)?;
+        let mut new = n.clone();
+        new.input[0] = act_dq;
+        new.input[1] = wd;
+        // A 1-D bias of one value per output channel goes in as int32 at scale act × weight.
+        if let Some(b) = &t.bias
+            && let Some(&bi) = inits_index.get(b)
+        {
+            let bt = &g.initializer[bi];
+            let channels =
+                g.initializer[inits_index[&t.weight]].dims[t.kind.channel_axis()] as usize;
+            let beta = attr_f(n, "beta").unwrap_or(1.0);
+            if bt.dims.len() == 1 && bt.dims[0] as usize == channels && beta == 1.0 {
+                let v = graph::f32_values(bt).map_err(|reason| OptError::Node {
+                    node: graph::node_label(n, t.index),
+                    op: op(n).to_string(),
+                    reason: format!("bias '{b}': {reason}"),
+                })?;
+                let scales: Vec<f32> = (0..channels)
+                    .map(|c| act_scale * wscales[if wscales.len() == 1 { 0 } else { c }])
+                    .collect();
+                let q: Vec<i32> = v
+                    .iter()
+                    .zip(&scales)
+                    .map(|(x, s)| (x / s).round().clamp(i32::MIN as f32, i32::MAX as f32) as i32)
+                    .collect();
+                let base = b.replace(['/', ':'], "_");
+                let bq = names.fresh(&format!("{base}_quantized"));
+                let bs = names.fresh(&format!("{base}_scale"));
+                let bz = names.fresh(&format!("{base}_zero_point"));
+                let bd = names.fresh(&format!("{base}_DequantizeLinear_Output"));
+                inits.push(graph::i32_tensor(&bq, &[channels as i64], &q));
+                let mut d = node(
+                    "DequantizeLinear",
+                    names.fresh(&format!("{base}_DequantizeLinear")),
+                    &[&bq, &bs, &bz],
+                    &[&bd],
+                );
+                if per_channel {
+                    inits.push(graph::f32_tensor(&bs, &[channels as i64], &scales));
+                    inits.push(graph::i32_tensor(
+                        &bz,
+                        &[channels as i64],
+                        &vec![0; channels],
+                    ));
+                    d.attribute.push(graph::int_attr("axis", 0));
+                } else {
+                    inits.push(graph::f32_tensor(&bs, &[], &scales[..1]));
+                    inits.push(graph::i32_tensor(&bz, &[], &[0]));
+                }
+                new.input[2] = bd;
+                pre.push(d);
+            }
+        }
+        // The output is quantized too, so that the runtime can fuse DQ → op → Q into one int8 kernel.
+        let raw = names.fresh(&format!("{}_before_quant", out.replace(['/', ':'], "_")));
+        new.output[0] = raw.clone();
+        let mut post = vec![new];
+        qdq_pair(&out, &raw, &out, &mut names, &mut inits, &mut post).expect("range checked");
+        qdq.insert(
+            out.clone(),
+            (
+                out.clone(),
+                calibration
+                    .ranges
+                    .get(&out)
+                    .map(|(l, h)| uint8_params(*l, *h).0)
+                    .unwrap_or(1.0),
+            ),
+        );
+        before.insert(t.index, pre);
+        replace.insert(t.index, post);
+        report.rewrote(n, t.index);
+    }
+    splice(g, before, replace, inits);
+    Ok(())
+}
