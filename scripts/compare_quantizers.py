@@ -76,7 +76,16 @@ STUDENT = "student (distilled)"
 
 
 class FleetbenchError(Exception):
-    """A fleetbench command failed; the message carries its command line and stderr."""
+    """A fleetbench command failed; the message carries its command line and stderr, `short` one line of it."""
+
+    def __init__(self, message, short):
+        super().__init__(message)
+        self.short = short
+
+
+def last_line(text):
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no stderr)"
 
 
 class Variant:
@@ -109,13 +118,17 @@ def fleetbench_command(binary, src, dst, recipe, extra, env):
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise FleetbenchError(f"`{' '.join(cmd)}` could not run: {e}") from e
+        raise FleetbenchError(f"`{' '.join(cmd)}` could not run: {e}", f"fleetbench could not run: {e}") from e
     if proc.returncode != 0:
         raise FleetbenchError(
-            f"`{' '.join(cmd)}` failed with exit status {proc.returncode}\n--- its stderr ---\n{proc.stderr.strip()}"
+            f"`{' '.join(cmd)}` failed with exit status {proc.returncode}\n--- its stderr ---\n{proc.stderr.strip()}",
+            f"fleetbench exit {proc.returncode}: {last_line(proc.stderr)}",
         )
     if not os.path.isfile(dst):
-        raise FleetbenchError(f"`{' '.join(cmd)}` exited 0 but wrote no {dst}\n--- its stderr ---\n{proc.stderr.strip()}")
+        raise FleetbenchError(
+            f"`{' '.join(cmd)}` exited 0 but wrote no {dst}\n--- its stderr ---\n{proc.stderr.strip()}",
+            f"fleetbench wrote no {os.path.basename(dst)}",
+        )
     try:
         return json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -142,59 +155,58 @@ class RowReader(CalibrationDataReader):
         self.i = 0
 
 
-def ort_variant(label, make, dst):
-    """Runs one of ORT's quantizers; an exception becomes the variant's error instead of stopping the comparison."""
-    try:
-        make()
-        return Variant(label, dst)
-    except Exception as e:  # noqa: BLE001 - any quantizer failure is a finding to report
-        return Variant(label, error=f"{type(e).__name__}: {e}")
+def ort_dynamic(fp32, dst, input_name, rows):
+    quantize_dynamic(fp32, dst, weight_type=QuantType.QInt8)
 
 
-def make_variants(name, fp32, calibration, recipes, work, args, env, failures):
-    """fp32 first, then the ORT and fleetbench variants of `recipes` (labels), in that order."""
+def ort_static(fp32, dst, input_name, rows):
+    quantize_static(fp32, dst, RowReader(input_name, rows), quant_format=QuantFormat.QDQ,
+                    calibrate_method=CalibrationMethod.MinMax)
+
+
+# label -> (file tag, maker) for ORT's quantizers; label -> (file tag, recipe, extra arguments) for fleetbench's,
+# where CALIBRATION stands for the calibration set's path.
+CALIBRATION = object()
+ORT_MAKERS = {ORT_DYNAMIC: ("ort-dynamic", ort_dynamic), ORT_STATIC: ("ort-static", ort_static)}
+FLEETBENCH_RECIPES = {
+    OURS_DYNAMIC: ("int8-dynamic", "int8-dynamic", []),
+    OURS_STATIC: ("int8-static", "int8-static", ["--calibration", CALIBRATION]),
+    OURS_WEIGHT_ONLY: ("int8-weight-only", "int8-weight-only", []),
+    OURS_FP16: ("fp16", "fp16", []),
+    OURS_PRUNE_STRUCTURED: ("prune-structured", "prune", ["--sparsity", "0.5", "--structured"]),
+    OURS_PRUNE: ("prune", "prune", ["--sparsity", "0.5"]),
+}
+
+
+def make_variants(name, fp32, calibration, labels, work, args, env, failures):
+    """fp32 first, then the variants named by `labels`, in that order. An ORT quantizer's exception becomes the
+    variant's error; a fleetbench failure raises FleetbenchError, or with --keep-going becomes the variant's error
+    and is appended to `failures`."""
     input_name = session_for(fp32).get_inputs()[0].name
-    calib_rows = np.load(calibration)
-    out = lambda tag: os.path.join(work, f"{name}-{tag}.onnx")  # noqa: E731
+    rows = np.load(calibration)
     variants = [Variant(FP32, fp32)]
-    plans = {
-        ORT_DYNAMIC: lambda: ort_variant(
-            ORT_DYNAMIC, lambda: quantize_dynamic(fp32, out("ort-dynamic"), weight_type=QuantType.QInt8), out("ort-dynamic")
-        ),
-        ORT_STATIC: lambda: ort_variant(
-            ORT_STATIC,
-            lambda: quantize_static(
-                fp32,
-                out("ort-static"),
-                RowReader(input_name, calib_rows),
-                quant_format=QuantFormat.QDQ,
-                calibrate_method=CalibrationMethod.MinMax,
-            ),
-            out("ort-static"),
-        ),
-        OURS_DYNAMIC: ("int8-dynamic", [], "int8-dynamic"),
-        OURS_STATIC: ("int8-static", ["--calibration", calibration], "int8-static"),
-        OURS_WEIGHT_ONLY: ("int8-weight-only", [], "int8-weight-only"),
-        OURS_FP16: ("fp16", [], "fp16"),
-        OURS_PRUNE_STRUCTURED: ("prune", ["--sparsity", "0.5", "--structured"], "prune-structured"),
-        OURS_PRUNE: ("prune", ["--sparsity", "0.5"], "prune"),
-    }
-    for label in recipes:
-        plan = plans[label]
-        if callable(plan):
-            print(f"  {name}: {label} ...", file=sys.stderr, flush=True)
-            variants.append(plan())
-            continue
-        recipe, extra, tag = plan
+    for label in labels:
         print(f"  {name}: {label} ...", file=sys.stderr, flush=True)
+        if label in ORT_MAKERS:
+            tag, maker = ORT_MAKERS[label]
+            dst = os.path.join(work, f"{name}-{tag}.onnx")
+            try:
+                maker(fp32, dst, input_name, rows)
+                variants.append(Variant(label, dst))
+            except Exception as e:  # noqa: BLE001 - any quantizer failure is a finding to report
+                variants.append(Variant(label, error=f"onnxruntime.quantization: {type(e).__name__}: {e}"))
+            continue
+        tag, recipe, extra = FLEETBENCH_RECIPES[label]
+        dst = os.path.join(work, f"{name}-{tag}.onnx")
+        extra = [calibration if a is CALIBRATION else a for a in extra]
         try:
-            report = fleetbench_command(args.fleetbench, fp32, out(tag), recipe, extra, env)
-            variants.append(Variant(label, out(tag), report=report))
+            report = fleetbench_command(args.fleetbench, fp32, dst, recipe, extra, env)
+            variants.append(Variant(label, dst, report=report))
         except FleetbenchError as e:
             if not args.keep_going:
                 raise
             failures.append(str(e))
-            variants.append(Variant(label, error=str(e)))
+            variants.append(Variant(label, error=e.short))
     return variants
 
 
@@ -365,20 +377,19 @@ def targets(digits, conv, args):
                 unavailable(out, f"int8-dynamic digits {t} ORT quantize_dynamic",
                             "fleetbench int8-dynamic failed" if not ours else "ORT quantize_dynamic failed")
         pruned = metrics_of(digits, OURS_PRUNE_STRUCTURED)
-        name = "structured prune 50% digits"
+        name = f"structured prune 50% digits speed-up >= {args.prune_min_speedup:g}x and drop <= {args.prune_max_drop:g} pt"
         if pruned:
             drop = -pruned["accuracy_delta_pt"] + 0.0
             verdict(out, name, pruned["speedup"] >= args.prune_min_speedup and drop <= args.prune_max_drop,
-                    f"speed-up {pruned['speedup']:.2f}x (>= {args.prune_min_speedup:g}x), accuracy "
-                    f"{100 * pruned['accuracy']:.2f}%, drop {drop:.2f} pt (<= {args.prune_max_drop:g})")
+                    f"speed-up {pruned['speedup']:.2f}x, accuracy {100 * pruned['accuracy']:.2f}%, drop {drop:.2f} pt")
         else:
             unavailable(out, name, "fleetbench prune failed")
     for model, variants in (conv or {}).items():
         pruned = metrics_of(variants, OURS_PRUNE_STRUCTURED)
-        name = f"structured prune 50% {model}"
+        name = f"structured prune 50% {model} speed-up >= {args.prune_min_speedup:g}x"
         if pruned:
             verdict(out, name, pruned["speedup"] >= args.prune_min_speedup,
-                    f"speed-up {pruned['speedup']:.2f}x (>= {args.prune_min_speedup:g}x), cosine {pruned['cosine']:.4f}, "
+                    f"speed-up {pruned['speedup']:.2f}x; fidelity, not judged: cosine {pruned['cosine']:.4f}, "
                     f"top-1 agreement {100 * pruned['agreement']:.1f}%")
         else:
             unavailable(out, name, "fleetbench prune failed")
@@ -400,9 +411,9 @@ def run_digits(work, args, env, failures):
     fp32 = os.path.join(DIGITS, "digits-fp32.onnx")
     x = np.load(os.path.join(DIGITS, "eval-inputs.npy"))
     y = np.load(os.path.join(DIGITS, "eval-labels.npy"))
-    recipes = [ORT_DYNAMIC, OURS_DYNAMIC, ORT_STATIC, OURS_STATIC, OURS_WEIGHT_ONLY, OURS_FP16,
-               OURS_PRUNE_STRUCTURED, OURS_PRUNE]
-    variants = make_variants("digits", fp32, os.path.join(DIGITS, "eval-inputs.npy"), recipes, work, args, env, failures)
+    labels = [ORT_DYNAMIC, OURS_DYNAMIC, ORT_STATIC, OURS_STATIC, OURS_WEIGHT_ONLY, OURS_FP16,
+              OURS_PRUNE_STRUCTURED, OURS_PRUNE]
+    variants = make_variants("digits", fp32, os.path.join(DIGITS, "eval-inputs.npy"), labels, work, args, env, failures)
     variants.append(Variant(STUDENT, os.path.join(DIGITS, "digits-student.onnx")))
     measure(variants, x, y, True, args.repeats or 5, args.iterations, warmup=200)
     table(f"digits: {len(x)} eval rows; latency batch 1, 1 thread", variants, with_accuracy=True)
@@ -422,12 +433,12 @@ def ensure_conv_models():
 def run_conv(work, args, env, failures):
     ensure_conv_models()
     results = {}
-    recipes = [ORT_DYNAMIC, OURS_DYNAMIC, ORT_STATIC, OURS_STATIC, OURS_WEIGHT_ONLY, OURS_FP16, OURS_PRUNE_STRUCTURED]
+    labels = [ORT_DYNAMIC, OURS_DYNAMIC, ORT_STATIC, OURS_STATIC, OURS_WEIGHT_ONLY, OURS_FP16, OURS_PRUNE_STRUCTURED]
     for name in CONV_MODELS:
         fp32 = os.path.join(CONV, f"{name}.onnx")
         inputs = os.path.join(CONV, f"{name}-inputs.npy")
         x = np.load(inputs)
-        variants = make_variants(name, fp32, inputs, recipes, work, args, env, failures)
+        variants = make_variants(name, fp32, inputs, labels, work, args, env, failures)
         measure(variants, x, None, False, args.repeats or 3, args.conv_iterations, warmup=3)
         table(f"{name}: fidelity over {len(x)} inputs (softmax outputs); latency batch 1, 1 thread", variants,
               with_accuracy=False)

@@ -53,6 +53,10 @@ ort_lib() {
 
 setup() {
     setup_python
+    if [ ! -f models/conv/squeezenet.onnx ] || [ ! -f models/conv/shufflenet.onnx ]; then
+        log "materialising the convolutional test models (models/make_conv_models.py)"
+        .venv/bin/python models/make_conv_models.py >&2
+    fi
     ORT_DYLIB_PATH=$(ort_lib)
     export ORT_DYLIB_PATH
     export FLEETBENCH_PYTHON="$ROOT/.venv/bin/python"

@@ -1,5 +1,6 @@
 //! The README's main job, as a user runs it: `fleetbench quickstart` starts a coordinator and two agents
-//! as separate processes (one pinned to one core), benchmarks the bundled model and prints a ranking.
+//! as separate processes (one pinned to one core), makes quantized and pruned variants of the bundled
+//! model, pushes its distilled student, benchmarks them all and prints a ranking.
 
 use std::process::Command;
 
@@ -22,7 +23,20 @@ fn quickstart_prints_a_ranking_of_both_platforms() {
         "quickstart failed:\n{stdout}\n{stderr}"
     );
     let rows: Vec<&str> = stdout.lines().filter(|l| l.contains("tier=")).collect();
-    assert_eq!(rows.len(), 4, "two platforms x two variants:\n{stdout}");
+    assert_eq!(
+        rows.len(),
+        8,
+        "two platforms x four variants (fp32, distilled student, int8-dynamic, pruned-s50):\n{stdout}"
+    );
+    for v in ["fp32", "student", "int8-dynamic", "pruned-s50"] {
+        assert_eq!(
+            rows.iter()
+                .filter(|r| r.contains(&format!(" {v} ")))
+                .count(),
+            2,
+            "{v} on both platforms:\n{stdout}"
+        );
+    }
     assert!(
         rows.iter()
             .any(|r| r.contains("tier=edge") && r.contains("1 core")),

@@ -31,8 +31,8 @@ pub enum IngestItem {
     },
     /// A run's result.
     Result {
-        /// The result.
-        result: RunResult,
+        /// The result (boxed: it is much larger than a window's entry).
+        result: Box<RunResult>,
         /// Agent that sent it.
         agent_id: String,
         /// Where to send the ack.
@@ -266,6 +266,7 @@ pub async fn run_heartbeats(coord: Arc<Coordinator>, mut rx: mpsc::Receiver<Hear
                 }
             }
             Err(e) => {
+                coord.store_trouble();
                 warn!(error = %e, beats = records.len(), "Could not record heartbeats; agents stay connected.")
             }
         }

@@ -179,10 +179,16 @@ pub async fn run(coord: Arc<Coordinator>, mut shutdown: tokio::sync::watch::Rece
 /// One pass: expire leases, then lease tasks to idle sessions.
 pub async fn schedule_once(coord: &Coordinator) -> Result<()> {
     let now = now_ms();
-    let expired = coord
-        .store
-        .expire_leases(now, coord.config.max_attempts)
-        .await?;
+    // Heartbeats could not renew leases while the database was away: leases expire only once it has
+    // worked for a whole lease timeout again, so that an outage does not requeue running tasks.
+    let expired = if coord.store_settled(now) {
+        coord
+            .store
+            .expire_leases(now, coord.config.max_attempts)
+            .await?
+    } else {
+        Vec::new()
+    };
     for e in &expired {
         info!(task = %e.task_id, run = %e.run_id, requeued = e.requeued, "Lease expired; the agent went silent.");
         coord
@@ -391,7 +397,7 @@ pub async fn serve_session(
             Some(In::Result(result)) => coord
                 .ingest
                 .send(crate::ingest::IngestItem::Result {
-                    result,
+                    result: Box::new(result),
                     agent_id: agent_id.clone(),
                     reply: tx.clone(),
                 })

@@ -101,6 +101,18 @@ pub fn convert(model: &mut ModelProto, ops: Fp16Ops, report: &mut Report) -> Res
     let mut casts: HashMap<(String, bool), String> = HashMap::new();
     let old = std::mem::take(&mut g.node);
     for (i, mut n) in old.into_iter().enumerate() {
+        let custom =
+            !n.domain.as_deref().unwrap_or("").is_empty() && n.domain.as_deref() != Some("ai.onnx");
+        if custom {
+            report.skip(
+                &n,
+                i,
+                &format!(
+                    "op of domain '{}': kept in fp32 (its fp16 kernels are unknown)",
+                    n.domain.as_deref().unwrap_or("")
+                ),
+            );
+        }
         let fp16 = computes_fp16(&n, ops) && n.input.iter().chain(&n.output).any(|t| is_float(t));
         // Cast takes either precision as it is.
         if op(&n) != "Cast" {
@@ -148,6 +160,14 @@ pub fn convert(model: &mut ModelProto, ops: Fp16Ops, report: &mut Report) -> Res
             }
         }
         g.node.push(n);
+    }
+    if report.rewritten.is_empty() && ops == Fp16Ops::Cpu {
+        report.notes.push(
+            "no node computes in fp16: the ops of this model have no fp16 kernels on ONNX Runtime's CPU \
+             provider, so the weights are stored in fp16 and widened for fp32 compute \
+             (use --fp16-ops all for providers with fp16 kernels)"
+                .into(),
+        );
     }
     // Graph outputs stay float32.
     let outputs: Vec<String> = g.output.iter().filter_map(|o| o.name.clone()).collect();

@@ -352,6 +352,8 @@ pub struct CoordinatorProcess {
 
 impl CoordinatorProcess {
     /// Starts `fleetbench-coordinator` from the build directory on `database`.
+    // The child moves into Self, whose Drop kills and waits for it.
+    #[allow(clippy::zombie_processes)]
     pub fn start(database: &str, dir: &Path, name: &str) -> Self {
         let exe = std::env::current_exe().expect("test binary path");
         let bin = exe
@@ -366,7 +368,7 @@ impl CoordinatorProcess {
         );
         let addr_file = dir.join(format!("{name}.addr"));
         let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
-        let child = std::process::Command::new(bin)
+        let mut child = std::process::Command::new(bin)
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -393,11 +395,11 @@ impl CoordinatorProcess {
                     child,
                 };
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "coordinator {name} did not start; see {}",
-                dir.display()
-            );
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("coordinator {name} did not start; see {}", dir.display());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -413,4 +415,21 @@ impl Drop for CoordinatorProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A convolutional model under models/conv/ (squeezenet, shufflenet), materialised by
+/// models/make_conv_models.py on first use (`scripts/dev.sh setup` runs it too).
+pub fn conv_model(name: &str) -> PathBuf {
+    let path = models(&format!("conv/{name}.onnx"));
+    if !path.exists() {
+        let python = std::env::var_os("FLEETBENCH_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join(".venv/bin/python"));
+        let status = std::process::Command::new(&python)
+            .arg(models("make_conv_models.py"))
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+        assert!(status.success(), "models/make_conv_models.py failed");
+    }
+    path
 }

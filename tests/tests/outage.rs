@@ -129,7 +129,12 @@ async fn postgres_going_away_mid_run_loses_nothing() {
     proxy.restore();
 
     let s = wait_job(&client, &id, Duration::from_secs(120)).await;
-    assert_eq!(s.state, "succeeded");
+    assert_eq!(
+        s.state,
+        "succeeded",
+        "{:?}",
+        job_detail(&client, &id).await.tasks
+    );
     assert_eq!(
         stats.sessions.load(Ordering::SeqCst),
         1,
@@ -145,7 +150,7 @@ async fn postgres_going_away_mid_run_loses_nothing() {
     let seqs: Vec<u64> = ctx.windows.iter().map(|w| w.seq).collect();
     assert_eq!(
         seqs,
-        (0..sent() as u64).collect::<Vec<_>>(),
+        (0..sent()).collect::<Vec<_>>(),
         "every window sent is stored exactly once, in sequence"
     );
     assert!(run.queries > 0);

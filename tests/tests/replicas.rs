@@ -154,17 +154,25 @@ async fn jobs_are_watched_and_cancelled_from_any_replica() {
         .unwrap()
         .unwrap();
     assert_eq!(summary.state, "cancelled");
-    wait_until("the running task is cancelled", || {
-        let (via_a, id) = (via_a.clone(), id.clone());
-        async move {
-            let d = via_a
-                .jobs()
-                .get_job(GetJobRequest { job_id: id })
-                .await
-                .unwrap()
-                .into_inner();
-            d.tasks.iter().all(|t| t.state == "cancelled")
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = via_a
+            .jobs()
+            .get_job(GetJobRequest { job_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if d.tasks.iter().all(|t| t.state == "cancelled") {
+            break;
         }
-    })
-    .await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the tasks were not all cancelled: {:?}",
+            d.tasks
+                .iter()
+                .map(|t| (&t.variant, &t.state, &t.error))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

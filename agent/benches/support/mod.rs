@@ -74,6 +74,7 @@ pub fn run(
             attempt: 1,
             variant: Some(ModelVariant::default()),
             config: Some(config),
+            base_artifact_sha256: String::new(),
         },
         model_path: model.to_path_buf(),
         eval: None,

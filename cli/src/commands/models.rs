@@ -206,9 +206,10 @@ pub struct Optimized {
 
 fn summary(r: &fleetbench_optimizer::Report) -> String {
     let mut s = format!(
-        "{} nodes rewritten, {} skipped",
+        "{} nodes rewritten, {} skipped, {} weight tensors changed",
         r.rewritten.len(),
-        r.skipped.len()
+        r.skipped.len(),
+        r.weights_changed
     );
     for k in &r.skipped {
         s.push_str(&format!(

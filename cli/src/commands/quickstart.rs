@@ -257,20 +257,44 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
     )
     .await?;
     eprintln!("pushed digits/{} ({} bytes)", fp32.variant, fp32.size_bytes);
-    let int8 = models::push(
+    // The three ways to shrink a model, side by side: a distilled student (trained by the models
+    // script from the teacher's soft labels), and quantized and pruned variants made here by
+    // fleetbench's optimizer.
+    let student = models::push(
         &client,
-        &digits.join("digits-int8.onnx"),
+        &digits.join("digits-student.onnx"),
         "digits",
-        Some("int8"),
+        Some("student"),
         Some("fp32"),
-        Some("quantized"),
+        Some("distilled"),
         None,
     )
     .await?;
     eprintln!(
-        "pushed digits/{} ({} bytes, variant of {})",
-        int8.variant, int8.size_bytes, int8.variant_of
+        "pushed digits/{} ({} bytes, {} from {})",
+        student.variant, student.size_bytes, student.technique, student.variant_of
     );
+    fleetbench_agent::runtime::load(Some(&ort_lib)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (recipe, sparsity) in [("int8-dynamic", None), ("prune", Some(0.5))] {
+        let args = crate::optimize::RecipeArgs {
+            recipe: recipe.into(),
+            sparsity,
+            structured: sparsity.is_some(),
+            calibration: None,
+            calibration_method: None,
+            percentile: None,
+            fp16_ops: None,
+        };
+        let v = models::optimize(&client, "digits", &args, None, None).await?;
+        eprintln!(
+            "optimized digits/{} ({} bytes, {} from {}, {} nodes rewritten)",
+            v.variant.variant,
+            v.variant.size_bytes,
+            v.variant.technique,
+            v.variant.variant_of,
+            v.report.rewritten.len()
+        );
+    }
 
     let mut args = JobArgs {
         model: Some("digits".into()),

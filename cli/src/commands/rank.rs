@@ -75,6 +75,10 @@ pub struct RankJson {
     pub accuracy: Option<f64>,
     /// Accuracy minus the base variant's on the same platform, points.
     pub accuracy_delta_pts: Option<f64>,
+    /// Top-1 agreement with the base variant's outputs on the same platform.
+    pub agreement: Option<f64>,
+    /// Cosine similarity to the base variant's outputs on the same platform.
+    pub fidelity_cosine: Option<f64>,
     /// Cost per million samples.
     pub cost_per_million: Option<f64>,
     /// Runs pooled.
@@ -108,6 +112,8 @@ impl From<&RankRow> for RankJson {
             throughput_per_s: r.throughput_per_s,
             accuracy: r.accuracy,
             accuracy_delta_pts: r.accuracy_delta_pts,
+            agreement: r.agreement,
+            fidelity_cosine: r.fidelity_cosine,
             cost_per_million: r.cost_per_million,
             runs: r.runs,
             run_ids: r.run_ids.clone(),
@@ -152,6 +158,8 @@ pub fn table(resp: &RankResponse) -> comfy_table::Table {
         "SAMPLES/S",
         "ACCURACY",
         "Δ ACC",
+        "AGREE",
+        "SIZE",
         "COST/1M",
         "RUNS",
     ]);
@@ -170,6 +178,8 @@ pub fn table(resp: &RankResponse) -> comfy_table::Table {
             r.accuracy_delta_pts
                 .map(|d| format!("{d:+.2}"))
                 .unwrap_or_else(|| "-".into()),
+            output::pct(r.agreement),
+            output::bytes(r.size_bytes),
             r.cost_per_million
                 .map(|c| format!("{c:.4}"))
                 .unwrap_or_else(|| "-".into()),

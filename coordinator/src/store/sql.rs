@@ -601,6 +601,7 @@ impl Store for SqlStore {
             let sql = format!(
                 "UPDATE tasks SET lease_expires_at = {} FROM (VALUES {}) AS v \
                  WHERE tasks.run_id = v.column1 AND tasks.agent_id = v.column2 AND tasks.state = 'running' \
+                 AND (SELECT state FROM jobs WHERE jobs.id = tasks.job_id) <> 'cancelled' \
                  RETURNING tasks.run_id",
                 self.backend.param(1),
                 values.join(", ")
