@@ -110,6 +110,11 @@ impl Client {
     pub async fn upload(&self, path: &Path) -> Result<BlobRef> {
         let data =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        self.upload_bytes(&data, &path.display().to_string()).await
+    }
+
+    /// Uploads bytes as a blob in chunks; `what` names them in errors.
+    pub async fn upload_bytes(&self, data: &[u8], what: &str) -> Result<BlobRef> {
         let sha = hex::encode(Sha256::digest(&data));
         let mut chunks: Vec<BlobChunk> = data
             .chunks(CHUNK)
@@ -126,7 +131,7 @@ impl Client {
             .models()
             .upload_blob(futures::stream::iter(chunks))
             .await
-            .map_err(|s| self.error(s, &format!("uploading {}", path.display())))?
+            .map_err(|s| self.error(s, &format!("uploading {what}")))?
             .into_inner();
         Ok(blob)
     }

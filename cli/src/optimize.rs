@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use fleetbench_agent::runner::{data, eval, inputs};
+use fleetbench_common::proto::onnx::ModelProto;
 use fleetbench_optimizer::{Calibration, CalibrationMethod, Outcome, RangeCollector, Recipe};
 use ort::session::Session;
 
@@ -67,7 +68,11 @@ fn session(bytes: &[u8]) -> Result<Session> {
 }
 
 /// Runs the model over a calibration set and reads the ranges int8-static needs.
-pub fn calibrate(model: &[u8], data_path: &Path, method: CalibrationMethod) -> Result<Calibration> {
+pub fn calibrate(
+    model: &ModelProto,
+    data_path: &Path,
+    method: CalibrationMethod,
+) -> Result<Calibration> {
     let (augmented, pairs) = fleetbench_optimizer::calibration_model(model)?;
     let mut s = session(&prost::Message::encode_to_vec(&augmented))
         .context("cannot load the model for calibration into ONNX Runtime")?;
@@ -90,12 +95,10 @@ pub fn calibrate(model: &[u8], data_path: &Path, method: CalibrationMethod) -> R
             let v = outputs[out.as_str()]
                 .try_extract_array::<f32>()
                 .map_err(|e| anyhow!("calibration: tensor '{tensor}' is not float32: {e}"))?;
-            collector.observe(
-                tensor,
-                v.as_slice()
-                    .map_or_else(|| v.iter().copied().collect::<Vec<_>>(), <[f32]>::to_vec)
-                    .as_slice(),
-            );
+            match v.as_slice() {
+                Some(contiguous) => collector.observe(tensor, contiguous),
+                None => collector.observe(tensor, &v.iter().copied().collect::<Vec<_>>()),
+            }
         }
         collector.add_samples(n as u64);
     }
@@ -116,18 +119,23 @@ pub fn optimize(
             recipe.name()
         );
     }
-    fleetbench_optimizer::decode(model)?;
+    let decoded = fleetbench_optimizer::decode(model)?;
     let calibration = if let Recipe::Int8Static { method } = &recipe {
         let path = args
             .calibration
             .as_deref()
             .or(calibration_default)
             .ok_or_else(|| anyhow!("--calibration: int8-static needs a calibration set (the model has no eval inputs to use instead)"))?;
-        Some(calibrate(model, path, *method)?)
+        Some(calibrate(&decoded, path, *method)?)
     } else {
         None
     };
-    let outcome = fleetbench_optimizer::optimize(model, &recipe, calibration.as_ref())?;
+    let outcome = fleetbench_optimizer::optimize(
+        &decoded,
+        model.len() as u64,
+        &recipe,
+        calibration.as_ref(),
+    )?;
     verify(&outcome.encode()).with_context(|| {
         format!(
             "the {} variant does not run in ONNX Runtime; nothing was stored",

@@ -57,8 +57,10 @@ impl CalibrationMethod {
 
 /// The model with each tensor to calibrate copied to an extra graph output; returns it and the
 /// (tensor, output) pairs.
-pub fn calibration_model(bytes: &[u8]) -> Result<(ModelProto, Vec<(String, String)>), OptError> {
-    let mut model = crate::decode(bytes)?;
+pub fn calibration_model(
+    original: &ModelProto,
+) -> Result<(ModelProto, Vec<(String, String)>), OptError> {
+    let mut model = original.clone();
     let tensors = crate::quant::calibration_tensors(&model);
     if tensors.is_empty() {
         return Err(OptError::Model(

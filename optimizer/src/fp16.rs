@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use fleetbench_common::proto::onnx::{ModelProto, NodeProto};
 use serde::{Deserialize, Serialize};
 
-use crate::graph::{self, Names, dtype, node, op};
+use crate::graph::{self, Names, dtype, op};
 use crate::{OptError, Report};
 
 /// Ops with real fp16 kernels on ONNX Runtime 1.31.1's CPU execution provider (x86_64), probed by
@@ -47,8 +47,14 @@ pub enum Fp16Ops {
     All,
 }
 
+fn custom_domain(n: &NodeProto) -> Option<&str> {
+    n.domain
+        .as_deref()
+        .filter(|d| !d.is_empty() && *d != "ai.onnx")
+}
+
 fn computes_fp16(n: &NodeProto, ops: Fp16Ops) -> bool {
-    if !n.domain.as_deref().unwrap_or("").is_empty() && n.domain.as_deref() != Some("ai.onnx") {
+    if custom_domain(n).is_some() {
         return false;
     }
     match op(n) {
@@ -65,11 +71,11 @@ pub fn convert(model: &mut ModelProto, ops: Fp16Ops, report: &mut Report) -> Res
             .iter()
             .any(|a| a.g.is_some() || !a.graphs.is_empty())
         {
-            return Err(OptError::Node {
-                node: graph::node_label(n, i),
-                op: op(n).to_string(),
-                reason: "fp16 does not rewrite control flow with subgraphs".into(),
-            });
+            return Err(graph::node_error(
+                n,
+                i,
+                "fp16 does not rewrite control flow with subgraphs",
+            ));
         }
     }
     let types = graph::elem_types(g);
@@ -101,16 +107,11 @@ pub fn convert(model: &mut ModelProto, ops: Fp16Ops, report: &mut Report) -> Res
     let mut casts: HashMap<(String, bool), String> = HashMap::new();
     let old = std::mem::take(&mut g.node);
     for (i, mut n) in old.into_iter().enumerate() {
-        let custom =
-            !n.domain.as_deref().unwrap_or("").is_empty() && n.domain.as_deref() != Some("ai.onnx");
-        if custom {
+        if let Some(domain) = custom_domain(&n) {
             report.skip(
                 &n,
                 i,
-                &format!(
-                    "op of domain '{}': kept in fp32 (its fp16 kernels are unknown)",
-                    n.domain.as_deref().unwrap_or("")
-                ),
+                &format!("op of domain '{domain}': kept in fp32 (its fp16 kernels are unknown)"),
             );
         }
         let fp16 = computes_fp16(&n, ops) && n.input.iter().chain(&n.output).any(|t| is_float(t));
@@ -133,13 +134,12 @@ pub fn convert(model: &mut ModelProto, ops: Fp16Ops, report: &mut Report) -> Res
                             input.replace(['/', ':'], "_"),
                             if fp16 { "fp16" } else { "fp32" }
                         ));
-                        let mut cn =
-                            node("Cast", names.fresh(&format!("{c}_cast")), &[input], &[&c]);
-                        cn.attribute.push(graph::int_attr(
-                            "to",
-                            if fp16 { dtype::FLOAT16 } else { dtype::FLOAT } as i64,
+                        g.node.push(graph::cast(
+                            names.fresh(&format!("{c}_cast")),
+                            input,
+                            &c,
+                            if fp16 { dtype::FLOAT16 } else { dtype::FLOAT },
                         ));
-                        g.node.push(cn);
                         casts.insert(key, c.clone());
                         c
                     }
@@ -183,15 +183,12 @@ pub fn convert(model: &mut ModelProto, ops: Fp16Ops, report: &mut Report) -> Res
                 }
             }
         }
-        let mut cn = node(
-            "Cast",
+        g.node.push(graph::cast(
             names.fresh(&format!("{out}_cast")),
-            &[&inner],
-            &[&out],
-        );
-        cn.attribute
-            .push(graph::int_attr("to", dtype::FLOAT as i64));
-        g.node.push(cn);
+            &inner,
+            &out,
+            dtype::FLOAT,
+        ));
     }
     Ok(())
 }

@@ -81,6 +81,39 @@ pub fn node(op: &str, name: String, inputs: &[&str], outputs: &[&str]) -> NodePr
     }
 }
 
+/// A Cast node.
+pub fn cast(name: String, input: &str, output: &str, to: i32) -> NodeProto {
+    let mut n = node("Cast", name, &[input], &[output]);
+    n.attribute.push(int_attr("to", to as i64));
+    n
+}
+
+/// The error for a node a recipe must rewrite and cannot.
+pub fn node_error(n: &NodeProto, index: usize, reason: impl Into<String>) -> OptError {
+    OptError::Node {
+        node: node_label(n, index),
+        op: op(n).to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// A float32 initializer that node `n` reads as its `role` (weight, bias, ...), or an error naming
+/// the node, its op, the role and the tensor.
+pub fn node_f32(
+    n: &NodeProto,
+    index: usize,
+    t: &TensorProto,
+    role: &str,
+) -> Result<Vec<f32>, OptError> {
+    f32_values(t).map_err(|reason| {
+        node_error(
+            n,
+            index,
+            format!("{role} '{}': {reason}", t.name.as_deref().unwrap_or("")),
+        )
+    })
+}
+
 /// Element count of a shape.
 pub fn numel(dims: &[i64]) -> usize {
     dims.iter().map(|d| (*d).max(0) as usize).product()
@@ -163,16 +196,6 @@ pub fn i32_tensor(name: &str, dims: &[i64], v: &[i32]) -> TensorProto {
         name,
         dims,
         dtype::INT32,
-        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    )
-}
-
-/// An int64 tensor.
-pub fn i64_tensor(name: &str, dims: &[i64], v: &[i64]) -> TensorProto {
-    raw_tensor(
-        name,
-        dims,
-        dtype::INT64,
         v.iter().flat_map(|x| x.to_le_bytes()).collect(),
     )
 }

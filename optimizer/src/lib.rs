@@ -280,17 +280,17 @@ pub fn decode(bytes: &[u8]) -> Result<ModelProto, OptError> {
     })
 }
 
-/// Applies a recipe to a model. `calibration` is required by int8-static (see
-/// [`calibration_model`] and [`RangeCollector`]).
+/// Applies a recipe to a model ([`decode`]d from a file of `size_before` bytes). `calibration` is
+/// required by int8-static (see [`calibration_model`] and [`RangeCollector`]).
 pub fn optimize(
-    bytes: &[u8],
+    original: &ModelProto,
+    size_before: u64,
     recipe: &Recipe,
     calibration: Option<&Calibration>,
 ) -> Result<Outcome, OptError> {
-    let original = decode(bytes)?;
     let mut model = original.clone();
     let mut report = Report {
-        size_before: bytes.len() as u64,
+        size_before,
         ..Default::default()
     };
     match recipe {
@@ -339,9 +339,4 @@ pub fn optimize(
     model.producer_name = Some(producer);
     report.size_after = graph::encoded_len(&model) as u64;
     Ok(Outcome { model, report })
-}
-
-/// Names of the tensors int8-static calibrates.
-pub fn calibration_tensors(bytes: &[u8]) -> Result<Vec<String>, OptError> {
-    Ok(quant::calibration_tensors(&decode(bytes)?))
 }

@@ -30,14 +30,6 @@ fn const_weight<'a>(
     (w.data_type == Some(dtype::FLOAT)).then_some(w)
 }
 
-fn node_err(n: &NodeProto, index: usize, reason: String) -> OptError {
-    OptError::Node {
-        node: graph::node_label(n, index),
-        op: op(n).to_string(),
-        reason,
-    }
-}
-
 /// Unstructured magnitude pruning, per weight tensor.
 pub fn unstructured(
     model: &mut ModelProto,
@@ -276,7 +268,7 @@ pub fn structured(
             });
         }
         // Rank channels: ‖incoming‖ × Σ ‖outgoing‖.
-        let wv = graph::f32_values(w).map_err(|r| node_err(n, p, format!("weight: {r}")))?;
+        let wv = graph::node_f32(n, p, w, "weight")?;
         let mut score = vec![0f64; m];
         let norms = |v: &[f32], dims: &[i64], axis: usize| -> Vec<f64> {
             let mut s = vec![0f64; dims[axis] as usize];
@@ -289,8 +281,7 @@ pub fn structured(
         let mut out_norm = vec![0f64; m];
         for (ci, a) in &ends {
             let cw = const_weight(g, &inits, &g.node[*ci]).expect("checked");
-            let cv = graph::f32_values(cw)
-                .map_err(|r| node_err(&g.node[*ci], *ci, format!("weight: {r}")))?;
+            let cv = graph::node_f32(&g.node[*ci], *ci, cw, "weight")?;
             for (k, v) in norms(&cv, &cw.dims, *a).into_iter().enumerate() {
                 out_norm[k] += v;
             }
@@ -415,8 +406,7 @@ fn apply(
         let inits = graph::initializers(g);
         let name = g.node[*node].input[*input].clone();
         let t = &g.initializer[inits[&name]];
-        let v = graph::f32_values(t)
-            .map_err(|r| node_err(&g.node[*node], *node, format!("'{name}': {r}")))?;
+        let v = graph::node_f32(&g.node[*node], *node, t, "input")?;
         let dims = t.dims.clone();
         let outer: usize = dims[..*axis].iter().map(|d| *d as usize).product();
         let inner: usize = dims[axis + 1..].iter().map(|d| *d as usize).product();

@@ -156,11 +156,7 @@ fn weight_values(
         .iter()
         .find(|t| t.name.as_deref() == Some(name))
         .expect("target weight is an initializer");
-    let v = graph::f32_values(t).map_err(|reason| OptError::Node {
-        node: graph::node_label(n, index),
-        op: op(n).to_string(),
-        reason: format!("weight '{name}': {reason}"),
-    })?;
+    let v = graph::node_f32(n, index, t, "weight")?;
     Ok((v, t.dims.clone()))
 }
 
@@ -313,15 +309,12 @@ pub fn int8_dynamic(model: &mut ModelProto, report: &mut Report) -> Result<(), O
         };
         integer.doc_string = n.doc_string.clone();
         nodes.push(integer);
-        let mut cast = node(
-            "Cast",
+        nodes.push(graph::cast(
             names.fresh(&format!("{label}_cast")),
-            &[&y32],
-            &[&yf],
-        );
-        cast.attribute
-            .push(graph::int_attr("to", dtype::FLOAT as i64));
-        nodes.push(cast);
+            &y32,
+            &yf,
+            dtype::FLOAT,
+        ));
         nodes.push(node(
             "Mul",
             names.fresh(&format!("{label}_scales_mul")),
@@ -347,11 +340,7 @@ pub fn int8_dynamic(model: &mut ModelProto, report: &mut Report) -> Result<(), O
                     // Conv's bias [M] broadcasts over [N, M, H, W] once reshaped to [M, 1, 1].
                     (Kind::Conv, Some(&bi)) => {
                         let bt = &g.initializer[bi];
-                        let v = graph::f32_values(bt).map_err(|reason| OptError::Node {
-                            node: graph::node_label(n, t.index),
-                            op: op(n).to_string(),
-                            reason: format!("bias '{b}': {reason}"),
-                        })?;
+                        let v = graph::node_f32(n, t.index, bt, "bias")?;
                         let mut shape = vec![v.len() as i64];
                         shape.extend(std::iter::repeat_n(1, dims.len() - 2));
                         let name = names.fresh(&format!("{b}_reshaped"));
@@ -359,11 +348,11 @@ pub fn int8_dynamic(model: &mut ModelProto, report: &mut Report) -> Result<(), O
                         name
                     }
                     (Kind::Conv, None) => {
-                        return Err(OptError::Node {
-                            node: graph::node_label(n, t.index),
-                            op: op(n).to_string(),
-                            reason: "a computed Conv bias is not supported".into(),
-                        });
+                        return Err(graph::node_error(
+                            n,
+                            t.index,
+                            "a computed Conv bias is not supported",
+                        ));
                     }
                     (_, Some(&bi)) => {
                         let beta = attr_f(n, "beta").unwrap_or(1.0);
@@ -371,12 +360,7 @@ pub fn int8_dynamic(model: &mut ModelProto, report: &mut Report) -> Result<(), O
                             b.clone()
                         } else {
                             let bt = &g.initializer[bi];
-                            let v: Vec<f32> = graph::f32_values(bt)
-                                .map_err(|reason| OptError::Node {
-                                    node: graph::node_label(n, t.index),
-                                    op: op(n).to_string(),
-                                    reason: format!("C '{b}': {reason}"),
-                                })?
+                            let v: Vec<f32> = graph::node_f32(n, t.index, bt, "C")?
                                 .iter()
                                 .map(|x| x * beta)
                                 .collect();
@@ -490,15 +474,12 @@ pub fn int8_weight_only(model: &mut ModelProto, report: &mut Report) -> Result<(
         inits.push(graph::i8_tensor(&wq, &dims, &q));
         inits.push(graph::f32_tensor(&ws, &sdims, &scales));
         let pre = before.entry(t.index).or_default();
-        let mut cast = node(
-            "Cast",
+        pre.push(graph::cast(
             names.fresh(&format!("{base}_widen")),
-            &[&wq],
-            &[&wf],
-        );
-        cast.attribute
-            .push(graph::int_attr("to", dtype::FLOAT as i64));
-        pre.push(cast);
+            &wq,
+            &wf,
+            dtype::FLOAT,
+        ));
         pre.push(node(
             "Mul",
             names.fresh(&format!("{base}_rescale")),
@@ -607,11 +588,7 @@ pub fn int8_static(
                 g.initializer[inits_index[&t.weight]].dims[t.kind.channel_axis()] as usize;
             let beta = attr_f(n, "beta").unwrap_or(1.0);
             if bt.dims.len() == 1 && bt.dims[0] as usize == channels && beta == 1.0 {
-                let v = graph::f32_values(bt).map_err(|reason| OptError::Node {
-                    node: graph::node_label(n, t.index),
-                    op: op(n).to_string(),
-                    reason: format!("bias '{b}': {reason}"),
-                })?;
+                let v = graph::node_f32(n, t.index, bt, "bias")?;
                 let scales: Vec<f32> = (0..channels)
                     .map(|c| act_scale * wscales[if wscales.len() == 1 { 0 } else { c }])
                     .collect();
@@ -652,18 +629,10 @@ pub fn int8_static(
         let raw = names.fresh(&format!("{}_before_quant", out.replace(['/', ':'], "_")));
         new.output[0] = raw.clone();
         let mut post = vec![new];
-        qdq_pair(&out, &raw, &out, &mut names, &mut inits, &mut post).expect("range checked");
-        qdq.insert(
-            out.clone(),
-            (
-                out.clone(),
-                calibration
-                    .ranges
-                    .get(&out)
-                    .map(|(l, h)| uint8_params(*l, *h).0)
-                    .unwrap_or(1.0),
-            ),
-        );
+        let scale =
+            qdq_pair(&out, &raw, &out, &mut names, &mut inits, &mut post).expect("range checked");
+        // A later node reading this output takes the dequantized tensor as it is.
+        qdq.insert(out.clone(), (out.clone(), scale));
         before.insert(t.index, pre);
         replace.insert(t.index, post);
         report.rewrote(n, t.index);

@@ -433,3 +433,19 @@ pub fn conv_model(name: &str) -> PathBuf {
     }
     path
 }
+
+/// The variants the coordinator lists for `model` (every model's when empty).
+pub async fn list_variants(
+    client: &Client,
+    model: &str,
+) -> Vec<fleetbench_proto::v1::ModelVariant> {
+    client
+        .models()
+        .list_models(fleetbench_proto::v1::ListModelsRequest {
+            model: model.to_string(),
+        })
+        .await
+        .expect("list models")
+        .into_inner()
+        .variants
+}

@@ -10,8 +10,7 @@ use std::time::Duration;
 use fleetbench_cli::commands::{jobs, models};
 use fleetbench_cli::jobspec::JobArgs;
 use fleetbench_proto::v1::{
-    JobSpec, ListModelsRequest, RankRequest, RunConfig, RunReport, SubmitJobRequest,
-    TelemetryWindow,
+    JobSpec, RankRequest, RunConfig, RunReport, SubmitJobRequest, TelemetryWindow,
 };
 use fleetbench_tests::*;
 
@@ -195,13 +194,7 @@ async fn bad_input_gets_a_clear_error_and_nothing_stored_is_lost() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not an ONNX model"), "{err}");
-    let listed = client
-        .models()
-        .list_models(ListModelsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .variants;
+    let listed = list_variants(&client, "").await;
     assert!(listed.is_empty(), "nothing registered: {listed:?}");
 
     push_digits(&client).await;
@@ -219,15 +212,7 @@ async fn bad_input_gets_a_clear_error_and_nothing_stored_is_lost() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("already exists"), "{err}");
-    let listed = client
-        .models()
-        .list_models(ListModelsRequest {
-            model: "digits".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .variants;
+    let listed = list_variants(&client, "digits").await;
     let fp32 = listed.iter().find(|v| v.variant == "fp32").unwrap();
     assert_eq!(
         fp32.size_bytes,

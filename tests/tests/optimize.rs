@@ -11,7 +11,7 @@ use fleetbench_common::proto::onnx::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TypeProto,
     ValueInfoProto, type_proto,
 };
-use fleetbench_proto::v1::{ListModelsRequest, RankRequest};
+use fleetbench_proto::v1::RankRequest;
 use fleetbench_tests::*;
 
 fn recipe(name: &str) -> RecipeArgs {
@@ -34,20 +34,6 @@ fn prune(sparsity: f64, structured: bool) -> RecipeArgs {
     }
 }
 
-async fn variants(
-    client: &fleetbench_cli::client::Client,
-) -> Vec<fleetbench_proto::v1::ModelVariant> {
-    client
-        .models()
-        .list_models(ListModelsRequest {
-            model: "digits".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .variants
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn optimized_variants_are_stored_with_lineage_benchmarked_and_ranked() {
     let dir = tempfile::tempdir().unwrap();
@@ -56,7 +42,7 @@ async fn optimized_variants_are_stored_with_lineage_benchmarked_and_ranked() {
     let _agent = TestAgent::start(agent_config(&coord.url, "solo", &[], dir.path()));
     wait_online(&client, 1).await;
     push_digits(&client).await;
-    let fp32_size = variants(&client).await[0].size_bytes;
+    let fp32_size = list_variants(&client, "digits").await[0].size_bytes;
 
     let dynamic = models::optimize(&client, "digits", &recipe("int8-dynamic"), None, None)
         .await
@@ -111,7 +97,7 @@ async fn optimized_variants_are_stored_with_lineage_benchmarked_and_ranked() {
     .unwrap();
     assert_eq!(chained.variant.variant, "pruned-s50-int8-dynamic");
     assert_eq!(chained.variant.variant_of, "pruned-s50");
-    let table = models::variant_table(&variants(&client).await).to_string();
+    let table = models::variant_table(&list_variants(&client, "digits").await).to_string();
     assert!(table.contains("└ pruned-s50-int8-dynamic"), "{table}");
 
     let job = JobArgs {
@@ -270,7 +256,7 @@ async fn bad_input_is_refused_with_the_reason_and_nothing_is_stored() {
     let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
     let client = coord.client().await;
     push_digits(&client).await;
-    let before = variants(&client).await;
+    let before = list_variants(&client, "digits").await;
     let err = |r: anyhow::Result<models::Optimized>| format!("{:#}", r.expect_err("refused"));
 
     for s in [1.0, -0.1, 1.5] {
@@ -335,7 +321,7 @@ async fn bad_input_is_refused_with_the_reason_and_nothing_is_stored() {
         "{e}"
     );
 
-    let after = variants(&client).await;
+    let after = list_variants(&client, "digits").await;
     assert_eq!(before, after, "nothing was stored");
 }
 

@@ -194,6 +194,28 @@ enum Event {
     Failed(RunError),
 }
 
+/// Runs one query on a worker. Its latency counts from `scheduled` (server: no coordinated
+/// omission) or, without one, from its start.
+fn execute(
+    q: &mut (dyn QueryExec + '_),
+    scheduled: Option<Instant>,
+    issue_delay: Option<Duration>,
+) -> Event {
+    let start = Instant::now();
+    match q.run() {
+        Ok(()) => {
+            let end = Instant::now();
+            Event::Done {
+                latency: end - scheduled.unwrap_or(start),
+                issue_delay,
+                service: end - start,
+                end,
+            }
+        }
+        Err(e) => Event::Failed(e),
+    }
+}
+
 /// Offline: every executor on its own thread, issuing back to back.
 pub fn offline(
     execs: &mut [Box<dyn QueryExec + '_>],
@@ -217,19 +239,7 @@ pub fn offline(
                     {
                         break;
                     }
-                    let start = Instant::now();
-                    let event = match q.run() {
-                        Ok(()) => {
-                            let end = Instant::now();
-                            Event::Done {
-                                latency: end - start,
-                                issue_delay: None,
-                                service: end - start,
-                                end,
-                            }
-                        }
-                        Err(e) => Event::Failed(e),
-                    };
+                    let event = execute(q.as_mut(), None, None);
                     let failed = matches!(event, Event::Failed(_));
                     if tx.send(event).is_err() || failed {
                         break;
@@ -414,19 +424,11 @@ pub fn server(
                     if cancel.load(Ordering::Relaxed) {
                         break;
                     }
-                    let start = Instant::now();
-                    let event = match q.run() {
-                        Ok(()) => {
-                            let end = Instant::now();
-                            Event::Done {
-                                latency: end - scheduled,
-                                issue_delay: Some(issued_at.saturating_duration_since(scheduled)),
-                                service: end - start,
-                                end,
-                            }
-                        }
-                        Err(e) => Event::Failed(e),
-                    };
+                    let event = execute(
+                        q.as_mut(),
+                        Some(scheduled),
+                        Some(issued_at.saturating_duration_since(scheduled)),
+                    );
                     outstanding.fetch_sub(1, Ordering::Relaxed);
                     if tx.send(event).is_err() {
                         break;

@@ -321,38 +321,25 @@ async fn agent(
                         current = Some((a.run_id, 0, now, now + Duration::from_secs_f64(secs)));
                         tick.reset();
                     }
-                    Some(coordinator_message::Body::WindowAck(ack)) => {
-                        if let Some(sent) = in_flight.remove(&ack.seq) {
-                            {
-                                let l = sent.elapsed().as_nanos() as u64;
-                                hist::record_ns(&mut latencies, l);
-                                if let Some((_, _, start, end)) = &current {
-                                    let (a, b) = (*start + (*end - *start) / 5, *start + (*end - *start) * 4 / 5);
-                                    if sent >= a && sent <= b {
-                                        hist::record_ns(&mut steady, l);
-                                    }
+                    Some(body @ (coordinator_message::Body::WindowAck(_) | coordinator_message::Body::WindowAcks(_))) => {
+                        let acks = match body {
+                            coordinator_message::Body::WindowAck(ack) => vec![ack],
+                            coordinator_message::Body::WindowAcks(batch) => batch.acks,
+                            _ => unreachable!("matched above"),
+                        };
+                        for ack in acks {
+                            let Some(sent) = in_flight.remove(&ack.seq) else { continue };
+                            let l = sent.elapsed().as_nanos() as u64;
+                            hist::record_ns(&mut latencies, l);
+                            // The steady part: the middle three fifths of the run.
+                            if let Some((_, _, start, end)) = &current {
+                                let (a, b) = (*start + (*end - *start) / 5, *start + (*end - *start) * 4 / 5);
+                                if sent >= a && sent <= b {
+                                    hist::record_ns(&mut steady, l);
                                 }
                             }
                             let counter = if ack.discarded { &stats.discarded } else { &stats.acked };
                             counter.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Some(coordinator_message::Body::WindowAcks(acks)) => {
-                        for ack in acks.acks {
-                            if let Some(sent) = in_flight.remove(&ack.seq) {
-                                {
-                                let l = sent.elapsed().as_nanos() as u64;
-                                hist::record_ns(&mut latencies, l);
-                                if let Some((_, _, start, end)) = &current {
-                                    let (a, b) = (*start + (*end - *start) / 5, *start + (*end - *start) * 4 / 5);
-                                    if sent >= a && sent <= b {
-                                        hist::record_ns(&mut steady, l);
-                                    }
-                                }
-                            }
-                                let counter = if ack.discarded { &stats.discarded } else { &stats.acked };
-                                counter.fetch_add(1, Ordering::Relaxed);
-                            }
                         }
                     }
                     Some(coordinator_message::Body::ResultAck(_)) => {
