@@ -115,7 +115,7 @@ impl Client {
 
     /// Uploads bytes as a blob in chunks; `what` names them in errors.
     pub async fn upload_bytes(&self, data: &[u8], what: &str) -> Result<BlobRef> {
-        let sha = hex::encode(Sha256::digest(&data));
+        let sha = hex::encode(Sha256::digest(data));
         let mut chunks: Vec<BlobChunk> = data
             .chunks(CHUNK)
             .map(|c| BlobChunk {
