@@ -6,3 +6,4 @@ pub mod commands;
 pub mod jobspec;
 pub mod optimize;
 pub mod output;
+pub mod testdata;

@@ -1,6 +1,7 @@
 //! Quality of a variant's outputs: classification figures against labels (top-1, top-k, macro
 //! precision/recall/F1, per class), regression errors (MAE, RMSE), and fidelity to the base variant's
-//! outputs on the same inputs (cosine similarity, max abs error, top-1 agreement). Computed by the agent
+//! outputs on the same inputs and to reference outputs shipped with an eval set (cosine similarity,
+//! max abs error, top-1 agreement). Computed by the agent
 //! on its platform, stored with each run as JSON.
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,9 @@ pub struct Quality {
     /// Against the base variant's outputs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fidelity: Option<Fidelity>,
+    /// Against reference outputs shipped with the eval set (an ONNX test_data_set's output_0.pb).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Fidelity>,
 }
 
 /// Classification figures.

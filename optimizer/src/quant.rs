@@ -206,6 +206,14 @@ pub(crate) fn drop_unused_initializers(g: &mut GraphProto) {
 /// int8 dynamic: weights quantized ahead of time (symmetric int8 per tensor, as ONNX Runtime's
 /// `quantize_dynamic` does by default), activations quantized at run time by DynamicQuantizeLinear.
 pub fn int8_dynamic(model: &mut ModelProto, report: &mut Report) -> Result<(), OptError> {
+    let opset = graph::opset(model);
+    if opset < 11 {
+        // Raising the opset in place could change what the model's other nodes mean.
+        return Err(OptError::Model(format!(
+            "int8-dynamic needs opset 11 or later (DynamicQuantizeLinear); the model has opset {opset}: \
+             convert it first (e.g. onnx.version_converter), or use int8-weight-only"
+        )));
+    }
     let g = graph::graph_mut(model)?;
     let found = targets(g, report);
     let mut names = Names::of(g);
@@ -450,8 +458,15 @@ fn dequantized_weight(
 /// int8 weight-only: per-channel symmetric int8 weights, widened in the graph by Cast and a Mul by
 /// the channel scales; compute stays float. The artifact shrinks about 4x; ONNX Runtime folds the
 /// widening into float weights when it loads the model (it does not fold DequantizeLinear, which would
-/// run on every inference), so speed is the float model's. Works at any opset.
+/// run on every inference), so speed is the float model's. Needs opset 7.
 pub fn int8_weight_only(model: &mut ModelProto, report: &mut Report) -> Result<(), OptError> {
+    let opset = graph::opset(model);
+    if opset < 7 {
+        return Err(OptError::Model(format!(
+            "int8-weight-only needs opset 7 or later (Mul with broadcasting); the model has opset {opset}: \
+             convert it first (e.g. onnx.version_converter)"
+        )));
+    }
     let g = graph::graph_mut(model)?;
     let found = targets(g, report);
     let mut names = Names::of(g);

@@ -449,3 +449,27 @@ pub async fn list_variants(
         .into_inner()
         .variants
 }
+
+/// A test case folder (model.onnx, test_data_set_*) of the onnx package's backend test data, e.g.
+/// `pytorch-converted/test_Conv2d`, from the Python environment `scripts/dev.sh setup` made.
+pub fn onnx_test_case(case: &str) -> PathBuf {
+    let python = std::env::var_os("FLEETBENCH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"));
+    let out = std::process::Command::new(&python)
+        .args([
+            "-c",
+            "import onnx, os; print(os.path.dirname(onnx.__file__))",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    assert!(out.status.success(), "the onnx package is not importable");
+    let root = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let dir = root.join("backend/test/data").join(case);
+    assert!(
+        dir.join("model.onnx").exists(),
+        "{} is missing",
+        dir.display()
+    );
+    dir
+}

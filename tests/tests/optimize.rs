@@ -325,6 +325,89 @@ async fn bad_input_is_refused_with_the_reason_and_nothing_is_stored() {
     assert_eq!(before, after, "nothing was stored");
 }
 
+/// The onnx package's own test data as an eval set: a Conv model with its test_data_set folder. The
+/// agent compares each variant's outputs with the reference outputs of output_0.pb.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn onnx_test_data_sets_are_eval_sets_with_reference_outputs() {
+    let case = onnx_test_case("pytorch-converted/test_Conv2d");
+    let dir = tempfile::tempdir().unwrap();
+    let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
+    let client = coord.client().await;
+    let _agent = TestAgent::start(agent_config(&coord.url, "solo", &[], dir.path()));
+    wait_online(&client, 1).await;
+
+    // The folder brings its own reference outputs: labels beside it are refused.
+    let e = format!(
+        "{:#}",
+        models::push(
+            &client,
+            &case.join("model.onnx"),
+            "conv2d",
+            None,
+            None,
+            None,
+            Some((dir.path(), dir.path())),
+        )
+        .await
+        .expect_err("a folder without test data")
+    );
+    assert!(e.contains("no input_0.pb"), "{e}");
+    models::push(
+        &client,
+        &case.join("model.onnx"),
+        "conv2d",
+        Some("fp32"),
+        None,
+        None,
+        Some((&case, &case)),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !list_variants(&client, "conv2d").await[0]
+            .eval_labels_sha256
+            .is_empty()
+    );
+    // An opset-6 model: the quantized recipes' ops do not exist there; pruning adds no op.
+    let e = format!(
+        "{:#}",
+        models::optimize(&client, "conv2d", &recipe("int8-dynamic"), None, None)
+            .await
+            .expect_err("opset 6")
+    );
+    assert!(e.contains("opset 11") && e.contains("opset 6"), "{e}");
+    models::optimize(&client, "conv2d", &prune(0.3, false), None, None)
+        .await
+        .unwrap();
+    let job = JobArgs {
+        model: Some("conv2d".into()),
+        variants: vec!["all".into()],
+        iterations: Some(50),
+        warmup: Some(5),
+        ..Default::default()
+    };
+    let id = jobs::submit(&client, &job).await.unwrap();
+    let s = wait_job(&client, &id, Duration::from_secs(120)).await;
+    assert_eq!(s.state, "succeeded", "{s:?}");
+    for t in &job_detail(&client, &id).await.tasks {
+        let run = t.run.as_ref().unwrap();
+        let q: fleetbench_common::quality::Quality =
+            serde_json::from_str(&run.quality_json).unwrap();
+        let r = q.reference.expect("reference outputs compared");
+        assert!(q.classification.is_none() && run.accuracy.is_none());
+        match run.variant.as_str() {
+            "fp32" => assert!(
+                r.cosine > 0.99999 && r.max_abs_error < 1e-4,
+                "the runtime reproduces the reference: {r:?}"
+            ),
+            _ => {
+                assert!(r.cosine > 0.9 && r.max_abs_error > 0.0, "{r:?}");
+                assert!(q.fidelity.is_some(), "and is compared with fp32 too");
+            }
+        }
+    }
+}
+
 /// The recipes on a convolutional model (materialised by models/make_conv_models.py): each result runs
 /// in ONNX Runtime and stays close to the fp32 outputs; structured pruning shrinks channels.
 #[test]

@@ -145,10 +145,10 @@ pub fn quality(
     let sets: Vec<Vec<DynValue>> = match eval {
         Some((inputs, labels)) => {
             let rows = check_rows("eval set", specs, inputs)?;
-            if labels.data.len() != rows {
+            if labels.rows() != rows {
                 return Err(AgentError::Task(format!(
                     "eval set: {rows} inputs but {} labels",
-                    labels.data.len()
+                    labels.rows()
                 )));
             }
             batches(specs, inputs, rows)?
@@ -194,18 +194,30 @@ pub fn quality(
         }
     }
     let mut q = quality::Quality::default();
-    if let Some((_, labels)) = eval {
-        let rows = outs.len() / width.max(1);
-        let truth = &labels.data[..rows.min(labels.data.len())];
-        if width > 1 || integer {
-            let y: Vec<i64> = truth.iter().map(|v| v.round() as i64).collect();
-            q.classification = Some(quality::classification(&outs, width, &y, 5));
-        } else {
-            q.regression = Some(quality::regression(&outs, truth));
-        }
-    }
     if base.is_some() {
         q.fidelity = Some(quality::fidelity(&outs, &base_outs, width, eval.is_some()));
+    }
+    if let Some((_, labels)) = eval {
+        let rows = outs.len() / width.max(1);
+        if labels.shape.len() >= 2 {
+            // Reference outputs of the output's own shape, row for row.
+            if labels.data.len() != outs.len() {
+                return Err(AgentError::Task(format!(
+                    "eval set: the reference outputs hold {} values, the model gave {}",
+                    labels.data.len(),
+                    outs.len()
+                )));
+            }
+            q.reference = Some(quality::fidelity(&outs, &labels.data, width, true));
+        } else {
+            let truth = &labels.data[..rows.min(labels.data.len())];
+            if width > 1 || integer {
+                let y: Vec<i64> = truth.iter().map(|v| v.round() as i64).collect();
+                q.classification = Some(quality::classification(&outs, width, &y, 5));
+            } else {
+                q.regression = Some(quality::regression(&outs, truth));
+            }
+        }
     }
     Ok(Some(q))
 }

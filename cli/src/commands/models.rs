@@ -28,10 +28,12 @@ pub enum ModelsCmd {
         /// How it was derived: quantized, pruned, distilled ...
         #[arg(long)]
         technique: Option<String>,
-        /// Eval inputs (.npy, or .npz by input name).
+        /// Eval inputs (.npy, or .npz by input name), or an ONNX test_data_set folder (or a folder of
+        /// test_data_set_* folders) whose output_0.pb files are the reference outputs.
         #[arg(long)]
         eval_inputs: Option<PathBuf>,
-        /// Eval labels (.npy).
+        /// Eval labels (.npy): class labels, regression targets, or reference outputs of the output's
+        /// full shape.
         #[arg(long)]
         eval_labels: Option<PathBuf>,
         /// Output format.
@@ -92,7 +94,11 @@ pub async fn run(client: &Client, cmd: ModelsCmd) -> Result<()> {
             eval_labels,
             output,
         } => {
-            if eval_inputs.is_some() != eval_labels.is_some() {
+            let folder = eval_inputs.as_ref().is_some_and(|p| p.is_dir());
+            if folder && eval_labels.is_some() {
+                bail!("--eval-labels: a test_data_set folder brings its own reference outputs");
+            }
+            if !folder && eval_inputs.is_some() != eval_labels.is_some() {
                 bail!("--eval-inputs and --eval-labels go together");
             }
             let v = push(
@@ -102,7 +108,10 @@ pub async fn run(client: &Client, cmd: ModelsCmd) -> Result<()> {
                 variant.as_deref(),
                 variant_of.as_deref(),
                 technique.as_deref(),
-                eval_inputs.as_deref().zip(eval_labels.as_deref()),
+                // A folder stands for both (its outputs are the reference).
+                eval_inputs
+                    .as_deref()
+                    .map(|x| (x, eval_labels.as_deref().unwrap_or(x))),
             )
             .await?;
             match output {
@@ -285,9 +294,9 @@ pub async fn optimize(
         crate::optimize::optimize(&bytes, args, calibration_default.as_deref())
     })
     .with_context(|| format!("{model}/{}: recipe {}", source.variant, recipe.name()))?;
-    let file = dir.path().join(format!("{new_name}.onnx"));
-    std::fs::write(&file, outcome.encode())?;
-    let artifact = client.upload(&file).await?;
+    let artifact = client
+        .upload_bytes(&outcome.encode(), &format!("variant {new_name}"))
+        .await?;
     let req = RegisterVariantRequest {
         model: model.to_string(),
         variant: new_name,
@@ -310,7 +319,8 @@ pub async fn optimize(
     })
 }
 
-/// Uploads a file (and an eval set) and registers the variant.
+/// Uploads a file (and an eval set: inputs and labels, or a test_data_set folder twice) and registers
+/// the variant.
 pub async fn push(
     client: &Client,
     file: &std::path::Path,
@@ -321,6 +331,25 @@ pub async fn push(
     eval: Option<(&std::path::Path, &std::path::Path)>,
 ) -> Result<ModelVariant> {
     let artifact = client.upload(file).await?;
+    // A test_data_set folder becomes an .npz of inputs and an .npy of reference outputs.
+    let converted = tempfile::tempdir()?;
+    let eval_files;
+    let eval = match eval {
+        Some((dir, _)) if dir.is_dir() => {
+            let bytes = std::fs::read(file)?;
+            let info = fleetbench_common::onnx::inspect(&bytes)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let inputs: Vec<(String, String)> = info
+                .inputs
+                .iter()
+                .map(|i| (i.name.clone(), i.element_type.clone()))
+                .collect();
+            eval_files = crate::testdata::convert(dir, &inputs, converted.path())
+                .with_context(|| format!("--eval-inputs {}", dir.display()))?;
+            Some((eval_files.0.as_path(), eval_files.1.as_path()))
+        }
+        other => other,
+    };
     let (x, y) = match eval {
         Some((x, y)) => (
             client.upload(x).await?.sha256,
