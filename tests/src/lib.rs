@@ -473,3 +473,31 @@ pub fn onnx_test_case(case: &str) -> PathBuf {
     );
     dir
 }
+
+/// A coordinator on a temporary SQLite file with one in-process agent, "solo", online.
+pub struct SoloFleet {
+    _agent: TestAgent,
+    /// The CLI's client, connected.
+    pub client: Client,
+    /// The coordinator.
+    pub coord: TestCoordinator,
+    /// Its temporary folder (dropped last).
+    pub dir: tempfile::TempDir,
+}
+
+impl SoloFleet {
+    /// Starts it and waits until the agent is online.
+    pub async fn start() -> SoloFleet {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
+        let client = coord.client().await;
+        let agent = TestAgent::start(agent_config(&coord.url, "solo", &[], dir.path()));
+        wait_online(&client, 1).await;
+        SoloFleet {
+            _agent: agent,
+            client,
+            coord,
+            dir,
+        }
+    }
+}

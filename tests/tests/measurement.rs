@@ -216,11 +216,8 @@ async fn sweeps_expand_and_rank_keeps_the_best_configuration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_scenario_settings_are_refused_at_submit() {
-    let dir = tempfile::tempdir().unwrap();
-    let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
-    let client = coord.client().await;
-    let _agent = TestAgent::start(agent_config(&coord.url, "solo", &[], dir.path()));
-    wait_online(&client, 1).await;
+    let fleet = SoloFleet::start().await;
+    let client = fleet.client.clone();
     push_digits(&client).await;
     let submit = |config: RunConfig, sweep: Option<Sweep>| {
         let client = client.clone();

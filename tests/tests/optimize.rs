@@ -36,11 +36,8 @@ fn prune(sparsity: f64, structured: bool) -> RecipeArgs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn optimized_variants_are_stored_with_lineage_benchmarked_and_ranked() {
-    let dir = tempfile::tempdir().unwrap();
-    let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
-    let client = coord.client().await;
-    let _agent = TestAgent::start(agent_config(&coord.url, "solo", &[], dir.path()));
-    wait_online(&client, 1).await;
+    let fleet = SoloFleet::start().await;
+    let client = fleet.client.clone();
     push_digits(&client).await;
     let fp32_size = list_variants(&client, "digits").await[0].size_bytes;
 
@@ -330,11 +327,9 @@ async fn bad_input_is_refused_with_the_reason_and_nothing_is_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn onnx_test_data_sets_are_eval_sets_with_reference_outputs() {
     let case = onnx_test_case("pytorch-converted/test_Conv2d");
-    let dir = tempfile::tempdir().unwrap();
-    let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
-    let client = coord.client().await;
-    let _agent = TestAgent::start(agent_config(&coord.url, "solo", &[], dir.path()));
-    wait_online(&client, 1).await;
+    let fleet = SoloFleet::start().await;
+    let client = fleet.client.clone();
+    let dir = &fleet.dir;
 
     // The folder brings its own reference outputs: labels beside it are refused.
     let e = format!(
