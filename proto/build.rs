@@ -14,7 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "fleetbench/v1/fleet.proto",
         "fleetbench/v1/rankings.proto",
     ];
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("fleetbench_descriptor.bin"))
         .build_server(true)
         .build_client(true)
         .type_attribute(".fleetbench.v1", "#[derive(serde::Serialize)]")

@@ -8,7 +8,7 @@ mod support;
 use std::time::Instant;
 
 use fleetbench_common::config::with_defaults;
-use fleetbench_proto::v1::{RunConfig, Scenario};
+use fleetbench_common::domain::{RunConfig, Scenario};
 
 fn main() {
     let fixed_s: u64 = support::arg("--fixed-s")
@@ -16,7 +16,7 @@ fn main() {
         .unwrap_or(600);
     let runner = support::runner();
     let base = RunConfig {
-        scenario: Scenario::SingleStream as i32,
+        scenario: Scenario::SingleStream,
         warmup_iterations: 1000,
         intra_op_threads: 1,
         window_ms: 1000,

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use fleetbench_common::config::with_defaults;
-use fleetbench_proto::v1::{RunConfig, Scenario};
+use fleetbench_common::domain::{RunConfig, Scenario};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::Tensor;
@@ -48,7 +48,7 @@ fn bare_ort_p50(
 
 fn agent_p50(runner: &fleetbench_agent::runner::OrtRunner, iterations: u64, warmup: u64) -> f64 {
     let config = with_defaults(RunConfig {
-        scenario: Scenario::SingleStream as i32,
+        scenario: Scenario::SingleStream,
         iterations,
         warmup_iterations: warmup,
         intra_op_threads: 1,

@@ -6,7 +6,7 @@
 mod support;
 
 use fleetbench_common::config::with_defaults;
-use fleetbench_proto::v1::{RunConfig, Scenario};
+use fleetbench_common::domain::{RunConfig, Scenario};
 
 fn server(
     runner: &fleetbench_agent::runner::OrtRunner,
@@ -14,7 +14,7 @@ fn server(
     duration_ms: u64,
 ) -> serde_json::Value {
     let config = with_defaults(RunConfig {
-        scenario: Scenario::Server as i32,
+        scenario: Scenario::Server,
         target_qps: qps,
         duration_ms,
         warmup_iterations: 500,

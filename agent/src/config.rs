@@ -30,6 +30,12 @@ pub struct AgentConfig {
     pub host_id: String,
     /// Longest wait between reconnection attempts, milliseconds.
     pub max_backoff_ms: u64,
+    /// Size budget of the artifact cache, bytes; the least recently used artifacts are evicted to stay
+    /// under it (never those of a running task). 0: no budget, only the free disk limits the cache.
+    pub cache_max_bytes: u64,
+    /// The coordinator's CA certificate (PEM file; `ca.pem` in its data directory), which https://
+    /// addresses are verified against.
+    pub ca_cert: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -43,12 +49,14 @@ impl Default for AgentConfig {
             ort_lib: PathBuf::new(),
             host_id: String::new(),
             max_backoff_ms: 10_000,
+            cache_max_bytes: 0,
+            ca_cert: PathBuf::new(),
         }
     }
 }
 
 /// Environment keys read (FLEETBENCH_ + upper case).
-const ENV_KEYS: [&str; 7] = [
+const ENV_KEYS: [&str; 9] = [
     "coordinator",
     "name",
     "cpus",
@@ -56,6 +64,8 @@ const ENV_KEYS: [&str; 7] = [
     "ort_lib",
     "host_id",
     "max_backoff_ms",
+    "cache_max_bytes",
+    "ca_cert",
 ];
 
 impl AgentConfig {
@@ -99,13 +109,30 @@ impl AgentConfig {
                     "coordinator: '{c}' must start with http:// or https://"
                 )));
             }
+            if c.starts_with("https://") && self.ca_cert.as_os_str().is_empty() {
+                return Err(AgentError::Config(format!(
+                    "ca_cert: '{c}' is served with TLS; give the coordinator's CA certificate \
+                     (--ca-cert, or FLEETBENCH_CA_CERT; ca.pem in its data directory)"
+                )));
+            }
         }
+        self.ca_pem()?;
         if self.name.trim().is_empty() {
             return Err(AgentError::Config("name: must not be empty".into()));
         }
         self.labels()?;
         self.cpu_list()?;
         Ok(())
+    }
+
+    /// The CA certificate's text, when one is set.
+    pub fn ca_pem(&self) -> Result<Option<String>> {
+        if self.ca_cert.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        fleetbench_proto::connect::read_ca(&self.ca_cert)
+            .map(Some)
+            .map_err(|e| AgentError::Config(format!("ca_cert: {e}")))
     }
 
     /// Parsed labels.

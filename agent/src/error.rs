@@ -15,6 +15,9 @@ pub enum AgentError {
     /// The coordinator could not be reached.
     #[error("cannot reach the coordinator: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The coordinator and the agent speak protocols they cannot both serve; names both versions.
+    #[error("{0}")]
+    Protocol(String),
     /// Local file trouble (state directory, cache).
     #[error("{0}")]
     Io(String),
@@ -25,6 +28,15 @@ pub enum AgentError {
 
 /// Result with the agent's error.
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+impl From<fleetbench_runtime::RuntimeError> for AgentError {
+    fn from(e: fleetbench_runtime::RuntimeError) -> Self {
+        match e {
+            fleetbench_runtime::RuntimeError::Load(m) => AgentError::Runtime(m),
+            fleetbench_runtime::RuntimeError::Data(m) => AgentError::Task(m),
+        }
+    }
+}
 
 impl From<ort::Error> for AgentError {
     fn from(e: ort::Error) -> Self {

@@ -1,10 +1,10 @@
 //! What the agent reports about its machine: host, OS, CPU, the CPUs it may use, memory, accelerators,
 //! and the ONNX Runtime it loaded.
 
-use fleetbench_proto::v1::{Accelerator, Inventory};
+use fleetbench_common::domain::{Accelerator, Inventory};
 use sysinfo::System;
 
-use crate::runtime::Runtime;
+use fleetbench_runtime::Runtime;
 
 /// CPUs this process may run on (its affinity mask), sorted.
 pub fn affinity() -> Vec<u32> {
@@ -67,14 +67,23 @@ pub fn parse_cpu_list(s: &str) -> Result<Vec<u32>, String> {
     Ok(out)
 }
 
-/// A stable id of this host: /etc/machine-id, else the hostname.
+/// A stable id of this host, from /etc/machine-id (else the hostname), salted and hashed: the
+/// coordinator needs only to tell whether two agents share a host, and the machine id is a secret of
+/// the machine's (systemd documents it as confidential).
 pub fn host_id() -> String {
-    std::fs::read_to_string("/etc/machine-id")
+    let raw = std::fs::read_to_string("/etc/machine-id")
         .map(|s| s.trim().to_string())
         .ok()
         .filter(|s| !s.is_empty())
         .or_else(System::host_name)
-        .unwrap_or_else(|| "unknown-host".into())
+        .unwrap_or_else(|| "unknown-host".into());
+    salted_host_id(&raw)
+}
+
+/// The id fleetbench reports for a raw machine id.
+pub fn salted_host_id(raw: &str) -> String {
+    fleetbench_common::sha256_hex(format!("fleetbench host id v1\n{raw}").as_bytes())[..32]
+        .to_string()
 }
 
 /// Collects the inventory. `cpu_set` is the CPUs the agent may use; `host_id` overrides the host id.
@@ -126,5 +135,15 @@ mod tests {
         assert!(parse_cpu_list("2-1").is_err());
         assert!(parse_cpu_list("x").unwrap_err().contains("cpus"));
         assert!(!affinity().is_empty());
+    }
+
+    #[test]
+    fn the_machine_id_is_not_sent_as_it_is() {
+        let raw = std::fs::read_to_string("/etc/machine-id").unwrap_or_else(|_| "x".into());
+        let id = host_id();
+        assert!(!id.contains(raw.trim()), "{id}");
+        assert_eq!(id.len(), 32);
+        assert_eq!(salted_host_id("abc"), salted_host_id("abc"));
+        assert_ne!(salted_host_id("abc"), salted_host_id("abd"));
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Layout: [`uplink`] (connection, reconnect, acks), [`runner`] (ort sessions, scenarios, accuracy),
 //! [`sampler`] (resource telemetry), [`inventory`] (host and runtime fingerprint), [`cache`]
-//! (artifacts), [`runtime`] (loading ONNX Runtime), [`config`].
+//! (artifacts), [`config`]. Loading ONNX Runtime and building inputs live in `fleetbench-runtime`.
 
 pub mod cache;
 pub mod config;
@@ -11,7 +11,6 @@ pub mod error;
 pub mod gpu;
 pub mod inventory;
 pub mod runner;
-pub mod runtime;
 pub mod sampler;
 pub mod uplink;
 
@@ -25,7 +24,7 @@ pub use error::{AgentError, Result};
 /// is done by the binary before any thread starts; here the CPU list is only reported and used for
 /// thread counts.
 pub async fn run(config: AgentConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> Result<()> {
-    let runtime = runtime::load(Some(&config.ort_lib))?;
+    let runtime = fleetbench_runtime::load(Some(&config.ort_lib))?;
     tracing::info!(version = %runtime.version, providers = ?runtime.providers, library = %runtime.path.display(), "ONNX Runtime loaded.");
     let runner = Arc::new(runner::OrtRunner { runtime });
     run_with_runner(config, runner, runtime, Arc::default(), shutdown).await
@@ -36,7 +35,7 @@ pub async fn run(config: AgentConfig, shutdown: tokio::sync::watch::Receiver<boo
 pub async fn run_with_runner(
     config: AgentConfig,
     runner: Arc<dyn runner::ModelRunner>,
-    runtime: &runtime::Runtime,
+    runtime: &fleetbench_runtime::Runtime,
     stats: Arc<uplink::UplinkStats>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
@@ -50,6 +49,8 @@ pub async fn run_with_runner(
         labels: config.labels()?,
         inventory: inventory::collect(runtime, &cpus, host_override),
         state_dir: config.state_dir.clone(),
+        cache_max_bytes: config.cache_max_bytes,
+        ca_pem: config.ca_pem()?,
     };
     uplink::run(
         config.coordinator.clone(),

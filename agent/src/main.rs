@@ -44,6 +44,15 @@ struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     host_id: Option<String>,
+    /// Size budget of the artifact cache in bytes; least recently used artifacts are evicted to stay
+    /// under it, never those of a running task (default 0: only the free disk limits it).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_max_bytes: Option<u64>,
+    /// The coordinator's CA certificate (PEM; ca.pem in its data directory), for https:// addresses.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_cert: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +62,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,ort=warn,h2=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or the journal gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let config = AgentConfig::load(args.config.as_deref(), &args)?;

@@ -9,16 +9,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use fleetbench_common::domain::{Inventory, RunConfig};
 use fleetbench_common::labels::Labels;
 use fleetbench_proto::v1::agent_service_client::AgentServiceClient;
 use fleetbench_proto::v1::model_service_client::ModelServiceClient;
 use fleetbench_proto::v1::{
-    AgentMessage, Heartbeat, Inventory, RegisterRequest, RunResult, SessionHello, TaskAssignment,
+    AgentMessage, Heartbeat, RegisterRequest, RunResult, SessionHello, TaskAssignment,
     TelemetryWindow, WindowBatch, agent_message, coordinator_message,
 };
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
-use tracing::{debug, info, warn};
+use tonic::transport::Channel;
+use tracing::{info, warn};
 
 use crate::cache::Cache;
 use crate::error::{AgentError, Result};
@@ -35,6 +36,10 @@ pub struct Identity {
     pub inventory: Inventory,
     /// State directory (agent id, cache).
     pub state_dir: PathBuf,
+    /// Size budget of the artifact cache, bytes (0: only the free disk limits it).
+    pub cache_max_bytes: u64,
+    /// The coordinator's CA certificate (PEM), for https:// addresses.
+    pub ca_pem: Option<String>,
 }
 
 /// Counters of the link's activity, for operators and tests.
@@ -98,6 +103,9 @@ fn message(body: agent_message::Body) -> AgentMessage {
     AgentMessage { body: Some(body) }
 }
 
+/// Deadline of a unary call (and of opening the session); streams have idle timeouts instead.
+const UNARY_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Windows per message when resending a backlog.
 const REPLAY_BATCH: usize = 64;
 
@@ -137,7 +145,7 @@ pub async fn run(
             identity.state_dir.display()
         ))
     })?;
-    let cache = Cache::new(identity.state_dir.join("cache"))?;
+    let cache = Cache::new(identity.state_dir.join("cache"), identity.cache_max_bytes)?;
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut state = State {
         agent_id: std::fs::read_to_string(id_file(&identity.state_dir))
@@ -173,6 +181,11 @@ pub async fn run(
                 warn!(coordinator = %endpoint, %reason, "Lost the coordinator; reconnecting.");
                 backoff = Duration::from_millis(200);
             }
+            Err(AgentError::Protocol(why)) => {
+                // Retrying soon will not help; one of the two must be upgraded first.
+                backoff = max_backoff;
+                tracing::error!(coordinator = %endpoint, reason = %why, "The coordinator and this agent speak incompatible protocols.");
+            }
             Err(e) => {
                 warn!(
                     coordinator = %endpoint,
@@ -182,8 +195,10 @@ pub async fn run(
                 );
             }
         }
-        // Wait out the backoff, still collecting what the runner produces.
-        let until = tokio::time::Instant::now() + backoff;
+        // Wait out the backoff (with jitter, so a restarted coordinator is not hit by every agent in
+        // the same instant), still collecting what the runner produces.
+        let jittered = backoff.mul_f64(rand::random_range(0.5..1.5));
+        let until = tokio::time::Instant::now() + jittered;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => break,
@@ -201,17 +216,15 @@ pub async fn run(
     Ok(())
 }
 
-async fn connect(endpoint: &str) -> Result<Channel> {
-    Ok(Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| {
-            AgentError::Config(format!(
-                "coordinator: '{endpoint}' is not a valid address: {e}"
-            ))
-        })?
+async fn connect(endpoint: &str, ca_pem: Option<&str>) -> Result<Channel> {
+    Ok(fleetbench_proto::connect::endpoint(endpoint, ca_pem)
+        .map_err(AgentError::Config)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        .http2_adaptive_window(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
         .connect()
         .await?)
 }
@@ -224,21 +237,36 @@ async fn session(
     cache: &Cache,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<SessionEnd> {
-    let channel = connect(endpoint).await?;
+    let channel = connect(endpoint, identity.ca_pem.as_deref()).await?;
     let mut client = AgentServiceClient::new(channel.clone());
+    let mut register = tonic::Request::new(RegisterRequest {
+        agent_id: state.agent_id.clone().unwrap_or_default(),
+        name: identity.name.clone(),
+        labels: identity
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        inventory: Some((&identity.inventory).into()),
+        protocol_version: fleetbench_common::protocol::PROTOCOL_VERSION,
+    });
+    register.set_timeout(UNARY_DEADLINE);
     let reg = client
-        .register(RegisterRequest {
-            agent_id: state.agent_id.clone().unwrap_or_default(),
-            name: identity.name.clone(),
-            labels: identity
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            inventory: Some(identity.inventory.clone()),
-        })
-        .await?
+        .register(register)
+        .await
+        .map_err(|s| {
+            if s.code() == tonic::Code::FailedPrecondition
+                && s.message().starts_with("protocol_version")
+            {
+                AgentError::Protocol(s.message().to_string())
+            } else {
+                AgentError::Coordinator(s)
+            }
+        })?
         .into_inner();
+    if let Some(why) = fleetbench_common::protocol::refuse_coordinator(reg.protocol_version) {
+        return Err(AgentError::Protocol(why));
+    }
     if state.agent_id.as_deref() != Some(reg.agent_id.as_str()) {
         std::fs::write(id_file(&identity.state_dir), &reg.agent_id)
             .map_err(|e| AgentError::Io(format!("cannot save the agent id: {e}")))?;
@@ -257,10 +285,13 @@ async fn session(
         })))
         .await
         .map_err(|_| AgentError::Io("session closed".into()))?;
-    let mut inbound = client
-        .session(tokio_stream::wrappers::ReceiverStream::new(out_rx))
-        .await?
-        .into_inner();
+    let mut inbound = tokio::time::timeout(
+        UNARY_DEADLINE,
+        client.session(tokio_stream::wrappers::ReceiverStream::new(out_rx)),
+    )
+    .await
+    .map_err(|_| AgentError::Io("the coordinator did not open the session within 10 s".into()))??
+    .into_inner();
     info!(coordinator = %endpoint, agent_id = %reg.agent_id, platform = %reg.platform_name, "Connected.");
     state.stats.sessions.fetch_add(1, Ordering::Relaxed);
 
@@ -306,6 +337,12 @@ async fn session(
                 };
                 match msg.body {
                     Some(coordinator_message::Body::Assignment(a)) => {
+                        if let Err(e) = fleetbench_common::ids::check("run_id", &a.run_id)
+                            .and_then(|_| fleetbench_common::ids::check("task_id", &a.task_id))
+                        {
+                            warn!(error = %e, "Ignored an assignment with a malformed id.");
+                            continue;
+                        }
                         if let Some(c) = &state.current {
                             warn!(busy_with = %c.run_id, offered = %a.run_id, "Offered a task while busy; refusing it.");
                             let refusal = RunResult { run_id: a.run_id.clone(), error: format!("agent is busy with run {}", c.run_id), ..Default::default() };
@@ -371,7 +408,66 @@ async fn session(
                     return Ok(SessionEnd::Lost("session closed".into()));
                 }
             }
-            _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
+            _ = shutdown.changed() => {
+                stop_gracefully(state, &out_tx, &mut inbound).await;
+                return Ok(SessionEnd::Shutdown);
+            }
+        }
+    }
+}
+
+/// On SIGTERM: cancels the run in progress, waits (a bounded time) for the runner to stop and for the
+/// coordinator to acknowledge the result, marked `agent_stopping`, so the task is re-queued at once
+/// instead of after a lease timeout.
+async fn stop_gracefully(
+    state: &mut State,
+    out_tx: &mpsc::Sender<AgentMessage>,
+    inbound: &mut tonic::Streaming<fleetbench_proto::v1::CoordinatorMessage>,
+) {
+    let Some(current) = &state.current else {
+        return;
+    };
+    let run_id = current.run_id.clone();
+    info!(run = %run_id, "Stopping: cancelling the run and telling the coordinator.");
+    current.cancel.store(true, Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let result = loop {
+        tokio::select! {
+            ev = state.events_rx.recv() => match ev {
+                Some(RunnerEvent::Finished(r)) if r.run_id == run_id => break Some(r),
+                Some(ev) => { state.absorb(ev); }
+                None => break None,
+            },
+            _ = tokio::time::sleep_until(deadline) => break None,
+        }
+    };
+    let Some(mut result) = result else {
+        warn!(run = %run_id, "The runner did not stop within 10 s; the lease will expire instead.");
+        return;
+    };
+    result.agent_stopping = true;
+    if out_tx
+        .send(message(agent_message::Body::Result(result)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        tokio::select! {
+            m = inbound.message() => match m {
+                Ok(Some(fleetbench_proto::v1::CoordinatorMessage {
+                    body: Some(coordinator_message::Body::ResultAck(ack)),
+                })) if ack.run_id == run_id => {
+                    info!(run = %run_id, "The coordinator put the task back in the queue.");
+                    state.current = None;
+                    return;
+                }
+                Ok(Some(_)) => {}
+                _ => return,
+            },
+            _ = tokio::time::sleep_until(deadline) => return,
         }
     }
 }
@@ -403,16 +499,17 @@ fn start_task(
                 return;
             }
         };
+        let windows = Arc::new(AtomicU64::new(0));
+        let (sent, failed_events) = (windows.clone(), events.clone());
         let result = tokio::task::spawn_blocking(move || {
-            let mut windows = 0u64;
             let mut emit = |w: TelemetryWindow| {
-                windows += 1;
+                sent.fetch_add(1, Ordering::Relaxed);
                 let _ = events.send(RunnerEvent::Window(w));
             };
             let outcome = runner.run(&task, &mut emit, &cancel);
             let mut result = RunResult {
                 run_id: task.assignment.run_id.clone(),
-                window_count: windows,
+                window_count: sent.load(Ordering::Relaxed),
                 ..Default::default()
             };
             match outcome {
@@ -427,9 +524,29 @@ fn start_task(
         })
         .await;
         if let Err(e) = result {
-            debug!(error = %e, "Runner thread ended abnormally.");
+            // A runner that panics ends its run as failed, with the reason, and frees the agent.
+            let reason = match e.try_into_panic() {
+                Ok(payload) => panic_message(&payload),
+                Err(e) => e.to_string(),
+            };
+            tracing::error!(run = %run_id, %reason, "The runner panicked; the run ends as failed.");
+            let _ = failed_events.send(RunnerEvent::Finished(RunResult {
+                run_id,
+                window_count: windows.load(Ordering::Relaxed),
+                error: format!("the agent's runner panicked: {reason}"),
+                ..Default::default()
+            }));
         }
     });
+}
+
+/// The message of a panic's payload.
+fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 async fn prepare(
@@ -445,58 +562,62 @@ async fn prepare(
         .ok_or_else(|| AgentError::Task("the assignment names no model variant".into()))?;
     let config = a
         .config
-        .as_ref()
+        .clone()
         .ok_or_else(|| AgentError::Task("the assignment has no configuration".into()))?;
+    let config = RunConfig::try_from(config)
+        .map_err(|e| AgentError::Task(format!("the assignment's configuration: {e}")))?;
     let fetch = |what: &'static str, e: AgentError| {
         AgentError::Task(format!("cannot fetch the {what}: {e}"))
     };
-    let model_path = cache
-        .fetch(models, &variant.artifact_sha256)
+    let mut pins = Vec::new();
+    let model = cache
+        .fetch_set(models, &variant.artifact_sha256)
         .await
         .map_err(|e| fetch("model artifact", e))?;
+    let model_path = model.path.clone();
+    pins.push(model.pin);
+    let mut blob = async |sha: &str, what: &'static str| -> Result<PathBuf> {
+        let f = cache
+            .fetch_blob(models, sha)
+            .await
+            .map_err(|e| fetch(what, e))?;
+        pins.push(f.pin);
+        Ok(f.path)
+    };
     let eval = if !config.skip_accuracy
         && !variant.eval_inputs_sha256.is_empty()
         && !variant.eval_labels_sha256.is_empty()
     {
-        let x = cache
-            .fetch(models, &variant.eval_inputs_sha256)
-            .await
-            .map_err(|e| fetch("eval inputs", e))?;
-        let y = cache
-            .fetch(models, &variant.eval_labels_sha256)
-            .await
-            .map_err(|e| fetch("eval labels", e))?;
+        let x = blob(&variant.eval_inputs_sha256, "eval inputs").await?;
+        let y = blob(&variant.eval_labels_sha256, "eval labels").await?;
         Some((x, y))
     } else {
         None
     };
-    let base_model_path = if config.skip_accuracy || a.base_artifact_sha256.is_empty() {
-        None
-    } else {
-        Some(
-            cache
-                .fetch(models, &a.base_artifact_sha256)
-                .await
-                .map_err(|e| fetch("base model artifact", e))?,
-        )
-    };
     let input_data = if config.input_data_sha256.is_empty() {
         None
     } else {
-        Some(
-            cache
-                .fetch(models, &config.input_data_sha256)
-                .await
-                .map_err(|e| fetch("input data", e))?,
-        )
+        Some(blob(&config.input_data_sha256, "input data").await?)
+    };
+    let base_model_path = if config.skip_accuracy || a.base_artifact_sha256.is_empty() {
+        None
+    } else {
+        let base = cache
+            .fetch_set(models, &a.base_artifact_sha256)
+            .await
+            .map_err(|e| fetch("base model artifact", e))?;
+        pins.push(base.pin);
+        Some(base.path)
     };
     Ok(PreparedTask {
         assignment: a.clone(),
+        config,
         model_path,
         eval,
         base_model_path,
         input_data,
         cpus,
         host_id,
+        pins: std::sync::Arc::new(pins),
     })
 }

@@ -3,17 +3,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use fleetbench_proto::v1::BlobRef;
 use fleetbench_proto::v1::fleet_service_client::FleetServiceClient;
 use fleetbench_proto::v1::job_service_client::JobServiceClient;
 use fleetbench_proto::v1::model_service_client::ModelServiceClient;
 use fleetbench_proto::v1::ranking_service_client::RankingServiceClient;
-use fleetbench_proto::v1::{BlobChunk, BlobRef, DownloadBlobRequest};
-use sha2::{Digest, Sha256};
-use tonic::transport::{Channel, Endpoint};
-
-/// Bytes per uploaded chunk.
-const CHUNK: usize = 1 << 20;
+use tonic::transport::Channel;
 
 /// Clients of every coordinator service over one connection.
 #[derive(Clone)]
@@ -23,17 +19,24 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client of the coordinator at `url`. It connects on first use, so commands check their
-    /// arguments before any network trouble shows.
+    /// A client of the coordinator at `url` (plain `http://`). It connects on first use, so commands
+    /// check their arguments before any network trouble shows.
     pub async fn connect(url: &str) -> Result<Self> {
-        let channel = Endpoint::from_shared(url.to_string())
-            .with_context(|| {
-                format!(
-                    "coordinator address '{url}' is not a valid URL (expected http://HOST:PORT)"
-                )
-            })?
+        Self::connect_with(url, None).await
+    }
+
+    /// A client of the coordinator at `url`; an `https://` address is verified against the CA
+    /// certificate in `ca_cert`.
+    pub async fn connect_with(url: &str, ca_cert: Option<&Path>) -> Result<Self> {
+        let ca = ca_cert
+            .map(fleetbench_proto::connect::read_ca)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        let channel = fleetbench_proto::connect::endpoint(url, ca.as_deref())
+            .map_err(anyhow::Error::msg)?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
+            .http2_adaptive_window(true)
             .connect_lazy();
         Ok(Self {
             url: url.to_string(),
@@ -44,10 +47,40 @@ impl Client {
     /// Turns a gRPC status into an error that reads well on a terminal.
     pub fn error(&self, s: tonic::Status, doing: &str) -> anyhow::Error {
         let msg = s.message();
+        // Transport failures keep their cause (a refused connection, a certificate not trusted) in
+        // the status's source chain.
+        let mut cause = String::new();
+        let mut next = std::error::Error::source(&s);
+        while let Some(e) = next {
+            cause.push_str(": ");
+            cause.push_str(&e.to_string());
+            next = e.source();
+        }
+        // Only statuses the client's transport makes (not a coordinator's own error about, say, its
+        // database connection).
+        let transport = matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+                | tonic::Code::Cancelled
+        ) && (msg.contains("transport error")
+            // (what a plaintext client may see when the server speaks TLS)
+            || msg.contains("operation was canceled")
+            || msg.contains("connect error")
+            || msg.contains("error trying to connect")
+            || msg.contains("h2 protocol error"));
         match s.code() {
-            tonic::Code::Unavailable if msg.contains("transport") || msg.contains("connect") => {
+            _ if transport => {
+                let hint = if self.url.starts_with("http://") {
+                    "; is fleetbench-coordinator running there, and without TLS? (a coordinator with \
+                     TLS needs an https:// address and --ca-cert)"
+                } else {
+                    "; is fleetbench-coordinator running there, and is --ca-cert the CA that signed its \
+                     certificate?"
+                };
                 anyhow::anyhow!(
-                    "{doing}: cannot reach the coordinator at {} ({msg}); is fleetbench-coordinator running?",
+                    "{doing}: cannot reach the coordinator at {} ({msg}{cause}){hint}",
                     self.url
                 )
             }
@@ -81,58 +114,8 @@ impl Client {
         RankingServiceClient::new(self.channel.clone()).max_decoding_message_size(64 << 20)
     }
 
-    /// Downloads a blob and checks its sha256.
-    pub async fn download(&self, sha256: &str) -> Result<Vec<u8>> {
-        let mut stream = self
-            .models()
-            .download_blob(DownloadBlobRequest {
-                sha256: sha256.to_string(),
-            })
-            .await
-            .map_err(|s| self.error(s, &format!("downloading blob {sha256}")))?
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(chunk) = stream
-            .message()
-            .await
-            .map_err(|s| self.error(s, &format!("downloading blob {sha256}")))?
-        {
-            out.extend_from_slice(&chunk.data);
-        }
-        let got = hex::encode(Sha256::digest(&out));
-        if got != sha256 {
-            anyhow::bail!("blob {sha256} arrived with sha256 {got}");
-        }
-        Ok(out)
-    }
-
-    /// Uploads a file as a blob in chunks; returns its reference.
+    /// Uploads a small file (an eval set, input data) as a blob, in chunks; returns its reference.
     pub async fn upload(&self, path: &Path) -> Result<BlobRef> {
-        let data =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        self.upload_bytes(&data, &path.display().to_string()).await
-    }
-
-    /// Uploads bytes as a blob in chunks; `what` names them in errors.
-    pub async fn upload_bytes(&self, data: &[u8], what: &str) -> Result<BlobRef> {
-        let sha = hex::encode(Sha256::digest(data));
-        let mut chunks: Vec<BlobChunk> = data
-            .chunks(CHUNK)
-            .map(|c| BlobChunk {
-                data: c.to_vec(),
-                expected_sha256: String::new(),
-            })
-            .collect();
-        if chunks.is_empty() {
-            chunks.push(BlobChunk::default());
-        }
-        chunks[0].expected_sha256 = sha;
-        let blob = self
-            .models()
-            .upload_blob(futures::stream::iter(chunks))
-            .await
-            .map_err(|s| self.error(s, &format!("uploading {what}")))?
-            .into_inner();
-        Ok(blob)
+        crate::transfer::upload_blob(self, path).await
     }
 }

@@ -1,7 +1,6 @@
 //! Job options shared by `jobs submit` flags and TOML job files (`-f job.toml`, same names with
 //! underscores; lists or single values). Flags override the file.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
@@ -9,8 +8,8 @@ use fleetbench_common::config::{
     parse_execution_provider, parse_graph_optimization, parse_input_shape, parse_scenario,
     validate_job_spec,
 };
+use fleetbench_common::domain::{JobSpec, RunConfig, Scenario, Sweep};
 use fleetbench_common::labels::parse_labels;
-use fleetbench_proto::v1::{JobSpec, RunConfig, Scenario, Sweep};
 use serde::{Deserialize, Deserializer};
 
 /// Accepts `x = 8` as well as `x = [1, 8]` in job files.
@@ -52,7 +51,9 @@ pub struct JobArgs {
     /// single-stream, offline, server or max-qps.
     #[arg(long)]
     pub scenario: Option<String>,
-    /// Exact number of timed queries per run (default 1000 when no duration is given).
+    /// Exact number of timed queries per run. Without it a run lasts until --duration-s (if given),
+    /// --min-duration-s and --min-queries all hold, capped by --max-duration-s; with none of these,
+    /// it is 1000 queries.
     #[arg(long, allow_hyphen_values = true)]
     pub iterations: Option<i64>,
     /// Timed phase length in seconds, instead of an iteration count.
@@ -109,7 +110,8 @@ pub struct JobArgs {
     /// Minimum timed queries for a VALID run.
     #[arg(long)]
     pub min_queries: Option<u64>,
-    /// Maximum timed duration, seconds; longer runs stop and are INVALID.
+    /// Maximum timed duration, seconds: a run still going then stops, and is INVALID when its minimums
+    /// did not hold by then.
     #[arg(long, allow_hyphen_values = true)]
     pub max_duration_s: Option<f64>,
     /// Stop as soon as the run is VALID and stable (time-bounded runs).
@@ -217,9 +219,12 @@ impl JobArgs {
         let duration_ms = seconds_to_ms("duration_s", self.duration_s)?;
         let max_duration_ms = seconds_to_ms("max_duration_s", self.max_duration_s)?;
         let min_duration_ms = seconds_to_ms("min_duration_s", self.min_duration_s)?;
+        // Without an exact count, the duration and the minimums decide how long a run lasts; with
+        // none of them, a run is 1000 queries.
         let iterations = if iterations == 0
             && duration_ms == 0
-            && max_duration_ms == 0
+            && min_duration_ms == 0
+            && self.min_queries.unwrap_or(0) == 0
             && scenario != Scenario::MaxQps
         {
             1000
@@ -232,7 +237,7 @@ impl JobArgs {
         let opts = self
             .graph_opt
             .iter()
-            .map(|g| parse_graph_optimization(g).map(|g| g as i32))
+            .map(|g| parse_graph_optimization(g))
             .collect::<Result<Vec<_>, _>>()?;
         let eps = self
             .ep
@@ -244,14 +249,12 @@ impl JobArgs {
             .iter()
             .map(|s| parse_input_shape(s))
             .collect::<Result<Vec<_>, _>>()?;
-        let selector: HashMap<String, String> = parse_labels(&self.selector)
-            .map_err(|e| anyhow::anyhow!("selector: {e}"))?
-            .into_iter()
-            .collect();
+        let selector =
+            parse_labels(&self.selector).map_err(|e| anyhow::anyhow!("selector: {e}"))?;
         let config = RunConfig {
             batch_size: batches.first().copied().unwrap_or(1),
             intra_op_threads: threads.first().copied().unwrap_or(0),
-            graph_optimization: opts.first().copied().unwrap_or(0),
+            graph_optimization: opts.first().copied().unwrap_or_default(),
             execution_provider: eps.first().cloned().unwrap_or_default(),
             iterations,
             duration_ms,
@@ -261,7 +264,7 @@ impl JobArgs {
             input_data_sha256: String::new(),
             window_ms: self.window_ms.unwrap_or(0),
             window_min_queries: self.window_min_queries.unwrap_or(0),
-            scenario: scenario as i32,
+            scenario,
             concurrency: concurrency.first().copied().unwrap_or(0),
             target_qps: self.target_qps.unwrap_or(0.0),
             latency_bound_ms: self.latency_bound_ms.unwrap_or(0.0),
@@ -291,8 +294,8 @@ impl JobArgs {
             model,
             variants: self.variants.clone(),
             selector,
-            config: Some(config),
-            sweep: Some(sweep),
+            config,
+            sweep,
             name: self.name.clone().unwrap_or_default(),
         };
         validate_job_spec(&spec, max_tasks)?;
@@ -316,9 +319,8 @@ mod tests {
         let mut a = args("digits");
         a.batch_size = vec![1, 8];
         let spec = a.to_spec(256).unwrap();
-        let c = spec.config.unwrap();
-        assert_eq!(c.iterations, 1000);
-        assert_eq!(spec.sweep.unwrap().batch_sizes, vec![1, 8]);
+        assert_eq!(spec.config.iterations, 1000);
+        assert_eq!(spec.sweep.batch_sizes, vec![1, 8]);
     }
 
     #[test]
@@ -385,9 +387,82 @@ mod tests {
         };
         let merged = flags.over(file);
         let spec = merged.to_spec(256).unwrap();
-        assert_eq!(spec.config.as_ref().unwrap().iterations, 700);
-        assert_eq!(spec.config.as_ref().unwrap().intra_op_threads, 1);
+        assert_eq!(spec.config.iterations, 700);
+        assert_eq!(spec.config.intra_op_threads, 1);
         assert_eq!(spec.selector.get("tier").map(String::as_str), Some("edge"));
         assert!(toml::from_str::<JobArgs>("modle = \"x\"").is_err());
+    }
+}
+
+#[cfg(test)]
+mod parsing_outside_text {
+    use proptest::prelude::*;
+
+    use super::JobArgs;
+
+    const KEYS: &[&str] = &[
+        "model",
+        "variants",
+        "selector",
+        "scenario",
+        "iterations",
+        "duration_s",
+        "batch_size",
+        "concurrency",
+        "threads",
+        "graph_opt",
+        "ep",
+        "warmup",
+        "seed",
+        "shape",
+        "window_ms",
+        "target_qps",
+        "latency_bound_ms",
+        "min_duration_s",
+        "min_queries",
+        "max_duration_s",
+        "early_stop",
+        "stability_ratio",
+        "max_outstanding",
+        "skip_accuracy",
+    ];
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<i64>().prop_map(|v| v.to_string()),
+            any::<f64>().prop_map(|v| format!("{v:?}")),
+            "[a-z0-9=x,. -]{0,12}".prop_map(|s| format!("{s:?}")),
+            proptest::collection::vec(any::<i32>(), 0..4).prop_map(|v| format!("{v:?}")),
+            any::<bool>().prop_map(|b| b.to_string()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any text as a job file: an error or a spec, never a panic.
+        #[test]
+        fn any_text_parses_or_fails_cleanly(text in "\\PC{0,200}") {
+            if let Ok(a) = toml::from_str::<JobArgs>(&text) {
+                let _ = a.to_spec(256);
+            }
+        }
+
+        /// Job files of real keys with values of any type and size: the same.
+        #[test]
+        fn real_keys_with_any_values_parse_or_fail_cleanly(
+            entries in proptest::collection::vec((0..KEYS.len(), value()), 0..10),
+        ) {
+            let mut text = String::new();
+            let mut seen = std::collections::HashSet::new();
+            for (k, v) in entries {
+                if seen.insert(k) {
+                    text.push_str(&format!("{} = {v}\n", KEYS[k]));
+                }
+            }
+            if let Ok(a) = toml::from_str::<JobArgs>(&text) {
+                let _ = a.to_spec(256);
+            }
+        }
     }
 }

@@ -7,3 +7,4 @@ pub mod jobspec;
 pub mod optimize;
 pub mod output;
 pub mod testdata;
+pub mod transfer;

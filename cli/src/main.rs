@@ -16,6 +16,9 @@ struct Cli {
         default_value = "http://127.0.0.1:7700"
     )]
     coordinator: String,
+    /// The coordinator's CA certificate (PEM), for https:// addresses: ca.pem in its data directory.
+    #[arg(long, global = true, env = "FLEETBENCH_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,7 +53,7 @@ async fn run() -> Result<()> {
     if let Command::Quickstart(a) = cli.command {
         return commands::quickstart::run(a).await;
     }
-    let client = client::Client::connect(&cli.coordinator).await?;
+    let client = client::Client::connect_with(&cli.coordinator, cli.ca_cert.as_deref()).await?;
     match cli.command {
         Command::Models(c) => commands::models::run(&client, c).await,
         Command::Jobs(c) => commands::jobs::run(&client, c).await,

@@ -12,6 +12,10 @@ fn quickstart_prints_a_ranking_of_both_platforms() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_fleetbench"))
         .current_dir(repo)
+        // Settings a user exported for a real fleet (as the README's "Across real machines" does)
+        // must not reach the local one.
+        .env("FLEETBENCH_CA_CERT", "/nonexistent/ca.pem")
+        .env("FLEETBENCH_COORDINATOR", "https://coord.example.net:7700")
         .args(["quickstart", "--iterations", "500", "--dir"])
         .arg(dir.path())
         .output()

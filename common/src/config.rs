@@ -1,7 +1,7 @@
 //! Run configuration: names of scenarios and optimization levels, defaults, validation (errors name the
 //! field), and the expansion of sweeps into one configuration per task.
 
-use crate::proto::v1::{GraphOptimization, InputShape, JobSpec, RunConfig, Scenario, Sweep};
+use crate::domain::{GraphOptimization, InputShape, JobSpec, RunConfig, Scenario, Sweep};
 
 /// Default cap on the number of tasks one job may expand into.
 pub const DEFAULT_MAX_TASKS: usize = 256;
@@ -22,6 +22,14 @@ impl ConfigError {
         Self {
             field: field.to_string(),
             message: message.into(),
+        }
+    }
+
+    /// The same error for a field nested in `parent`, e.g. `config.scenario`.
+    pub fn within(self, parent: &str) -> Self {
+        Self {
+            field: format!("{parent}.{}", self.field),
+            message: self.message,
         }
     }
 }
@@ -45,7 +53,7 @@ pub fn parse_scenario(s: &str) -> Result<Scenario, ConfigError> {
 /// CLI name of a scenario.
 pub fn scenario_name(s: Scenario) -> &'static str {
     match s {
-        Scenario::Unspecified | Scenario::SingleStream => "single-stream",
+        Scenario::SingleStream => "single-stream",
         Scenario::Offline => "offline",
         Scenario::Server => "server",
         Scenario::MaxQps => "max-qps",
@@ -69,7 +77,7 @@ pub fn parse_graph_optimization(s: &str) -> Result<GraphOptimization, ConfigErro
 /// CLI name of a graph optimization level.
 pub fn graph_optimization_name(g: GraphOptimization) -> &'static str {
     match g {
-        GraphOptimization::Unspecified | GraphOptimization::All => "all",
+        GraphOptimization::All => "all",
         GraphOptimization::Disabled => "disabled",
         GraphOptimization::Basic => "basic",
         GraphOptimization::Extended => "extended",
@@ -135,12 +143,6 @@ pub fn with_defaults(mut c: RunConfig) -> RunConfig {
     if c.batch_size == 0 {
         c.batch_size = 1;
     }
-    if c.scenario == Scenario::Unspecified as i32 {
-        c.scenario = Scenario::SingleStream as i32;
-    }
-    if c.graph_optimization == GraphOptimization::Unspecified as i32 {
-        c.graph_optimization = GraphOptimization::All as i32;
-    }
     if c.execution_provider.is_empty() {
         c.execution_provider = "cpu".to_string();
     }
@@ -170,27 +172,41 @@ pub fn with_defaults(mut c: RunConfig) -> RunConfig {
 
 /// Checks a configuration; the error names the field.
 pub fn validate(c: &RunConfig) -> Result<(), ConfigError> {
-    let scenario = Scenario::try_from(c.scenario).map_err(|_| {
-        ConfigError::new("scenario", format!("unknown scenario value {}", c.scenario))
-    })?;
+    let scenario = c.scenario;
     if c.batch_size == 0 {
         return Err(ConfigError::new("batch_size", "must be at least 1"));
-    }
-    if GraphOptimization::try_from(c.graph_optimization).is_err() {
-        return Err(ConfigError::new(
-            "graph_optimization",
-            format!("unknown level value {}", c.graph_optimization),
-        ));
     }
     parse_execution_provider(&c.execution_provider)?;
     if c.iterations == 0
         && c.duration_ms == 0
         && c.max_duration_ms == 0
+        && c.min_duration_ms == 0
+        && c.min_queries == 0
         && scenario != Scenario::MaxQps
     {
         return Err(ConfigError::new(
             "iterations",
-            "must be > 0 (or give a duration)",
+            "must be > 0 (or give a duration or minimums)",
+        ));
+    }
+    // Conflicts a run could never resolve: refused now, naming both settings.
+    if c.iterations > 0 && c.min_queries > c.iterations {
+        return Err(ConfigError::new(
+            "min_queries",
+            format!(
+                "{} is more than iterations {}: a run of exactly {} queries can never be VALID",
+                c.min_queries, c.iterations, c.iterations
+            ),
+        ));
+    }
+    if c.max_duration_ms > 0 && c.duration_ms > c.max_duration_ms {
+        return Err(ConfigError::new(
+            "duration_s",
+            format!(
+                "{} s is longer than max_duration_s {} s, which caps it",
+                c.duration_ms as f64 / 1e3,
+                c.max_duration_ms as f64 / 1e3
+            ),
         ));
     }
     if c.window_ms < 10 {
@@ -253,11 +269,9 @@ pub fn validate(c: &RunConfig) -> Result<(), ConfigError> {
 /// order, refusing more than `max_tasks_per_variant_agent` combinations.
 pub fn expand_sweep(
     base: &RunConfig,
-    sweep: Option<&Sweep>,
+    sw: &Sweep,
     max: usize,
 ) -> Result<Vec<RunConfig>, ConfigError> {
-    let empty = Sweep::default();
-    let sw = sweep.unwrap_or(&empty);
     fn or_base<T: Clone>(v: &[T], base: T) -> Vec<T> {
         if v.is_empty() { vec![base] } else { v.to_vec() }
     }
@@ -298,7 +312,7 @@ pub fn expand_sweep(
 
 /// Short readable label of a configuration, e.g. `single-stream b1 t2 all cpu`.
 pub fn config_label(c: &RunConfig) -> String {
-    let scenario = Scenario::try_from(c.scenario).unwrap_or(Scenario::SingleStream);
+    let scenario = c.scenario;
     let mut s = format!("{} b{}", scenario_name(scenario), c.batch_size.max(1));
     if c.concurrency > 1 {
         s.push_str(&format!(" c{}", c.concurrency));
@@ -306,8 +320,8 @@ pub fn config_label(c: &RunConfig) -> String {
     if c.intra_op_threads > 0 {
         s.push_str(&format!(" t{}", c.intra_op_threads));
     }
-    let opt = GraphOptimization::try_from(c.graph_optimization).unwrap_or(GraphOptimization::All);
-    if opt != GraphOptimization::All && opt != GraphOptimization::Unspecified {
+    let opt = c.graph_optimization;
+    if opt != GraphOptimization::All {
         s.push_str(&format!(" opt={}", graph_optimization_name(opt)));
     }
     if !c.execution_provider.is_empty() && c.execution_provider != "cpu" {
@@ -324,9 +338,9 @@ pub fn validate_job_spec(spec: &JobSpec, max_tasks: usize) -> Result<Vec<RunConf
     if spec.model.trim().is_empty() {
         return Err(ConfigError::new("model", "is required"));
     }
-    let base = with_defaults(spec.config.clone().unwrap_or_default());
+    let base = with_defaults(spec.config.clone());
     validate(&base)?;
-    expand_sweep(&base, spec.sweep.as_ref(), max_tasks)
+    expand_sweep(&base, &spec.sweep, max_tasks)
 }
 
 #[cfg(test)]
@@ -351,12 +365,12 @@ mod tests {
         c.iterations = 0;
         assert_eq!(validate(&c).unwrap_err().field, "iterations");
         let mut c = base();
-        c.scenario = Scenario::Server as i32;
+        c.scenario = Scenario::Server;
         assert_eq!(validate(&c).unwrap_err().field, "target_qps");
         c.target_qps = -3.0;
         assert_eq!(validate(&c).unwrap_err().field, "target_qps");
         let mut c = base();
-        c.scenario = Scenario::MaxQps as i32;
+        c.scenario = Scenario::MaxQps;
         assert_eq!(validate(&c).unwrap_err().field, "latency_bound_ms");
         c.latency_bound_ms = -1.0;
         assert_eq!(validate(&c).unwrap_err().field, "latency_bound_ms");
@@ -370,13 +384,37 @@ mod tests {
     }
 
     #[test]
+    fn conflicts_a_run_cannot_resolve_name_both_settings() {
+        let mut c = base();
+        c.iterations = 100;
+        c.min_queries = 500;
+        let e = validate(&c).unwrap_err();
+        assert_eq!(e.field, "min_queries");
+        assert!(e.message.contains("iterations 100"), "{e}");
+        let mut c = base();
+        c.iterations = 0;
+        c.duration_ms = 10_000;
+        c.max_duration_ms = 5_000;
+        let e = validate(&c).unwrap_err();
+        assert!(
+            e.to_string().starts_with("duration_s") && e.message.contains("max_duration_s"),
+            "{e}"
+        );
+        // Minimums alone bound a run.
+        let mut c = base();
+        c.iterations = 0;
+        c.min_duration_ms = 3_000;
+        validate(&c).unwrap();
+    }
+
+    #[test]
     fn sweeps_expand_to_every_combination_and_respect_the_cap() {
         let sweep = Sweep {
             batch_sizes: vec![1, 8, 32],
             intra_op_threads: vec![1, 2],
             ..Default::default()
         };
-        let all = expand_sweep(&base(), Some(&sweep), 256).unwrap();
+        let all = expand_sweep(&base(), &sweep, 256).unwrap();
         assert_eq!(all.len(), 6);
         let mut pairs: Vec<_> = all
             .iter()
@@ -384,7 +422,7 @@ mod tests {
             .collect();
         pairs.dedup();
         assert_eq!(pairs.len(), 6);
-        let err = expand_sweep(&base(), Some(&sweep), 5).unwrap_err();
+        let err = expand_sweep(&base(), &sweep, 5).unwrap_err();
         assert_eq!(err.field, "sweep");
         assert!(err.message.contains("6 combinations"), "{err}");
     }

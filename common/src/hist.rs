@@ -4,7 +4,7 @@
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 
-use crate::proto::v1::LatencyStats;
+use crate::domain::LatencyStats;
 
 /// A latency histogram in nanoseconds.
 pub type LatencyHistogram = Histogram<u64>;
@@ -48,11 +48,47 @@ pub fn encode(h: &LatencyHistogram) -> Vec<u8> {
     buf
 }
 
-/// Reads a histogram written by [`encode`]. Empty input gives an empty histogram.
+/// The V2 (uncompressed) serialization's cookie, as [`encode`] writes it.
+const V2_COOKIE: u32 = 0x1c84_9303 | 0x10;
+
+/// Size of the V2 header: cookie, payload length, normalizing offset, digits, lowest, highest, ratio.
+const V2_HEADER: usize = 40;
+
+/// Checks a V2 header before it is trusted: the deserializer allocates what the header says (a
+/// payload buffer of its stated length, a counts array for its range and precision), so bytes from
+/// outside must not be able to ask for gigabytes. Accepted: fleetbench's own encoding (uncompressed,
+/// at most 3 significant digits, values up to 2^62 ns, a payload that is really there).
+fn check_header(bytes: &[u8]) -> Result<(), HistError> {
+    let bad = |why: &str| Err(HistError::Decode(why.to_string()));
+    if bytes.len() < V2_HEADER {
+        return bad("shorter than its header");
+    }
+    let u32_at = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
+    let u64_at = |i: usize| u64::from_be_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+    if u32_at(0) != V2_COOKIE {
+        return bad("not an uncompressed V2 encoding (wrong cookie)");
+    }
+    if u32_at(4) as usize > bytes.len() - V2_HEADER {
+        return bad("its payload is shorter than its header says");
+    }
+    let digits = u32_at(12);
+    if !(1..=SIGNIFICANT_DIGITS as u32).contains(&digits) {
+        return bad("more significant digits than fleetbench records");
+    }
+    let (low, high) = (u64_at(16), u64_at(24));
+    if low == 0 || high > 1 << 62 || low > high {
+        return bad("its value range is out of bounds");
+    }
+    Ok(())
+}
+
+/// Reads a histogram written by [`encode`]. Empty input gives an empty histogram. Bytes from outside
+/// are checked first (see [`check_header`]).
 pub fn decode(bytes: &[u8]) -> Result<LatencyHistogram, HistError> {
     if bytes.is_empty() {
         return Ok(new_histogram());
     }
+    check_header(bytes)?;
     let h: LatencyHistogram = Deserializer::new()
         .deserialize(&mut &bytes[..])
         .map_err(|e| HistError::Decode(format!("{e:?}")))?;
@@ -142,8 +178,8 @@ pub fn stats(h: &LatencyHistogram) -> Stats {
 }
 
 impl Stats {
-    /// The statistics in milliseconds, as the API reports them.
-    pub fn to_proto_ms(&self) -> LatencyStats {
+    /// The statistics in milliseconds, as runs and rankings report them.
+    pub fn to_ms(&self) -> LatencyStats {
         let ms = |ns: f64| ns / 1e6;
         LatencyStats {
             p50_ms: ms(self.p50),
@@ -303,5 +339,59 @@ mod tests {
             !is_stable(&[0.0, 0.0, 0.0], 3, 1.10),
             "zero throughput is not stable"
         );
+    }
+}
+
+#[cfg(test)]
+mod hostile_headers {
+    #[test]
+    fn a_header_that_asks_for_gigabytes_is_refused_before_anything_is_allocated() {
+        let mut h = super::new_histogram();
+        super::record_ns(&mut h, 1000);
+        let good = super::encode(&h);
+        // A payload length of 4 GiB.
+        let mut huge_payload = good.clone();
+        huge_payload[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
+        let e = super::decode(&huge_payload).unwrap_err().to_string();
+        assert!(e.contains("payload"), "{e}");
+        // Five significant digits over the widest range: a counts array of tens of megabytes.
+        let mut precise = good.clone();
+        precise[12..16].copy_from_slice(&5u32.to_be_bytes());
+        precise[24..32].copy_from_slice(&(1u64 << 63).to_be_bytes());
+        assert!(super::decode(&precise).is_err());
+        assert!(super::decode(&good).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod decoding_outside_bytes {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any bytes: an error or a histogram, never a panic.
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = super::decode(&bytes);
+        }
+
+        /// A real encoding with bytes changed: the same.
+        #[test]
+        fn damaged_encodings_decode_or_fail_cleanly(
+            values in proptest::collection::vec(1u64..10_000_000_000, 1..200),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        ) {
+            let mut h = super::new_histogram();
+            for v in &values {
+                super::record_ns(&mut h, *v);
+            }
+            let mut bytes = super::encode(&h);
+            for (at, b) in flips {
+                let n = bytes.len();
+                bytes[at % n] = b;
+            }
+            let _ = super::decode(&bytes);
+        }
     }
 }

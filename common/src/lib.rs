@@ -1,13 +1,21 @@
-//! Domain logic shared by the fleetbench coordinator, agent and CLI: latency histograms and their
-//! statistics, labels and selectors, platform fingerprints, run configuration rules, and ONNX model
-//! inspection.
+//! Domain logic shared by the fleetbench coordinator, agent and CLI: the shared domain model
+//! ([`domain`], converted to and from the wire in [`convert`]), latency histograms and their statistics,
+//! labels and selectors, platform fingerprints, run configuration rules, and ONNX model inspection.
 
+pub mod artifact;
 pub mod config;
+pub mod convert;
+pub mod domain;
+pub mod files;
 pub mod hist;
+pub mod ids;
 pub mod labels;
 pub mod onnx;
+pub mod onnx_scan;
 pub mod platform;
+pub mod protocol;
 pub mod quality;
+pub mod redact;
 
 pub use fleetbench_proto as proto;
 

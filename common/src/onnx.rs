@@ -3,10 +3,10 @@
 
 use prost::Message;
 
+use crate::domain::TensorInfo;
 use crate::proto::onnx::{
     ModelProto, TensorProto, TypeProto, tensor_shape_proto::dimension, type_proto,
 };
-use crate::proto::v1::TensorInfo;
 
 /// Why bytes are not a usable ONNX model.
 #[derive(Debug, thiserror::Error)]
@@ -30,13 +30,106 @@ pub struct ModelInfo {
     pub node_count: usize,
     /// Opset of the default domain.
     pub opset: i64,
+    /// ONNX IR version the model is stamped with.
+    pub ir_version: i64,
     /// Default variant name from the dominant weight type: "fp32", "fp16", "int8", ...
     pub weight_kind: &'static str,
+    /// Initializers whose data lives in external files, in graph order.
+    pub external_data: Vec<ExternalRef>,
+}
+
+/// Where an initializer keeps its data outside the model file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalRef {
+    /// The initializer.
+    pub tensor: String,
+    /// `location`: the file, relative to the model's folder, as written.
+    pub location: String,
+    /// `offset` in the file (0 when absent).
+    pub offset: u64,
+    /// `length` in bytes; None when absent (to the end of the file).
+    pub length: Option<u64>,
+}
+
+impl ExternalRef {
+    /// One past the last byte read, when the length is known.
+    pub fn end(&self) -> Option<u64> {
+        self.length.map(|l| self.offset.saturating_add(l))
+    }
+}
+
+/// TensorProto.DataLocation.EXTERNAL.
+const EXTERNAL: i32 = 1;
+
+/// The initializers of a graph that keep their data in external files, with where each reads it.
+pub fn external_data(graph: &fleetbench_proto::onnx::GraphProto) -> Vec<ExternalRef> {
+    graph.initializer.iter().filter_map(external_ref).collect()
+}
+
+/// Where one initializer keeps its data, when it is external.
+pub fn external_ref(t: &TensorProto) -> Option<ExternalRef> {
+    if t.data_location.unwrap_or(0) != EXTERNAL {
+        return None;
+    }
+    let get = |k: &str| {
+        t.external_data
+            .iter()
+            .find(|e| e.key() == k)
+            .map(|e| e.value().to_string())
+    };
+    Some(ExternalRef {
+        tensor: t.name().to_string(),
+        location: get("location").unwrap_or_default(),
+        offset: get("offset").and_then(|v| v.parse().ok()).unwrap_or(0),
+        length: get("length").and_then(|v| v.parse().ok()),
+    })
+}
+
+/// Checks an external-data `location` as a path relative to the model's folder, and returns it with
+/// `/` separators and without `.` parts. Refused: empty, absolute paths, `..` parts (a location must
+/// not reach outside the model's folder), backslashes and control characters.
+pub fn check_location(location: &str) -> Result<String, String> {
+    if location.is_empty() {
+        return Err("the location is empty".into());
+    }
+    if location.starts_with('/') || location.starts_with('\\') || location.get(1..2) == Some(":") {
+        return Err(format!(
+            "'{location}' is an absolute path; external data must lie beside the model or below it"
+        ));
+    }
+    if location.chars().any(|c| c.is_control() || c == '\\') {
+        return Err(format!(
+            "'{location}' holds a backslash or a control character; use '/' between folders"
+        ));
+    }
+    let mut parts = Vec::new();
+    for part in location.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                return Err(format!(
+                    "'{location}' leaves the model's folder ('..'); external data must lie beside the \
+                     model or below it"
+                ));
+            }
+            p => parts.push(p),
+        }
+    }
+    if parts.is_empty() {
+        return Err(format!("'{location}' names no file"));
+    }
+    Ok(parts.join("/"))
 }
 
 /// Decodes a model and checks that it looks like one.
 pub fn decode_model(bytes: &[u8]) -> Result<ModelProto, OnnxError> {
     let model = ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
+    check_model(&model)?;
+    Ok(model)
+}
+
+/// Checks that a decoded model has what every runnable model has.
+pub fn check_model(model: &ModelProto) -> Result<(), OnnxError> {
     if model.ir_version.unwrap_or(0) <= 0 {
         return Err(OnnxError::Incomplete("ir_version is missing"));
     }
@@ -50,7 +143,21 @@ pub fn decode_model(bytes: &[u8]) -> Result<ModelProto, OnnxError> {
     if graph.output.is_empty() {
         return Err(OnnxError::Incomplete("the graph has no outputs"));
     }
-    Ok(model)
+    Ok(())
+}
+
+/// Inspects a model file without reading its weights (see [`crate::onnx_scan`]).
+pub fn inspect_file(path: &std::path::Path) -> Result<ModelInfo, OnnxError> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| OnnxError::Decode(format!("cannot open {}: {e}", path.display())))?;
+    Ok(info_of(&crate::onnx_scan::scan(f)?))
+}
+
+/// What [`inspect_model`] reads, from a scanned model.
+pub fn info_of(scanned: &crate::onnx_scan::Scanned) -> ModelInfo {
+    let mut info = inspect_model(&scanned.model);
+    info.node_count = scanned.node_count;
+    info
 }
 
 /// Inspects a model's graph.
@@ -86,7 +193,9 @@ pub fn inspect_model(model: &ModelProto) -> ModelInfo {
         outputs,
         node_count: graph.node.len(),
         opset,
+        ir_version: model.ir_version.unwrap_or(0),
         weight_kind: weight_kind(&graph.initializer),
+        external_data: external_data(&graph),
     }
 }
 
@@ -196,5 +305,44 @@ mod tests {
         assert!(inspect(b"").is_err());
         let err = inspect(&[0x08, 0x07]).unwrap_err(); // ir_version only
         assert!(err.to_string().starts_with("not an ONNX model"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod decoding_outside_bytes {
+    use proptest::prelude::*;
+
+    fn student() -> Vec<u8> {
+        std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/digits/digits-student.onnx"
+        ))
+        .expect("the bundled student model")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any bytes: an error or a model, never a panic.
+        #[test]
+        fn any_bytes_inspect_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = super::inspect(&bytes);
+        }
+
+        /// A real model with bytes changed or cut short: the same.
+        #[test]
+        fn damaged_models_inspect_or_fail_cleanly(
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..16),
+            cut in any::<usize>(),
+        ) {
+            let mut bytes = student();
+            for (at, b) in flips {
+                let n = bytes.len();
+                bytes[at % n] = b;
+            }
+            let n = bytes.len();
+            bytes.truncate(cut % (n + 1));
+            let _ = super::inspect(&bytes);
+        }
     }
 }

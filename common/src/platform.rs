@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
+use crate::domain::Inventory;
 use crate::labels::{COST_LABEL, Labels};
-use crate::proto::v1::Inventory;
 
 /// What identifies a platform: everything that shapes performance, nothing that merely names a host.
 #[derive(Debug, Serialize)]
@@ -90,8 +90,8 @@ pub fn platform_name(inv: &Inventory, labels: &Labels) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Accelerator;
     use crate::labels::parse_labels;
-    use crate::proto::v1::Accelerator;
 
     fn inv(host: &str, cpus: &[u32]) -> Inventory {
         Inventory {

@@ -25,18 +25,60 @@ pub struct CoordinatorConfig {
     pub max_attempts: u32,
     /// Most tasks one job may expand into.
     pub max_tasks_per_job: usize,
-    /// Largest blob (model, eval set) accepted, bytes.
-    pub max_blob_bytes: u64,
+    /// Folder for what is not in the database: on SQLite, blob files (models, eval sets) and uploads in
+    /// progress. Empty: the SQLite file's folder. Postgres keeps blobs in the database (replicas share
+    /// them) and ignores it.
+    pub data_dir: String,
+    /// Largest upload accepted, bytes: a whole artifact set (a model and its external data) or one
+    /// blob. The default, 256 GiB, fits a 120-billion-parameter model in fp16; the disk is the real
+    /// limit, and an upload that would not fit in the data directory's free space is refused at its
+    /// start. (`max_blob_bytes`, its former name, is read too.)
+    #[serde(alias = "max_blob_bytes")]
+    pub max_upload_bytes: u64,
+    /// An upload not continued for this long is collected with its partial bytes, hours.
+    pub upload_expiry_hours: u64,
+    /// Raw telemetry windows of runs finished longer ago than this are dropped, days; run summaries and
+    /// histograms stay, so rankings do not change. 0 keeps them for ever.
+    pub window_retention_days: u64,
     /// How often the scheduler looks for work and expired leases even without events, milliseconds.
     pub scheduler_tick_ms: u64,
     /// Most windows written in one database transaction.
     pub ingest_batch: usize,
     /// How long the ingest writer waits for more windows before writing a batch, milliseconds.
     pub ingest_linger_ms: u64,
-    /// OTLP/gRPC endpoint to export metrics to, e.g. `http://127.0.0.1:4317`; empty to disable.
+    /// OpenTelemetry export is not built yet: a non-empty value is refused at startup.
     pub otlp_endpoint: String,
     /// File to write the bound address to once listening (useful with port 0).
     pub addr_file: String,
+    /// Server certificate (PEM) to serve TLS with, from a CA of your own; with `tls_key`. Empty: the
+    /// certificate `fleetbench-coordinator init` made in the data directory, if there is one.
+    pub tls_cert: String,
+    /// The server certificate's private key (PEM).
+    pub tls_key: String,
+    /// Serve without TLS on an address other machines can reach. Without it, the coordinator refuses
+    /// to start on a non-loopback address unless it has a certificate. Only on a network you trust.
+    pub insecure: bool,
+    /// Most concurrent streams (sessions) one run may ask for.
+    pub max_concurrency: u32,
+    /// Largest batch size.
+    pub max_batch_size: u32,
+    /// Most timed queries one run may ask for (`iterations`, `min_queries`).
+    pub max_iterations: u64,
+    /// Longest timed phase a run may ask for, milliseconds (`duration`, `min_duration`, `max_duration`).
+    pub max_run_duration_ms: u64,
+    /// Most untimed warm-up queries.
+    pub max_warmup_iterations: u64,
+    /// Highest target QPS of the server scenario.
+    pub max_target_qps: f64,
+    /// Largest outstanding-query cap of the server scenario (`max_outstanding`).
+    pub max_queries_outstanding: u32,
+    /// Most values one input tensor of one query may hold (batch times the other dimensions).
+    pub max_input_elements: u64,
+    /// HTTP/2 keepalive: how often the server pings a quiet connection, milliseconds.
+    pub keepalive_interval_ms: u64,
+    /// HTTP/2 keepalive: how long a ping may go unanswered before the connection (and its session) is
+    /// closed, milliseconds. Half-open connections end this way instead of holding leases.
+    pub keepalive_timeout_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -48,12 +90,28 @@ impl Default for CoordinatorConfig {
             lease_timeout_ms: 15_000,
             max_attempts: 3,
             max_tasks_per_job: fleetbench_common::config::DEFAULT_MAX_TASKS,
-            max_blob_bytes: 2 << 30,
+            data_dir: String::new(),
+            max_upload_bytes: 256 << 30,
+            upload_expiry_hours: 24,
+            window_retention_days: 0,
             scheduler_tick_ms: 500,
             ingest_batch: 1024,
             ingest_linger_ms: 5,
             otlp_endpoint: String::new(),
             addr_file: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            insecure: false,
+            max_concurrency: 256,
+            max_batch_size: 4096,
+            max_iterations: 100_000_000,
+            max_run_duration_ms: 24 * 3600 * 1000,
+            max_warmup_iterations: 1_000_000,
+            max_target_qps: 1_000_000.0,
+            max_queries_outstanding: 1_000_000,
+            max_input_elements: 1 << 28,
+            keepalive_interval_ms: 10_000,
+            keepalive_timeout_ms: 20_000,
         }
     }
 }
@@ -108,8 +166,25 @@ impl CoordinatorConfig {
                 "max_tasks_per_job: must be > 0".into(),
             ));
         }
+        if self.keepalive_interval_ms == 0 || self.keepalive_timeout_ms == 0 {
+            return Err(Error::InvalidArgument(
+                "keepalive_interval_ms, keepalive_timeout_ms: must be > 0".into(),
+            ));
+        }
+        if self.upload_expiry_hours == 0 {
+            return Err(Error::InvalidArgument(
+                "upload_expiry_hours: must be > 0".into(),
+            ));
+        }
         if self.ingest_batch == 0 {
             return Err(Error::InvalidArgument("ingest_batch: must be > 0".into()));
+        }
+        if !self.otlp_endpoint.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "otlp_endpoint: OpenTelemetry export is not built into this version of fleetbench, so \
+                 '{}' would receive nothing; remove the setting",
+                self.otlp_endpoint
+            )));
         }
         Ok(())
     }
@@ -117,19 +192,36 @@ impl CoordinatorConfig {
 
 /// Environment keys read (FLEETBENCH_ + upper case); others, such as FLEETBENCH_COORDINATOR for the CLI,
 /// belong to other programs.
-const ENV_KEYS: [&str; 12] = [
+const ENV_KEYS: [&str; 29] = [
     "listen",
     "database",
     "heartbeat_interval_ms",
     "lease_timeout_ms",
     "max_attempts",
     "max_tasks_per_job",
+    "data_dir",
+    "max_upload_bytes",
     "max_blob_bytes",
+    "upload_expiry_hours",
+    "window_retention_days",
     "scheduler_tick_ms",
     "ingest_batch",
     "ingest_linger_ms",
     "otlp_endpoint",
     "addr_file",
+    "tls_cert",
+    "tls_key",
+    "insecure",
+    "max_concurrency",
+    "max_batch_size",
+    "max_iterations",
+    "max_run_duration_ms",
+    "max_warmup_iterations",
+    "max_target_qps",
+    "max_queries_outstanding",
+    "max_input_elements",
+    "keepalive_interval_ms",
+    "keepalive_timeout_ms",
 ];
 
 #[cfg(test)]

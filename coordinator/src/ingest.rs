@@ -1,33 +1,37 @@
 //! Ingest: telemetry windows and run results are written in arrival order by one writer task, in
 //! batches (one transaction per batch); each window is acknowledged only after its batch is durably
 //! stored. If the database fails, the writer retries the same batch and acknowledges nothing meanwhile,
-//! so agents keep the windows and nothing is lost. Heartbeats go through their own batcher, so that a
-//! slow or absent database never stalls liveness.
+//! so agents keep the windows and nothing is lost. Heartbeats go through their own batcher
+//! ([`crate::heartbeat`]), so that a slow or absent database never stalls liveness.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fleetbench_common::now_ms;
-use fleetbench_proto::v1::{
-    ResultAck, RunResult, TelemetryWindow, WindowAck, WindowAckBatch, coordinator_message::Body,
-};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::Coordinator;
-use crate::error::Result;
-use crate::scheduler::{SessionTx, cancel_msg, msg};
-use crate::store::{HeartbeatRecord, WindowOutcome};
+use crate::batch::next_batch;
+use crate::context::Context;
+use crate::domain::{RunResult, Window};
+use crate::error::{Error, Result};
+use crate::registry::{self, Ack, AgentLink};
+use crate::store::{FinishedRun, WindowOutcome};
 use crate::summary;
 
-/// Something to write, with the session to acknowledge on.
+/// Something to write, with the session to acknowledge on. Windows are nearly every item, so they are
+/// kept inline (no allocation per window); the rare, larger result is boxed.
+#[allow(clippy::large_enum_variant)]
 pub enum IngestItem {
-    /// A telemetry window.
+    /// A telemetry window (already checked by [`check_window`]).
     Window {
         /// The window.
-        window: TelemetryWindow,
+        window: Window,
+        /// Agent that sent it.
+        agent_id: String,
         /// Where to send the ack.
-        reply: SessionTx,
+        reply: AgentLink,
     },
     /// A run's result.
     Result {
@@ -36,52 +40,68 @@ pub enum IngestItem {
         /// Agent that sent it.
         agent_id: String,
         /// Where to send the ack.
-        reply: SessionTx,
+        reply: AgentLink,
     },
 }
 
 /// Sender side of the ingest writer.
 pub type IngestHandle = mpsc::Sender<IngestItem>;
 
-/// A heartbeat with the session to answer on.
-pub struct HeartbeatItem {
-    /// The heartbeat.
-    pub record: HeartbeatRecord,
-    /// Where to send a cancellation when its run is no longer active.
-    pub reply: SessionTx,
-}
-
-/// Sender side of the heartbeat batcher.
-pub type HeartbeatHandle = mpsc::Sender<HeartbeatItem>;
-
-/// Takes the first item, then whatever else arrives within `linger`, up to `max`: a few milliseconds
-/// of waiting turns a trickle from many agents into one transaction instead of dozens.
-async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, max: usize, linger: Duration) -> Option<Vec<T>> {
-    let first = rx.recv().await?;
-    let mut batch = vec![first];
-    let deadline = tokio::time::Instant::now() + linger;
-    while batch.len() < max {
-        match rx.try_recv() {
-            Ok(item) => batch.push(item),
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(item)) => batch.push(item),
-                    _ => break,
-                }
-            }
-        }
+/// Why a window is refused on arrival, or None when it can be stored: its run id must be an id, its
+/// histograms must decode, the latency histogram must hold one value per query, and its offsets and
+/// counts must make sense. A bad window is refused alone; the rest of its batch goes on.
+pub fn check_window(w: &Window) -> Option<String> {
+    if let Err(e) = fleetbench_common::ids::check("run_id", &w.run_id) {
+        return Some(e.to_string());
     }
-    Some(batch)
+    let h = match fleetbench_common::hist::decode(&w.latency_histogram) {
+        Ok(h) => h,
+        Err(e) => return Some(format!("latency_histogram: {e}")),
+    };
+    if h.len() != w.queries {
+        return Some(format!(
+            "latency_histogram: holds {} latencies, the window says {} queries",
+            h.len(),
+            w.queries
+        ));
+    }
+    if let Err(e) = fleetbench_common::hist::decode(&w.issue_delay_histogram) {
+        return Some(format!("issue_delay_histogram: {e}"));
+    }
+    if w.end_offset_ns < w.start_offset_ns {
+        return Some(format!(
+            "end_offset_ns {} is before start_offset_ns {}",
+            w.end_offset_ns, w.start_offset_ns
+        ));
+    }
+    if w.samples < w.queries {
+        return Some(format!(
+            "samples {} < queries {}: a query holds at least one sample",
+            w.samples, w.queries
+        ));
+    }
+    None
 }
 
-/// Retries `op` with capped exponential backoff until it succeeds or `shutdown` fires.
+/// How an attempt to store something ended.
+enum Stored<T> {
+    /// Stored.
+    Done(T),
+    /// Failed in a way retrying cannot heal.
+    Failed(Error),
+    /// The coordinator is stopping.
+    Stopping,
+}
+
+/// Runs `op`, retrying with capped exponential backoff while its errors can heal (the database away,
+/// busy or full, a transaction that lost a race); an error that cannot heal is returned at once. Only
+/// connection trouble marks the store as in trouble (which holds back lease expiry).
 async fn until_stored<T, F, Fut>(
-    coord: &Coordinator,
+    ctx: &Context,
     what: &str,
     shutdown: &tokio::sync::watch::Receiver<bool>,
     mut op: F,
-) -> Option<T>
+) -> Stored<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
@@ -89,186 +109,263 @@ where
     let mut delay = Duration::from_millis(50);
     loop {
         match op().await {
-            Ok(v) => return Some(v),
-            Err(e) => {
-                coord.store_trouble();
+            Ok(v) => return Stored::Done(v),
+            Err(e) if e.is_transient() => {
+                if e.is_connection() {
+                    ctx.store_trouble();
+                }
                 if *shutdown.borrow() {
-                    return None;
+                    return Stored::Stopping;
                 }
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Could not store {what}; holding acknowledgements and retrying.");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
+            Err(e) => {
+                warn!(error = %e, "Could not store {what}, and retrying cannot help.");
+                return Stored::Failed(e);
+            }
         }
     }
 }
 
+/// A window waiting in a batch.
+struct Incoming {
+    window: Window,
+    agent_id: String,
+    reply: AgentLink,
+}
+
 /// The ingest writer loop.
 pub async fn run_writer(
-    coord: Arc<Coordinator>,
+    ctx: Arc<Context>,
     mut rx: mpsc::Receiver<IngestItem>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let max = coord.config.ingest_batch;
-    let linger = Duration::from_millis(coord.config.ingest_linger_ms);
+    let max = ctx.config.ingest_batch;
+    let linger = Duration::from_millis(ctx.config.ingest_linger_ms);
     // Summarising a run reads all its windows; a few run side by side, off the windows' path, so that a
     // burst of finishing runs does not hold up the acknowledgements of runs still streaming.
     let finishers = Arc::new(tokio::sync::Semaphore::new(4));
     while let Some(batch) = next_batch(&mut rx, max, linger).await {
-        let mut windows: Vec<(TelemetryWindow, SessionTx)> = Vec::new();
+        let mut windows: Vec<Incoming> = Vec::new();
         for item in batch {
             match item {
-                IngestItem::Window { window, reply } => windows.push((window, reply)),
+                IngestItem::Window {
+                    window,
+                    agent_id,
+                    reply,
+                } => windows.push(Incoming {
+                    window,
+                    agent_id,
+                    reply,
+                }),
                 IngestItem::Result {
                     result,
                     agent_id,
                     reply,
                 } => {
                     // Every window sent before the result is stored before the result is read.
-                    if !flush_windows(&coord, &mut windows, &shutdown).await {
+                    if !flush_windows(&ctx, &mut windows, &shutdown).await {
                         return;
                     }
                     let Ok(permit) = finishers.clone().acquire_owned().await else {
                         return;
                     };
-                    let (coord, shutdown) = (coord.clone(), shutdown.clone());
+                    let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
                     tokio::spawn(async move {
                         let _permit = permit;
-                        let ack = until_stored(&coord, "a run result", &shutdown, || {
-                            finish(&coord, &result, &agent_id)
-                        })
-                        .await;
-                        if let Some(ack) = ack {
-                            let _ = reply.try_send(Ok(msg(Body::ResultAck(ack))));
-                            coord.hub.run_ended(&agent_id, &result.run_id);
-                            coord.changed();
-                        }
+                        finish_and_ack(&ctx, &result, &agent_id, &reply, &shutdown).await;
                     });
                 }
             }
         }
-        if !flush_windows(&coord, &mut windows, &shutdown).await {
+        if !flush_windows(&ctx, &mut windows, &shutdown).await {
             return;
         }
     }
 }
 
+/// Stores a batch of windows and acknowledges each; false when the coordinator is stopping.
 async fn flush_windows(
-    coord: &Coordinator,
-    windows: &mut Vec<(TelemetryWindow, SessionTx)>,
+    ctx: &Context,
+    windows: &mut Vec<Incoming>,
     shutdown: &tokio::sync::watch::Receiver<bool>,
 ) -> bool {
     if windows.is_empty() {
         return true;
     }
-    let (batch, replies): (Vec<TelemetryWindow>, Vec<SessionTx>) =
-        std::mem::take(windows).into_iter().unzip();
-    let Some(outcomes) = until_stored(coord, "telemetry windows", shutdown, || {
-        coord.store.store_windows(&batch, now_ms())
+    let batch = std::mem::take(windows);
+    let rows: Vec<(String, Window)> = batch
+        .iter()
+        .map(|i| (i.agent_id.clone(), i.window.clone()))
+        .collect();
+    let mut jobs: Vec<String> = Vec::new();
+    let outcomes = match until_stored(ctx, "telemetry windows", shutdown, || {
+        ctx.store.store_windows(&rows, now_ms())
     })
     .await
-    else {
-        return false;
+    {
+        Stored::Done(o) => {
+            jobs = o.jobs;
+            o.outcomes
+        }
+        Stored::Stopping => return false,
+        // Something in the batch cannot be stored: store the windows one by one, so only that one
+        // is refused.
+        Stored::Failed(_) => {
+            let mut each = Vec::with_capacity(rows.len());
+            for row in &rows {
+                match until_stored(ctx, "a telemetry window", shutdown, || {
+                    ctx.store.store_windows(std::slice::from_ref(row), now_ms())
+                })
+                .await
+                {
+                    Stored::Done(o) => {
+                        jobs.extend(o.jobs);
+                        each.push(o.outcomes[0])
+                    }
+                    Stored::Failed(_) => each.push(WindowOutcome::Refused),
+                    Stored::Stopping => return false,
+                }
+            }
+            each
+        }
     };
     // Acks of consecutive windows from one session go out as one message.
     let mut cancelled: Vec<&str> = Vec::new();
-    let mut pending: Vec<WindowAck> = Vec::new();
-    let send = |reply: &SessionTx, acks: &mut Vec<WindowAck>| {
-        let body = if acks.len() == 1 {
-            Body::WindowAck(acks.pop().expect("one ack"))
-        } else {
-            Body::WindowAcks(WindowAckBatch {
-                acks: std::mem::take(acks),
-            })
-        };
-        let _ = reply.try_send(Ok(msg(body)));
-    };
-    for (i, ((w, reply), outcome)) in batch.iter().zip(&replies).zip(outcomes).enumerate() {
-        let discarded = outcome == WindowOutcome::Inactive;
-        pending.push(WindowAck {
+    let mut pending: Vec<Ack> = Vec::new();
+    for (i, (item, outcome)) in batch.iter().zip(&outcomes).enumerate() {
+        let w = &item.window;
+        let discarded = !matches!(outcome, WindowOutcome::Stored | WindowOutcome::Duplicate);
+        pending.push(Ack {
             run_id: w.run_id.clone(),
             seq: w.seq,
             discarded,
         });
-        if discarded && !cancelled.contains(&w.run_id.as_str()) {
-            cancelled.push(&w.run_id);
-            send(reply, &mut pending);
-            let _ = reply.try_send(Ok(cancel_msg(
-                &w.run_id,
-                "the run is no longer active on the coordinator",
-            )));
-            continue;
+        match outcome {
+            WindowOutcome::Inactive if !cancelled.contains(&w.run_id.as_str()) => {
+                cancelled.push(&w.run_id);
+                item.reply
+                    .deliver(registry::window_acks(std::mem::take(&mut pending)))
+                    .await;
+                item.reply.try_send(registry::cancel(
+                    &w.run_id,
+                    "the run is no longer active on the coordinator",
+                ));
+                continue;
+            }
+            WindowOutcome::Foreign => {
+                ctx.stats.foreign_windows.fetch_add(1, Ordering::Relaxed);
+                warn!(agent = %item.agent_id, run = %w.run_id, seq = w.seq, "Discarded a window for a run leased to another agent.");
+            }
+            WindowOutcome::Refused => {
+                ctx.stats.refused_windows.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
         }
-        let next_same = replies.get(i + 1).is_some_and(|r| r.same_channel(reply));
+        let next_same = batch.get(i + 1).is_some_and(|n| n.reply.same(&item.reply));
         if !next_same {
-            send(reply, &mut pending);
+            item.reply
+                .deliver(registry::window_acks(std::mem::take(&mut pending)))
+                .await;
         }
     }
-    coord.changes.send_modify(|v| *v = v.wrapping_add(1));
+    // Only the watchers of the jobs that changed wake up.
+    ctx.jobs_changed(jobs.iter().map(String::as_str));
     true
 }
 
-/// Summarises and stores a finished run; the ack says whether it was taken.
-async fn finish(coord: &Coordinator, result: &RunResult, agent_id: &str) -> Result<ResultAck> {
-    let refuse = |reason: String| ResultAck {
-        run_id: result.run_id.clone(),
-        discarded: true,
-        reason,
+/// Summarises and stores a finished run and acknowledges its result. A result that cannot be
+/// summarised (its stored telemetry cannot be read) ends the run as failed with the reason; the agent
+/// always hears back, so it is never left busy.
+async fn finish_and_ack(
+    ctx: &Context,
+    result: &RunResult,
+    agent_id: &str,
+    reply: &AgentLink,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
+) {
+    let refusal = match until_stored(ctx, "a run result", shutdown, || {
+        finish(ctx, result, agent_id)
+    })
+    .await
+    {
+        Stored::Done(refusal) => refusal,
+        Stored::Stopping => return,
+        Stored::Failed(e) => {
+            let failed = FinishedRun::failed(
+                &result.run_id,
+                format!("the coordinator could not summarise the run: {e}"),
+            );
+            match until_stored(ctx, "a failed run", shutdown, || {
+                ctx.store.finish_run(&failed, now_ms())
+            })
+            .await
+            {
+                Stored::Done(()) => None,
+                Stored::Failed(e) => Some(format!("the coordinator cannot store this result: {e}")),
+                Stored::Stopping => return,
+            }
+        }
     };
-    let Some(ctx) = coord.store.run_context(&result.run_id).await? else {
-        return Ok(refuse(format!("unknown run {}", result.run_id)));
+    let (discarded, reason) = match &refusal {
+        Some(r) => (true, r.as_str()),
+        None => (false, ""),
     };
-    if ctx.agent_id != agent_id {
-        return Ok(refuse(format!(
+    reply
+        .deliver(registry::result_ack(&result.run_id, discarded, reason))
+        .await;
+    ctx.run_ended(agent_id, &result.run_id);
+}
+
+/// Summarises and stores a finished run; returns why the result was refused, or None when it was
+/// taken.
+async fn finish(ctx: &Context, result: &RunResult, agent_id: &str) -> Result<Option<String>> {
+    let Some(run) = ctx.store.run_context(&result.run_id).await? else {
+        return Ok(Some(format!("unknown run {}", result.run_id)));
+    };
+    if run.agent_id != agent_id {
+        return Ok(Some(format!(
             "run {} belongs to another agent",
             result.run_id
         )));
     }
-    if ctx.state != "running" {
-        return Ok(refuse(format!(
+    if run.state != "running" {
+        return Ok(Some(format!(
             "run {} is {}, not running",
-            result.run_id, ctx.state
+            result.run_id, run.state
         )));
     }
-    let finished = summary::finish_run(&ctx, result)?;
-    coord.store.finish_run(&finished, now_ms()).await?;
+    if result.agent_stopping {
+        // Its operator stopped the agent: the task goes back to the queue now, not after a lease
+        // timeout, and the attempt does not count.
+        ctx.store
+            .release_run(
+                &result.run_id,
+                &format!(
+                    "agent '{}' was stopped before the run finished",
+                    run.agent_name
+                ),
+                now_ms(),
+                ctx.config.max_attempts,
+                true,
+            )
+            .await?;
+        ctx.jobs_changed([run.job_id.as_str()]);
+        info!(run = %result.run_id, agent = %run.agent_name, "The agent stopped mid-run; its task is back in the queue.");
+        return Ok(None);
+    }
+    let finished = summary::finish_run(&run, result)?;
+    ctx.store.finish_run(&finished, now_ms()).await?;
+    ctx.jobs_changed([run.job_id.as_str()]);
     info!(
         run = %result.run_id,
-        agent = %ctx.agent_name,
-        variant = %ctx.variant,
+        agent = %run.agent_name,
+        variant = %run.variant,
         state = finished.state.as_str(),
         error = %finished.error,
         "Run finished."
     );
-    Ok(ResultAck {
-        run_id: result.run_id.clone(),
-        discarded: false,
-        reason: String::new(),
-    })
-}
-
-/// The heartbeat batcher loop: records liveness, extends leases, and tells agents to stop runs that are
-/// no longer theirs (cancelled jobs, expired leases).
-pub async fn run_heartbeats(coord: Arc<Coordinator>, mut rx: mpsc::Receiver<HeartbeatItem>) {
-    while let Some(batch) = next_batch(&mut rx, 4096, Duration::from_millis(50)).await {
-        let records: Vec<HeartbeatRecord> = batch.iter().map(|b| b.record.clone()).collect();
-        let now = now_ms();
-        let lease_until = now + coord.config.lease_timeout_ms as i64;
-        match coord.store.heartbeats(&records, now, lease_until).await {
-            Ok(active) => {
-                for (item, active) in batch.iter().zip(active) {
-                    if let (Some(false), Some(run)) = (active, &item.record.run_id) {
-                        let _ = item.reply.try_send(Ok(cancel_msg(
-                            run,
-                            "the run is no longer active (job cancelled or lease expired)",
-                        )));
-                    }
-                }
-            }
-            Err(e) => {
-                coord.store_trouble();
-                warn!(error = %e, beats = records.len(), "Could not record heartbeats; agents stay connected.")
-            }
-        }
-    }
+    Ok(None)
 }

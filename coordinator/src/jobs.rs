@@ -4,14 +4,15 @@
 use std::time::Duration;
 
 use fleetbench_common::config::validate_job_spec;
-use fleetbench_common::labels::{self, Labels};
+use fleetbench_common::labels;
 use fleetbench_common::now_ms;
-use fleetbench_proto::v1::{JobDetail, JobProgress, JobSpec, JobSummary, ModelVariant, RunConfig};
 
-use crate::Coordinator;
+use crate::context::{Context, stopped};
+use crate::domain::{JobDetail, JobSpec, JobSummary, RunConfig, Variant};
 use crate::error::{Error, Result};
 use crate::fleet::is_online;
-use crate::scheduler::cancel_msg;
+use crate::limits;
+use crate::registry;
 use crate::store::{NewJob, NewTask};
 
 /// Terminal job states.
@@ -20,7 +21,7 @@ pub fn is_terminal(state: &str) -> bool {
 }
 
 /// Checks that every symbolic dimension past the batch axis has a shape, and that shapes name inputs.
-fn check_shapes(variant: &ModelVariant, config: &RunConfig) -> Result<()> {
+fn check_shapes(variant: &Variant, config: &RunConfig) -> Result<()> {
     for s in &config.shapes {
         if !variant.inputs.iter().any(|i| i.name == s.name) {
             let names: Vec<&str> = variant.inputs.iter().map(|i| i.name.as_str()).collect();
@@ -59,7 +60,7 @@ fn check_shapes(variant: &ModelVariant, config: &RunConfig) -> Result<()> {
 }
 
 /// Validates and stores a job; returns (job id, task count).
-pub async fn submit(coord: &Coordinator, spec: JobSpec) -> Result<(String, u32)> {
+pub async fn submit(coord: &Context, spec: JobSpec) -> Result<(String, u32)> {
     let configs = validate_job_spec(&spec, coord.config.max_tasks_per_job)?;
     let all = coord.store.list_variants(Some(&spec.model)).await?;
     if all.is_empty() {
@@ -86,42 +87,48 @@ pub async fn submit(coord: &Coordinator, spec: JobSpec) -> Result<(String, u32)>
         .iter()
         .filter(|v| !v.trim().is_empty())
         .collect();
-    let variants: Vec<&ModelVariant> =
-        if wanted.is_empty() || wanted.iter().any(|v| v.as_str() == "all") {
-            all.iter().collect()
-        } else {
-            let mut out = Vec::new();
-            for name in wanted {
-                match all.iter().find(|v| &v.variant == name) {
-                    Some(v) => out.push(v),
-                    None => {
-                        let names: Vec<&str> = all.iter().map(|v| v.variant.as_str()).collect();
-                        return Err(Error::NotFound(format!(
-                            "variants: model '{}' has no variant '{name}' (has: {})",
-                            spec.model,
-                            names.join(", ")
-                        )));
-                    }
+    let variants: Vec<&Variant> = if wanted.is_empty() || wanted.iter().any(|v| v.as_str() == "all")
+    {
+        all.iter().collect()
+    } else {
+        let mut out = Vec::new();
+        for name in wanted {
+            match all.iter().find(|v| &v.variant == name) {
+                Some(v) => out.push(v),
+                None => {
+                    let names: Vec<&str> = all.iter().map(|v| v.variant.as_str()).collect();
+                    return Err(Error::NotFound(format!(
+                        "variants: model '{}' has no variant '{name}' (has: {})",
+                        spec.model,
+                        names.join(", ")
+                    )));
                 }
             }
-            out
-        };
+        }
+        out
+    };
+    for c in &configs {
+        limits::check(c, &coord.config)?;
+    }
+    let data = &spec.config.input_data_sha256;
+    if !data.is_empty() && coord.store.blob_size(data).await?.is_none() {
+        return Err(Error::NotFound(format!(
+            "input_data_sha256: blob {data} was not uploaded; upload the .npz first"
+        )));
+    }
     for v in &variants {
         for c in &configs {
             check_shapes(v, c)?;
+            limits::check_inputs(v, c, &coord.config)?;
         }
     }
-    let selector: Labels = spec
-        .selector
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let selector = &spec.selector;
     let now = now_ms();
     let agents = coord.store.list_agents().await?;
     let online: Vec<_> = agents.iter().filter(|a| is_online(coord, a, now)).collect();
     let matched: Vec<_> = online
         .iter()
-        .filter(|a| labels::matches(&selector, &a.labels))
+        .filter(|a| labels::matches(selector, &a.labels))
         .collect();
     if matched.is_empty() {
         let listing: Vec<String> = online
@@ -130,7 +137,7 @@ pub async fn submit(coord: &Coordinator, spec: JobSpec) -> Result<(String, u32)>
             .collect();
         return Err(Error::FailedPrecondition(format!(
             "selector: '{}' matches no online agent (online: {})",
-            labels::render(&selector),
+            labels::render(selector),
             if listing.is_empty() {
                 "none".to_string()
             } else {
@@ -173,19 +180,23 @@ pub async fn submit(coord: &Coordinator, spec: JobSpec) -> Result<(String, u32)>
 }
 
 /// A job with its tasks.
-pub async fn detail(coord: &Coordinator, id_or_prefix: &str) -> Result<JobDetail> {
+pub async fn detail(coord: &Context, id_or_prefix: &str) -> Result<JobDetail> {
     let id = coord.store.resolve_job_id(id_or_prefix).await?;
-    let (summary, spec) = coord.store.get_job(&id).await?;
-    let tasks = coord.store.job_tasks(&id).await?;
+    snapshot(coord, &id).await
+}
+
+async fn snapshot(coord: &Context, id: &str) -> Result<JobDetail> {
+    let (summary, spec) = coord.store.get_job(id).await?;
+    let tasks = coord.store.job_tasks(id).await?;
     Ok(JobDetail {
-        summary: Some(summary),
-        spec: Some(spec),
+        summary,
+        spec,
         tasks,
     })
 }
 
 /// Jobs, newest first.
-pub async fn list(coord: &Coordinator, limit: u32) -> Result<Vec<JobSummary>> {
+pub async fn list(coord: &Context, limit: u32) -> Result<Vec<JobSummary>> {
     coord
         .store
         .list_jobs(if limit == 0 { 50 } else { limit.min(1000) })
@@ -193,25 +204,34 @@ pub async fn list(coord: &Coordinator, limit: u32) -> Result<Vec<JobSummary>> {
 }
 
 /// Cancels a job and tells agents running its tasks to stop.
-pub async fn cancel(coord: &Coordinator, id_or_prefix: &str) -> Result<JobSummary> {
+pub async fn cancel(coord: &Context, id_or_prefix: &str) -> Result<JobSummary> {
     let id = coord.store.resolve_job_id(id_or_prefix).await?;
     let running = coord.store.cancel_job(&id, now_ms()).await?;
     for (run_id, agent_id) in &running {
         // Agents connected to other replicas learn it from their next heartbeat.
         coord
-            .hub
-            .send(agent_id, cancel_msg(run_id, "job cancelled"));
+            .registry
+            .send(agent_id, registry::cancel(run_id, "job cancelled"));
     }
     tracing::info!(job = %id, running = running.len(), "Job cancelled.");
     coord.changed();
     Ok(coord.store.get_job(&id).await?.0)
 }
 
+/// Deletes a finished job with its runs; returns its full id and how many runs went.
+pub async fn delete(coord: &Context, id_or_prefix: &str) -> Result<(String, u64)> {
+    let id = coord.store.resolve_job_id(id_or_prefix).await?;
+    let runs = coord.store.delete_job(&id).await?;
+    tracing::info!(job = %id, runs, "Job deleted.");
+    coord.notify_watchers();
+    Ok((id, runs))
+}
+
 /// Streams progress snapshots of a job until it ends: one now, then one after every change.
 pub fn watch(
-    coord: std::sync::Arc<Coordinator>,
+    coord: std::sync::Arc<Context>,
     id_or_prefix: String,
-) -> impl futures::Stream<Item = Result<JobProgress>> + Send + 'static {
+) -> impl futures::Stream<Item = Result<JobDetail>> + Send + 'static {
     async_stream(move |tx| async move {
         let id = match coord.store.resolve_job_id(&id_or_prefix).await {
             Ok(id) => id,
@@ -220,22 +240,14 @@ pub fn watch(
                 return;
             }
         };
-        let mut changes = coord.changes.subscribe();
+        let mut changes = coord.watch_changes();
+        let mut job_changes = coord.watch_job(&id);
         let mut stopping = coord.stopping.clone();
-        let mut last: Option<JobProgress> = None;
+        let mut last: Option<JobDetail> = None;
         loop {
-            let snapshot = async {
-                let (summary, _) = coord.store.get_job(&id).await?;
-                let tasks = coord.store.job_tasks(&id).await?;
-                Ok::<_, Error>(JobProgress {
-                    summary: Some(summary),
-                    tasks,
-                })
-            }
-            .await;
-            match snapshot {
+            match snapshot(&coord, &id).await {
                 Ok(p) => {
-                    let terminal = p.summary.as_ref().is_some_and(|s| is_terminal(&s.state));
+                    let terminal = is_terminal(&p.summary.state);
                     if last.as_ref() != Some(&p) {
                         if tx.send(Ok(p.clone())).await.is_err() {
                             return;
@@ -254,7 +266,8 @@ pub fn watch(
             // Local changes wake us at once; changes made by other replicas show within a second.
             tokio::select! {
                 _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()) => {}
-                _ = crate::stopped(&mut stopping) => {
+                _ = job_changes.changed() => {}
+                _ = stopped(&mut stopping) => {
                     let _ = tx.send(Err(Error::Unavailable("the coordinator is shutting down; watch again".into()))).await;
                     return;
                 }

@@ -25,6 +25,18 @@ struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     database: Option<String>,
+    /// Folder for blob files and uploads in progress (SQLite; default: the database file's folder).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<String>,
+    /// Largest upload (a whole artifact set), bytes.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_upload_bytes: Option<u64>,
+    /// Drop raw telemetry windows of runs finished this many days ago (0 keeps them).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window_retention_days: Option<u64>,
     /// Heartbeat interval agents must keep, milliseconds.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -41,7 +53,8 @@ struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tasks_per_job: Option<usize>,
-    /// OTLP/gRPC endpoint for metrics, e.g. http://127.0.0.1:4317.
+    /// Not built yet: OpenTelemetry export comes in a later version, and any value is refused at
+    /// startup.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     otlp_endpoint: Option<String>,
@@ -49,6 +62,69 @@ struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     addr_file: Option<String>,
+    /// Server certificate (PEM) from a CA of your own (default: the one `init` made in the data
+    /// directory).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<String>,
+    /// The server certificate's key (PEM).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key: Option<String>,
+    /// Serve without TLS on an address other machines can reach (only on a network you trust).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    insecure: bool,
+    #[command(subcommand)]
+    #[serde(skip)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Makes a certificate authority and a server certificate in DATA_DIR/tls (keeps an existing CA
+    /// and issues a new server certificate), and prints the CA's fingerprint.
+    Init {
+        /// Folder for the TLS files (and, on SQLite, blobs): the coordinator's --data-dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// A name or IP address clients reach the coordinator by (repeat); localhost, 127.0.0.1 and
+        /// ::1 are always included.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+}
+
+fn init(data_dir: &std::path::Path, sans: &[String]) -> anyhow::Result<()> {
+    use fleetbench_coordinator::tls;
+    let done = tls::init(&tls::TlsFiles::under(data_dir), sans)?;
+    let f = &done.files;
+    println!(
+        "{} {}",
+        if done.new_ca {
+            "Made a certificate authority:"
+        } else {
+            "Kept the certificate authority:"
+        },
+        f.ca_cert().display()
+    );
+    println!(
+        "  CA fingerprint (SHA-256 of its DER): {}",
+        done.ca_fingerprint
+    );
+    println!(
+        "Server certificate for {}: {} (valid {} days; run init again to renew)",
+        done.names.join(", "),
+        f.server_cert().display(),
+        tls::SERVER_VALID_DAYS
+    );
+    println!(
+        "Start the coordinator with --data-dir {}; give clients and agents {} (--ca-cert, or \
+         FLEETBENCH_CA_CERT) and https:// addresses.",
+        data_dir.display(),
+        f.ca_cert().display()
+    );
+    Ok(())
 }
 
 #[tokio::main]
@@ -59,8 +135,13 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,sqlx=warn,h2=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or the journal gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    if let Some(Command::Init { data_dir, sans }) = &args.command {
+        return init(data_dir, sans);
+    }
     let config = CoordinatorConfig::load(args.config.as_deref(), &args)?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await

@@ -1,14 +1,16 @@
-//! Rankings: for a model, pool the successful runs of each (platform, variant, configuration), merge
-//! their histograms exactly, derive throughput, accuracy (and its change against the base variant on the
-//! same platform) and cost per million samples, filter by constraints, and sort by the objective.
+//! Rankings: for a model, pool the successful runs of each (platform, variant, pooling key — see
+//! [`crate::pooling`]), merge their histograms exactly, derive throughput, accuracy (and its change
+//! against the base variant on the same platform and configuration) and cost per million samples,
+//! filter by constraints, and sort by the objective.
 
 use std::collections::{BTreeMap, HashMap};
 
 use fleetbench_common::hist;
-use fleetbench_proto::v1::{RankRequest, RankResponse, RankRow};
 
-use crate::Coordinator;
+use crate::context::Context;
+use crate::domain::{RankQuery, RankRow, Ranking, Variant};
 use crate::error::{Error, Result};
+use crate::pooling;
 use crate::store::StoredRun;
 
 /// What rows are sorted by.
@@ -64,7 +66,7 @@ impl Objective {
 
     /// Sort key: smaller is better.
     fn key(self, row: &RankRow) -> f64 {
-        let lat = row.latency.unwrap_or_default();
+        let lat = row.latency;
         match self {
             Objective::P50 => lat.p50_ms,
             Objective::P90 => lat.p90_ms,
@@ -110,12 +112,6 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
     let cost_per_million = cost_per_hour
         .filter(|_| throughput > 0.0)
         .map(|c| c / (throughput * 3600.0) * 1e6);
-    let mut records: Vec<String> = runs
-        .iter()
-        .map(|r| record_key(&r.summary.record_json))
-        .collect();
-    records.sort();
-    records.dedup();
     let first = runs[0];
     Ok(RankRow {
         rank: 0,
@@ -123,7 +119,7 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
         platform: first.platform_name.clone(),
         variant: first.variant.clone(),
         config: first.config_key.clone(),
-        latency: Some(hist::stats(&merged).to_proto_ms()),
+        latency: hist::stats(&merged).to_ms(),
         throughput_per_s: throughput,
         accuracy,
         accuracy_delta_pts: None,
@@ -134,12 +130,14 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
         run_ids: runs.iter().map(|r| r.run_id.clone()).collect(),
         rss_peak_bytes: runs
             .iter()
-            .filter_map(|r| r.summary.resources.as_ref().map(|x| x.rss_peak_bytes))
+            .map(|r| r.summary.resources.rss_peak_bytes)
             .max()
             .unwrap_or(0),
         size_bytes,
         run_config: first.summary.config.clone(),
         record_key: record_key(&first.summary.record_json),
+        legacy: pooling::is_legacy(&first.pool_key),
+        pool_key: first.pool_key.clone(),
     })
 }
 
@@ -171,8 +169,7 @@ pub fn record_key(record_json: &str) -> String {
 }
 
 /// Ranks a model's platforms and variants.
-pub async fn rank(coord: &Coordinator, req: RankRequest) -> Result<RankResponse> {
-    let objective = Objective::parse(&req.objective)?;
+pub async fn rank(coord: &Context, req: RankQuery) -> Result<Ranking> {
     let variants = coord.store.list_variants(Some(&req.model)).await?;
     if variants.is_empty() {
         return Err(Error::NotFound(format!(
@@ -189,19 +186,21 @@ pub async fn rank(coord: &Coordinator, req: RankRequest) -> Result<RankResponse>
         .store
         .runs_for_model(&req.model, job.as_deref())
         .await?;
+    rank_runs(&runs, &variants, &req)
+}
+
+/// Ranks stored runs: pools those of one (platform, variant, pooling key), compares each row's
+/// accuracy with the base variant's row of the same platform and key, filters and sorts.
+pub fn rank_runs(runs: &[StoredRun], variants: &[Variant], req: &RankQuery) -> Result<Ranking> {
+    let objective = Objective::parse(&req.objective)?;
     let runs: Vec<&StoredRun> = runs
         .iter()
         .filter(|r| req.include_invalid || r.summary.valid)
         .collect();
-
     let mut groups: BTreeMap<(String, String, String), Vec<&StoredRun>> = BTreeMap::new();
     for r in &runs {
         groups
-            .entry((
-                r.platform_id.clone(),
-                r.variant.clone(),
-                r.config_key.clone(),
-            ))
+            .entry((r.platform_id.clone(), r.variant.clone(), r.pool_key.clone()))
             .or_default()
             .push(r);
     }
@@ -217,24 +216,18 @@ pub async fn rank(coord: &Coordinator, req: RankRequest) -> Result<RankResponse>
         .map(|g| pool(g, size(&g[0].variant)))
         .collect::<Result<Vec<_>>>()?;
 
-    // Accuracy change against the base variant on the same platform.
-    let base = variants
-        .iter()
-        .find(|v| v.variant_of.is_empty())
-        .map(|v| v.variant.clone());
-    let mut base_acc: HashMap<String, f64> = HashMap::new();
-    if let Some(base) = &base {
-        for r in &runs {
-            if &r.variant == base
-                && let Some(a) = r.summary.accuracy
-            {
-                base_acc.entry(r.platform_id.clone()).or_insert(a);
+    // Accuracy change against the base variant on the same platform and configuration.
+    if let Some(base) = variants.iter().find(|v| v.variant_of.is_empty()) {
+        let base_acc: HashMap<(String, String), f64> = rows
+            .iter()
+            .filter(|r| r.variant == base.variant)
+            .filter_map(|r| Some(((r.platform_id.clone(), r.pool_key.clone()), r.accuracy?)))
+            .collect();
+        for row in &mut rows {
+            let key = (row.platform_id.clone(), row.pool_key.clone());
+            if let (Some(a), Some(b)) = (row.accuracy, base_acc.get(&key)) {
+                row.accuracy_delta_pts = Some((a - b) * 100.0);
             }
-        }
-    }
-    for row in &mut rows {
-        if let (Some(a), Some(b)) = (row.accuracy, base_acc.get(&row.platform_id)) {
-            row.accuracy_delta_pts = Some((a - b) * 100.0);
         }
     }
 
@@ -257,7 +250,7 @@ pub async fn rank(coord: &Coordinator, req: RankRequest) -> Result<RankResponse>
     }
 
     rows.retain(|row| {
-        let lat = row.latency.unwrap_or_default();
+        let lat = row.latency;
         req.max_p99_ms.is_none_or(|m| lat.p99_ms <= m)
             && req.min_throughput.is_none_or(|m| row.throughput_per_s >= m)
             && req.max_rss_bytes.is_none_or(|m| row.rss_peak_bytes <= m)
@@ -265,6 +258,16 @@ pub async fn rank(coord: &Coordinator, req: RankRequest) -> Result<RankResponse>
                 .max_accuracy_drop
                 .is_none_or(|m| row.accuracy_delta_pts.is_some_and(|d| -d <= m))
     });
+    // Each row's label says what sets it apart from the others listed.
+    let labels = pooling::labels(
+        &rows
+            .iter()
+            .map(|r| (r.config.clone(), r.pool_key.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    for (row, label) in rows.iter_mut().zip(labels) {
+        row.config = label;
+    }
     rows.sort_by(|a, b| {
         objective
             .key(a)
@@ -272,6 +275,7 @@ pub async fn rank(coord: &Coordinator, req: RankRequest) -> Result<RankResponse>
             .unwrap_or(std::cmp::Ordering::Equal)
             .then_with(|| a.platform.cmp(&b.platform))
             .then_with(|| a.variant.cmp(&b.variant))
+            .then_with(|| a.config.cmp(&b.config))
     });
     if req.best_config_only {
         let mut seen = std::collections::HashSet::new();
@@ -280,8 +284,94 @@ pub async fn rank(coord: &Coordinator, req: RankRequest) -> Result<RankResponse>
     for (i, row) in rows.iter_mut().enumerate() {
         row.rank = i as u32 + 1;
     }
-    Ok(RankResponse {
+    Ok(Ranking {
         rows,
         objective: objective.name().to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{RunConfig, RunSummary};
+    use crate::pooling::PoolKey;
+
+    fn run(id: &str, variant: &str, warmup: u64, accuracy: f64) -> StoredRun {
+        let config = RunConfig {
+            batch_size: 1,
+            warmup_iterations: warmup,
+            ..Default::default()
+        };
+        let mut h = hist::new_histogram();
+        hist::record_ns(&mut h, 1000);
+        StoredRun {
+            run_id: id.into(),
+            job_id: "j".into(),
+            platform_id: "p".into(),
+            platform_name: "edge".into(),
+            variant: variant.into(),
+            config_key: "single-stream b1".into(),
+            pool_key: PoolKey::of(&config, "{}").encode(),
+            summary: RunSummary {
+                valid: true,
+                accuracy: Some(accuracy),
+                samples: 10,
+                duration_ms: 1.0,
+                config,
+                ..Default::default()
+            },
+            histogram: hist::encode(&h),
+        }
+    }
+
+    fn variants() -> Vec<Variant> {
+        vec![
+            Variant {
+                variant: "fp32".into(),
+                ..Default::default()
+            },
+            Variant {
+                variant: "int8".into(),
+                variant_of: "fp32".into(),
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn different_work_makes_different_rows_and_accuracy_is_compared_within_a_configuration() {
+        let runs = vec![
+            run("a", "fp32", 100, 0.90),
+            run("b", "fp32", 300, 0.80),
+            run("c", "int8", 100, 0.85),
+            run("d", "int8", 300, 0.80),
+        ];
+        let ranking = rank_runs(&runs, &variants(), &RankQuery::default()).unwrap();
+        assert_eq!(ranking.rows.len(), 4, "{:?}", ranking.rows);
+        let int8_300 = ranking
+            .rows
+            .iter()
+            .find(|r| r.variant == "int8" && r.config.contains("warmup=300"))
+            .expect("the warm-up shows in the label");
+        assert!(
+            (int8_300.accuracy_delta_pts.unwrap() - 0.0).abs() < 1e-9,
+            "against fp32 with the same warm-up (0.80), not the first fp32 run found (0.90): {int8_300:?}"
+        );
+        let int8_100 = ranking
+            .rows
+            .iter()
+            .find(|r| r.variant == "int8" && r.config.contains("warmup=100"))
+            .unwrap();
+        assert!((int8_100.accuracy_delta_pts.unwrap() + 5.0).abs() < 1e-9);
+        // Runs of the same work pool.
+        let pooled = rank_runs(
+            &[run("a", "fp32", 100, 0.9), run("e", "fp32", 100, 0.9)],
+            &variants(),
+            &RankQuery::default(),
+        )
+        .unwrap();
+        assert_eq!(pooled.rows.len(), 1);
+        assert_eq!(pooled.rows[0].runs, 2);
+        assert_eq!(pooled.rows[0].config, "single-stream b1");
+    }
 }

@@ -13,10 +13,12 @@ use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 use crate::config::CoordinatorConfig;
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::grpc::{AgentApi, FleetApi, JobApi, ModelApi, RankingApi};
+use crate::session::Queues;
 use crate::store::{self, Store};
-use crate::{Coordinator, ingest, scheduler};
+use crate::{health, heartbeat, ingest, maintenance, scheduler, tls};
 
 /// Largest gRPC message accepted (blob chunks are 1 MiB).
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
@@ -27,7 +29,9 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let store = store::open(&config.database).await?;
+    let data_dir =
+        (!config.data_dir.is_empty()).then(|| std::path::PathBuf::from(&config.data_dir));
+    let store = store::open_with(&config.database, data_dir.as_deref()).await?;
     info!(database = %store::redact_url(&config.database), backend = store.backend(), "Database ready.");
     serve_with_store(config, store, listener, shutdown).await
 }
@@ -42,63 +46,101 @@ pub async fn serve_with_store(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(format!("listener address: {e}")))?;
+    let identity = tls::server_identity(&config)?;
+    if identity.is_none() && !addr.ip().is_loopback() && !config.insecure {
+        return Err(Error::FailedPrecondition(format!(
+            "refusing to serve on {addr}, which other machines can reach, without TLS: run \
+             `fleetbench-coordinator init --data-dir DIR --san HOST` and start with --data-dir DIR \
+             (or give --tls-cert and --tls-key), or pass --insecure on a network you trust"
+        )));
+    }
+    // Reflection in both versions: grpcurl asks v1, grpcio's Python client v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(fleetbench_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("gRPC reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("gRPC reflection: {e}")))?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let (ingest_tx, ingest_rx) = tokio::sync::mpsc::channel(16_384);
     let (hb_tx, hb_rx) = tokio::sync::mpsc::channel(16_384);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
-    let coord = Arc::new(Coordinator {
-        store,
-        config: Arc::new(config),
-        hub: Arc::new(scheduler::Hub::default()),
+    let ctx = Arc::new(Context::new(store, config, stop_rx.clone()));
+    let queues = Queues {
         ingest: ingest_tx,
         heartbeats: hb_tx,
-        changes: tokio::sync::watch::channel(0).0,
-        stopping: stop_rx.clone(),
-        store_trouble_at: std::sync::atomic::AtomicI64::new(0),
-    });
+    };
     let background = [
-        tokio::spawn(scheduler::run(coord.clone(), stop_rx.clone())),
-        tokio::spawn(ingest::run_writer(
-            coord.clone(),
-            ingest_rx,
-            stop_rx.clone(),
-        )),
-        tokio::spawn(ingest::run_heartbeats(coord.clone(), hb_rx)),
+        tokio::spawn(scheduler::run(ctx.clone(), stop_rx.clone())),
+        tokio::spawn(ingest::run_writer(ctx.clone(), ingest_rx, stop_rx.clone())),
+        tokio::spawn(heartbeat::run(ctx.clone(), hb_rx)),
+        tokio::spawn(maintenance::run(ctx.clone(), stop_rx.clone())),
+        tokio::spawn(health::run(ctx.clone(), health_reporter)),
     ];
-    if !coord.config.addr_file.is_empty() {
-        std::fs::write(&coord.config.addr_file, addr.to_string()).map_err(|e| {
+    if !ctx.config.addr_file.is_empty() {
+        std::fs::write(&ctx.config.addr_file, addr.to_string()).map_err(|e| {
             Error::Internal(format!(
                 "cannot write addr_file {}: {e}",
-                coord.config.addr_file
+                ctx.config.addr_file
             ))
         })?;
     }
-    info!(%addr, "Coordinator listening.");
+    info!(%addr, tls = identity.is_some(), "Coordinator listening.");
 
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // Graceful shutdown waits for open streams, so agent sessions and job watches are ended first.
     let shutdown = {
         let stop_tx = stop_tx.clone();
-        let hub = coord.hub.clone();
+        let ctx = ctx.clone();
         async move {
             shutdown.await;
             info!("Coordinator stopping; closing agent sessions.");
             let _ = stop_tx.send(true);
-            hub.close_all();
+            ctx.registry.close_all();
         }
     };
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = identity {
+        builder = builder
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(cert, key)),
+            )
+            .map_err(|e| Error::InvalidArgument(format!("TLS certificate or key: {e}")))?;
+    }
+    let result = builder
+        .http2_keepalive_interval(Some(std::time::Duration::from_millis(
+            ctx.config.keepalive_interval_ms,
+        )))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_millis(
+            ctx.config.keepalive_timeout_ms,
+        )))
+        // Artifacts move in 1 MiB messages: HTTP/2's default 64 KiB windows would stall each one on
+        // round trips. Windows that grow with the link keep transfers streaming.
+        .http2_adaptive_window(Some(true))
         .add_service(
-            AgentServiceServer::new(AgentApi(coord.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            AgentServiceServer::new(AgentApi {
+                ctx: ctx.clone(),
+                queues,
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            ModelServiceServer::new(ModelApi(coord.clone()))
+            ModelServiceServer::new(ModelApi(ctx.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(JobServiceServer::new(JobApi(coord.clone())))
-        .add_service(FleetServiceServer::new(FleetApi(coord.clone())))
-        .add_service(RankingServiceServer::new(RankingApi(coord.clone())))
+        .add_service(JobServiceServer::new(JobApi(ctx.clone())))
+        .add_service(FleetServiceServer::new(FleetApi(ctx.clone())))
+        .add_service(RankingServiceServer::new(RankingApi(ctx.clone())))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| Error::Internal(format!("gRPC server: {e}")));

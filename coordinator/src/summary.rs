@@ -5,11 +5,12 @@
 use fleetbench_common::config::{config_label, with_defaults};
 use fleetbench_common::hist::{self, is_stable};
 use fleetbench_common::labels::cost_per_hour;
-use fleetbench_proto::v1::{
-    ResourceSummary, RunConfig, RunResult, RunSummary, Scenario, TelemetryWindow,
-};
 
+use crate::domain::{
+    ResourceSample, ResourceSummary, RunConfig, RunResult, RunSummary, Scenario, Window,
+};
 use crate::error::Result;
+use crate::pooling::PoolKey;
 use crate::store::{FinishedRun, RunContext, RunState};
 
 /// Builds the final state of a run from its stored windows and the agent's result.
@@ -28,6 +29,15 @@ pub fn finish_run(ctx: &RunContext, result: &RunResult) -> Result<FinishedRun> {
         histogram: Vec::new(),
         error: String::new(),
         config_key: config_label(&config),
+        pool_key: PoolKey::of(
+            &config,
+            result
+                .report
+                .as_ref()
+                .map(|r| r.record_json.as_str())
+                .unwrap_or_default(),
+        )
+        .encode(),
     };
     if result.cancelled {
         return Ok(FinishedRun {
@@ -98,17 +108,17 @@ pub fn finish_run(ctx: &RunContext, result: &RunResult) -> Result<FinishedRun> {
         agent: ctx.agent_name.clone(),
         platform_id: ctx.platform_id.clone(),
         variant: ctx.variant.clone(),
-        config: Some(config.clone()),
+        config: config.clone(),
         valid: invalid_reason.is_none(),
         invalid_reason: invalid_reason.unwrap_or_default(),
-        latency: Some(stats.to_proto_ms()),
+        latency: stats.to_ms(),
         throughput_per_s: throughput,
         queries: report.queries,
         samples: report.samples,
         accuracy: report.accuracy,
         session_create_ms: report.session_create_ns as f64 / 1e6,
         first_inference_ms: report.first_inference_ns as f64 / 1e6,
-        resources: Some(resource_summary(&ctx.windows)),
+        resources: resource_summary(&ctx.windows),
         record_json: report.record_json.clone(),
         stable,
         duration_ms: report.elapsed_ns as f64 / 1e6,
@@ -163,14 +173,21 @@ pub fn validity(
             c.max_duration_ms
         ));
     }
-    let scenario = Scenario::try_from(c.scenario).unwrap_or(Scenario::SingleStream);
-    if scenario == Scenario::Server && c.latency_bound_ms > 0.0 && p99_ms > c.latency_bound_ms {
+    if !reasons.is_empty() && c.max_duration_ms > 0 && elapsed_ms >= c.max_duration_ms {
+        reasons.push(format!(
+            "stopped at max_duration {} ms before its minimums held",
+            c.max_duration_ms
+        ));
+    }
+    // A max-qps run's timed phase is its final server run, judged as a server run is.
+    let loaded = matches!(c.scenario, Scenario::Server | Scenario::MaxQps);
+    if loaded && c.latency_bound_ms > 0.0 && p99_ms > c.latency_bound_ms {
         reasons.push(format!(
             "p99 {p99_ms:.3} ms > latency bound {} ms",
             c.latency_bound_ms
         ));
     }
-    if scenario == Scenario::Server && dropped > 0 {
+    if loaded && dropped > 0 {
         reasons.push(format!("{dropped} queries dropped (too many outstanding)"));
     }
     if reasons.is_empty() {
@@ -181,12 +198,23 @@ pub fn validity(
 }
 
 /// Folds per-window resource samples into a run summary.
-pub fn resource_summary(windows: &[TelemetryWindow]) -> ResourceSummary {
-    let samples: Vec<_> = windows
+/// Means over windows are weighted by each window's length: a window closes after its time or its
+/// query count, whichever comes later, so windows differ in length and an unweighted mean would let a
+/// short window count as much as a long one.
+pub fn resource_summary(windows: &[Window]) -> ResourceSummary {
+    let sampled: Vec<(&ResourceSample, f64)> = windows
         .iter()
-        .filter_map(|w| w.resources.as_ref())
-        .filter(|r| r.samples > 0)
+        .filter_map(|w| {
+            let r = w.resources.as_ref().filter(|r| r.samples > 0)?;
+            Some((r, w.end_offset_ns.saturating_sub(w.start_offset_ns) as f64))
+        })
         .collect();
+    let equal = sampled.iter().all(|(_, len)| *len <= 0.0);
+    let weighted: Vec<(&ResourceSample, f64)> = sampled
+        .iter()
+        .map(|(r, len)| (*r, if equal { 1.0 } else { len.max(0.0) }))
+        .collect();
+    let samples: Vec<&ResourceSample> = weighted.iter().map(|(r, _)| *r).collect();
     if samples.is_empty() {
         return ResourceSummary {
             cpu_steal_pct: -1.0,
@@ -194,9 +222,9 @@ pub fn resource_summary(windows: &[TelemetryWindow]) -> ResourceSummary {
             ..Default::default()
         };
     }
-    let n = samples.len() as f64;
-    let mean = |f: &dyn Fn(&&fleetbench_proto::v1::ResourceSample) -> f64| {
-        samples.iter().map(f).sum::<f64>() / n
+    let total: f64 = weighted.iter().map(|(_, w)| w).sum();
+    let mean = |f: &dyn Fn(&&ResourceSample) -> f64| {
+        weighted.iter().map(|(r, w)| f(r) * w).sum::<f64>() / total
     };
     let steal: Vec<f64> = samples
         .iter()
@@ -274,6 +302,23 @@ mod tests {
     }
 
     #[test]
+    fn resource_means_are_weighted_by_window_length() {
+        let window = |start_s: u64, end_s: u64, cpu: f64| Window {
+            start_offset_ns: start_s * 1_000_000_000,
+            end_offset_ns: end_s * 1_000_000_000,
+            resources: Some(ResourceSample {
+                process_cpu_user_pct: cpu,
+                samples: 4,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // 9 s at 100 % and 1 s at 0 %: 90 %, not the 50 % of an unweighted mean.
+        let r = resource_summary(&[window(0, 9, 100.0), window(9, 10, 0.0)]);
+        assert!((r.cpu_user_pct - 90.0).abs() < 1e-9, "{r:?}");
+    }
+
+    #[test]
     fn validity_rules() {
         assert_eq!(validity(&cfg(), 100, 2_000_000_000, 1.0, 0), None);
         assert!(
@@ -287,7 +332,7 @@ mod tests {
                 .contains("min_duration")
         );
         let mut server = cfg();
-        server.scenario = Scenario::Server as i32;
+        server.scenario = Scenario::Server;
         server.target_qps = 100.0;
         server.latency_bound_ms = 2.0;
         assert!(
@@ -301,5 +346,28 @@ mod tests {
                 .contains("dropped")
         );
         assert_eq!(validity(&server, 100, 2_000_000_000, 1.0, 0), None);
+        let mut max_qps = cfg();
+        max_qps.scenario = Scenario::MaxQps;
+        max_qps.latency_bound_ms = 2.0;
+        assert!(
+            validity(&max_qps, 100, 2_000_000_000, 3.0, 0)
+                .unwrap()
+                .contains("latency bound"),
+            "a max-qps run's final server run is judged against its bound"
+        );
+        assert!(
+            validity(&max_qps, 100, 2_000_000_000, 1.0, 2)
+                .unwrap()
+                .contains("dropped")
+        );
+        let mut capped = cfg();
+        capped.iterations = 0;
+        capped.min_duration_ms = 10_000;
+        capped.max_duration_ms = 5_000;
+        let why = validity(&capped, 100, 5_100_000_000, 1.0, 0).unwrap();
+        assert!(
+            why.contains("min_duration") && why.contains("stopped at max_duration 5000 ms"),
+            "{why}"
+        );
     }
 }

@@ -25,6 +25,22 @@ fn fails_with(args: &[&str], needle: &str) -> String {
 }
 
 #[test]
+fn an_otlp_endpoint_is_refused_until_export_exists() {
+    fails_with(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--otlp-endpoint",
+            "http://collector:4317",
+        ],
+        "otlp_endpoint: OpenTelemetry export is not built into this version",
+    );
+    let out = coordinator().arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("Not built yet"), "{help}");
+}
+
+#[test]
 fn a_malformed_database_url_is_named() {
     fails_with(
         &["--listen", "127.0.0.1:0", "--database", "mysql://db/fleet"],
@@ -61,24 +77,24 @@ fn a_sqlite_file_that_cannot_be_created_is_named() {
 
 #[test]
 fn bad_settings_name_the_field() {
-    fails_with(&["--listen", "nowhere"], "listen");
+    fails_with(
+        &["--listen", "nowhere"],
+        "listen: 'nowhere' is not an IP:port address",
+    );
     fails_with(
         &["--listen", "127.0.0.1:0", "--lease-timeout-ms", "10"],
         "lease_timeout_ms",
     );
 }
 
-#[test]
-fn it_serves_on_port_zero_and_reports_the_address() {
-    let dir = tempfile::tempdir().unwrap();
-    let addr_file = dir.path().join("addr");
+/// Starts the coordinator with `args`, waits until it has written its address, and returns both.
+fn start(args: &[&str], dir: &std::path::Path) -> (std::process::Child, String) {
+    let addr_file = dir.join("addr");
+    let _ = std::fs::remove_file(&addr_file);
     let mut child = coordinator()
-        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
         .arg("--database")
-        .arg(format!(
-            "sqlite://{}",
-            dir.path().join("fleet.db").display()
-        ))
+        .arg(format!("sqlite://{}", dir.join("fleet.db").display()))
         .arg("--addr-file")
         .arg(&addr_file)
         .stdout(Stdio::null())
@@ -90,7 +106,7 @@ fn it_serves_on_port_zero_and_reports_the_address() {
         if let Ok(a) = std::fs::read_to_string(&addr_file)
             && !a.is_empty()
         {
-            break a;
+            break a.trim().to_string();
         }
         assert!(
             child.try_wait().unwrap().is_none(),
@@ -99,9 +115,94 @@ fn it_serves_on_port_zero_and_reports_the_address() {
         assert!(Instant::now() < deadline, "no address file");
         std::thread::sleep(Duration::from_millis(20));
     };
+    (child, addr)
+}
+
+#[test]
+fn it_serves_on_port_zero_and_reports_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = start(&["--listen", "127.0.0.1:0"], dir.path());
     let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
     assert_ne!(port, 0);
-    std::net::TcpStream::connect(addr.trim()).expect("it accepts connections");
+    std::net::TcpStream::connect(&addr).expect("it accepts connections");
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[test]
+fn an_address_others_can_reach_needs_tls_or_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("fleet.db").display());
+    fails_with(
+        &["--listen", "0.0.0.0:0", "--database", &db],
+        "without TLS: run `fleetbench-coordinator init",
+    );
+    // --insecure serves plaintext there.
+    let (mut child, _) = start(&["--listen", "0.0.0.0:0", "--insecure"], dir.path());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // After init (its files in the SQLite file's folder, the default data directory), the same
+    // command serves, with TLS.
+    let init = coordinator()
+        .args(["init", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let (mut child, _) = start(&["--listen", "0.0.0.0:0"], dir.path());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn init_makes_a_ca_and_a_server_certificate_and_prints_the_fingerprint() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = coordinator()
+        .args(["init", "--data-dir"])
+        .arg(dir.path())
+        .args(["--san", "coord.example.net", "--san", "10.0.0.5"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Made a certificate authority"), "{stdout}");
+    assert!(stdout.contains("coord.example.net, 10.0.0.5"), "{stdout}");
+    let fp = stdout
+        .lines()
+        .find_map(|l| l.split("CA fingerprint (SHA-256 of its DER): ").nth(1))
+        .expect("a fingerprint line")
+        .trim()
+        .to_string();
+    assert_eq!(fp.len(), 64, "{fp}");
+    for (file, mode) in [
+        ("ca.pem", 0o644),
+        ("ca.key", 0o600),
+        ("server.pem", 0o644),
+        ("server.key", 0o600),
+    ] {
+        let meta = std::fs::metadata(dir.path().join("tls").join(file)).unwrap();
+        let got = meta.permissions().mode() & 0o777;
+        if mode == 0o600 {
+            assert_eq!(got, mode, "{file}");
+        } else {
+            assert_eq!(got & 0o077 & !0o044, 0, "{file}: {got:o}");
+        }
+    }
+    // Again: the CA is kept, so clients keep trusting it.
+    let again = coordinator()
+        .args(["init", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&again.stdout).to_string();
+    assert!(
+        stdout.contains("Kept the certificate authority"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&fp), "{stdout}");
 }

@@ -371,3 +371,80 @@ pub fn elem_types(g: &GraphProto) -> HashMap<String, i32> {
 pub fn encoded_len(model: &ModelProto) -> usize {
     prost::Message::encoded_len(model)
 }
+
+/// The tensor a `Constant` node holds, named after its output; None for the forms a weight never
+/// takes (sparse tensors, strings).
+fn constant_tensor(n: &NodeProto) -> Option<TensorProto> {
+    let name = n.output.first()?.clone();
+    let attr = n.attribute.first()?;
+    let mut t = match attr.name.as_deref()? {
+        "value" => attr.t.clone()?,
+        "value_float" => f32_tensor(&name, &[], &[attr.f?]),
+        "value_floats" => f32_tensor(&name, &[attr.floats.len() as i64], &attr.floats),
+        "value_int" => TensorProto {
+            dims: vec![],
+            data_type: Some(dtype::INT64),
+            int64_data: vec![attr.i?],
+            ..Default::default()
+        },
+        "value_ints" => TensorProto {
+            dims: vec![attr.ints.len() as i64],
+            data_type: Some(dtype::INT64),
+            int64_data: attr.ints.clone(),
+            ..Default::default()
+        },
+        _ => return None,
+    };
+    t.name = Some(name);
+    Some(t)
+}
+
+/// Makes constant weights look the way recipes expect them: `Constant` nodes of the main graph become
+/// initializers (TensorFlow and Paddle exporters often hold weights in them), and initializers that
+/// are also listed as graph inputs (required before IR version 4) stop being inputs, so nothing can
+/// override them at run time. Returns notes for the report; the model means the same afterwards.
+pub fn fold_constants(model: &mut ModelProto) -> Result<Vec<String>, OptError> {
+    let g = graph_mut(model)?;
+    let mut notes = Vec::new();
+    let mut folded = 0usize;
+    let mut kept = Vec::with_capacity(g.node.len());
+    for n in std::mem::take(&mut g.node) {
+        let single = op(&n) == "Constant"
+            && n.domain.as_deref().unwrap_or("").is_empty()
+            && n.output.len() == 1
+            && n.attribute.len() == 1;
+        match single.then(|| constant_tensor(&n)).flatten() {
+            Some(t) => {
+                g.initializer.push(t);
+                folded += 1;
+            }
+            None => kept.push(n),
+        }
+    }
+    g.node = kept;
+    if folded > 0 {
+        notes.push(format!(
+            "{folded} Constant nodes held weights; they were folded into initializers first"
+        ));
+    }
+    let inits: HashSet<String> = g
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.clone())
+        .collect();
+    let before = g.input.len();
+    g.input
+        .retain(|v| !v.name.as_ref().is_some_and(|n| inits.contains(n)));
+    let moved = before - g.input.len();
+    if moved > 0 {
+        notes.push(format!(
+            "{moved} initializers were also listed as graph inputs (IR version {}); they are constants now",
+            model.ir_version.unwrap_or(0)
+        ));
+        // Initializers that are not inputs need IR version 4 or later.
+        if model.ir_version.unwrap_or(0) < 4 {
+            model.ir_version = Some(4);
+        }
+    }
+    Ok(notes)
+}

@@ -9,6 +9,7 @@
 //! by the rules documented on each recipe; a recipe that rewrites nothing fails.
 
 pub mod calibrate;
+pub mod external;
 mod fp16;
 pub mod graph;
 mod prune;
@@ -291,6 +292,7 @@ pub fn optimize(
     let mut model = original.clone();
     let mut report = Report {
         size_before,
+        notes: graph::fold_constants(&mut model)?,
         ..Default::default()
     };
     match recipe {

@@ -43,6 +43,8 @@ pub struct TestCoordinator {
     pub addr: std::net::SocketAddr,
     /// Database URL.
     pub database: String,
+    /// The CA certificate clients trust, when it serves TLS (then `url` is `https://`).
+    pub ca_cert: Option<PathBuf>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<JoinHandle<fleetbench_coordinator::Result<()>>>,
 }
@@ -59,21 +61,41 @@ pub fn test_config(database: &str) -> CoordinatorConfig {
     }
 }
 
+/// Logs of the in-process coordinators and agents on stderr, when RUST_LOG asks for them (run a test
+/// with `RUST_LOG=info … --nocapture` to follow it).
+pub fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 impl TestCoordinator {
     /// Serves `config` on `listener` (so a test can restart on the same port).
     pub async fn serve(config: CoordinatorConfig, listener: TcpListener) -> Self {
+        init_logs();
         let addr = listener.local_addr().expect("bound");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let database = config.database.clone();
+        let ca_cert = fleetbench_coordinator::tls::data_dir_of(&config)
+            .map(|d| fleetbench_coordinator::tls::TlsFiles::under(&d).ca_cert())
+            .filter(|p| p.exists());
         let handle = tokio::spawn(fleetbench_coordinator::serve(config, listener, async {
             let _ = rx.await;
         }));
-        let url = format!("http://{addr}");
+        let scheme = if ca_cert.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{addr}");
         // The listener is bound before serve starts, so connections queue until it accepts.
         Self {
             url,
             addr,
             database,
+            ca_cert,
             stop: Some(tx),
             handle: Some(handle),
         }
@@ -101,9 +123,21 @@ impl TestCoordinator {
         }
     }
 
-    /// A CLI client connected to it.
+    /// Starts a coordinator with TLS on 127.0.0.1:0 with a fresh SQLite file in `dir`, after making
+    /// its CA and server certificate in `dir/tls` as `fleetbench-coordinator init` does.
+    pub async fn sqlite_tls(dir: &Path, tweak: impl FnOnce(&mut CoordinatorConfig)) -> Self {
+        use fleetbench_coordinator::tls;
+        tls::init(&tls::TlsFiles::under(dir), &[]).expect("make the test CA");
+        Self::sqlite(dir, |c| {
+            c.data_dir = dir.display().to_string();
+            tweak(c)
+        })
+        .await
+    }
+
+    /// A CLI client connected to it (over TLS when it serves TLS).
     pub async fn client(&self) -> Client {
-        Client::connect(&self.url)
+        Client::connect_with(&self.url, self.ca_cert.as_deref())
             .await
             .expect("connect to the test coordinator")
     }
@@ -167,8 +201,7 @@ impl TestAgent {
     ) -> Self {
         let (stop, rx) = tokio::sync::watch::channel(false);
         let name = config.name.clone();
-        let runtime =
-            fleetbench_agent::runtime::load(Some(&config.ort_lib)).expect("ONNX Runtime loads");
+        let runtime = fleetbench_runtime::load(Some(&config.ort_lib)).expect("ONNX Runtime loads");
         let runner = runner.unwrap_or_else(|| {
             std::sync::Arc::new(fleetbench_agent::runner::OrtRunner { runtime })
         });
@@ -179,6 +212,14 @@ impl TestAgent {
             name,
             stop,
             handle: Some(handle),
+        }
+    }
+
+    /// Makes the agent vanish without a word, as a crashed or cut-off agent does: its link is dropped
+    /// mid-whatever, nothing is cancelled or reported.
+    pub fn vanish(mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
         }
     }
 
@@ -221,13 +262,32 @@ pub async fn wait_online(client: &Client, n: usize) {
 
 /// Follows a job with the WatchJob stream until it ends (fails after `timeout`).
 pub async fn wait_job(client: &Client, job: &str, timeout: Duration) -> JobSummary {
-    tokio::time::timeout(
+    let ended = tokio::time::timeout(
         timeout,
         fleetbench_cli::commands::jobs::watch(client, job, false),
     )
-    .await
-    .unwrap_or_else(|_| panic!("job {job} did not end within {timeout:?}"))
-    .expect("watch the job")
+    .await;
+    match ended {
+        Ok(summary) => summary.expect("watch the job"),
+        Err(_) => {
+            // Say where it stands, so a failure in CI can be understood from its output alone.
+            let detail = client
+                .jobs()
+                .get_job(GetJobRequest {
+                    job_id: job.to_string(),
+                })
+                .await
+                .map(|r| format!("{:#?}", r.into_inner().tasks))
+                .unwrap_or_else(|e| format!("(its detail could not be read: {e})"));
+            let agents = client
+                .fleet()
+                .list_agents(ListAgentsRequest {})
+                .await
+                .map(|r| format!("{:#?}", r.into_inner().agents))
+                .unwrap_or_else(|e| format!("(agents could not be listed: {e})"));
+            panic!("job {job} did not end within {timeout:?}\ntasks: {detail}\nagents: {agents}")
+        }
+    }
 }
 
 /// The job with its tasks and runs.
@@ -294,6 +354,11 @@ pub struct PgDb {
 impl PgDb {
     /// Creates a fresh database.
     pub async fn create() -> PgDb {
+        Self::create_with("").await
+    }
+
+    /// Creates a fresh database with `options` after CREATE DATABASE (e.g. a locale).
+    pub async fn create_with(options: &str) -> PgDb {
         let admin = std::env::var("FLEETBENCH_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
         let name = format!("fleetbench_test_{}", uuid::Uuid::new_v4().simple());
@@ -305,12 +370,31 @@ impl PgDb {
                 fleetbench_coordinator::store::redact_url(&admin)
             )
         });
-        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
-            .await
-            .expect("create database");
+        sqlx::Executor::execute(
+            &mut conn,
+            format!("CREATE DATABASE {name} {options}").as_str(),
+        )
+        .await
+        .expect("create database");
         let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
         let url = format!("{base}/{name}");
         PgDb { admin, name, url }
+    }
+
+    /// Host and port of the server behind the database's URL.
+    pub fn server_addr(&self) -> std::net::SocketAddr {
+        let (_, rest) = self.url.split_once('@').expect("url has a user");
+        let hostport = rest.split('/').next().unwrap_or("127.0.0.1:5432");
+        let hostport = if hostport.contains(':') {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:5432")
+        };
+        let hostport = hostport.replace("localhost", "127.0.0.1");
+        std::net::ToSocketAddrs::to_socket_addrs(&hostport)
+            .ok()
+            .and_then(|mut a| a.next())
+            .unwrap_or_else(|| panic!("cannot resolve the Postgres server {hostport}"))
     }
 
     /// The database's URL with its host and port replaced (to go through a proxy).
@@ -404,6 +488,14 @@ impl CoordinatorProcess {
         }
     }
 
+    /// The address it listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.url
+            .trim_start_matches("http://")
+            .parse()
+            .expect("an address")
+    }
+
     /// SIGKILL: no goodbye to anyone.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -422,9 +514,7 @@ impl Drop for CoordinatorProcess {
 pub fn conv_model(name: &str) -> PathBuf {
     let path = models(&format!("conv/{name}.onnx"));
     if !path.exists() {
-        let python = std::env::var_os("FLEETBENCH_PYTHON")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo().join(".venv/bin/python"));
+        let python = python();
         let status = std::process::Command::new(&python)
             .arg(models("make_conv_models.py"))
             .status()
@@ -453,9 +543,7 @@ pub async fn list_variants(
 /// A test case folder (model.onnx, test_data_set_*) of the onnx package's backend test data, e.g.
 /// `pytorch-converted/test_Conv2d`, from the Python environment `scripts/dev.sh setup` made.
 pub fn onnx_test_case(case: &str) -> PathBuf {
-    let python = std::env::var_os("FLEETBENCH_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".venv/bin/python"));
+    let python = python();
     let out = std::process::Command::new(&python)
         .args([
             "-c",
@@ -498,6 +586,640 @@ impl SoloFleet {
             client,
             coord,
             dir,
+        }
+    }
+}
+
+/// The Python the tests use for the onnx package (FLEETBENCH_PYTHON, else .venv/bin/python).
+pub fn python() -> PathBuf {
+    std::env::var_os("FLEETBENCH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"))
+}
+
+/// A classifier written the way TensorFlow and Paddle exporters often write one (by
+/// models/make_exported_style_model.py): weights in `Constant` nodes, or with `initializers_as_inputs`
+/// initializers also listed as graph inputs (IR 3), and an input `x: [N, 3, H, W]` with symbolic height
+/// and width. Written into `dir`; returns its path.
+pub fn exported_style_model(dir: &Path, initializers_as_inputs: bool) -> PathBuf {
+    let out = dir.join(format!("exported-{initializers_as_inputs}.onnx"));
+    let mut cmd = std::process::Command::new(python());
+    cmd.arg(models("make_exported_style_model.py")).arg(&out);
+    if initializers_as_inputs {
+        cmd.arg("--initializers-as-inputs");
+    }
+    let status = cmd
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run make_exported_style_model.py");
+    assert!(
+        status.success(),
+        "models/make_exported_style_model.py failed"
+    );
+    out
+}
+
+/// A TCP relay the test controls, in front of a server: its address stays the same while the server
+/// behind it changes (a restarted coordinator on a new port), and it can be cut (existing connections
+/// reset, new ones refused) and restored. Tests never release a port to bind it again.
+pub struct Relay {
+    /// The address clients connect to.
+    pub addr: std::net::SocketAddr,
+    upstream: Arc<std::sync::Mutex<std::net::SocketAddr>>,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+}
+
+use std::sync::Arc;
+
+impl Relay {
+    /// A relay to `upstream` on 127.0.0.1:0.
+    pub async fn start(upstream: std::net::SocketAddr) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("bound");
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let upstream = Arc::new(std::sync::Mutex::new(upstream));
+        let conns: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (up2, conns2, upstream2) = (up.clone(), conns.clone(), upstream.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let _ = inbound.set_nodelay(true);
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = *upstream2.lock().unwrap();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = outbound.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                let mut conns = conns2.lock().unwrap();
+                conns.retain(|c| !c.is_finished());
+                conns.push(task);
+            }
+        });
+        Relay {
+            addr,
+            upstream,
+            up,
+            conns,
+        }
+    }
+
+    /// `http://ADDR` of the relay.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// New connections go to `upstream` from now on.
+    pub fn set_upstream(&self, upstream: std::net::SocketAddr) {
+        *self.upstream.lock().unwrap() = upstream;
+    }
+
+    /// Resets every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// An agent that speaks the protocol by hand, for tests that send what a real agent never would.
+pub struct FakeAgent {
+    /// Its id.
+    pub id: String,
+    tx: tokio::sync::mpsc::Sender<fleetbench_proto::v1::AgentMessage>,
+    /// What the coordinator sends it.
+    pub inbound: tonic::Streaming<fleetbench_proto::v1::CoordinatorMessage>,
+}
+
+impl FakeAgent {
+    /// Registers `name` with `labels` on its own host and opens a session.
+    pub async fn connect(url: &str, name: &str, labels: &[(&str, &str)]) -> FakeAgent {
+        use fleetbench_proto::v1::agent_service_client::AgentServiceClient;
+        use fleetbench_proto::v1::{
+            AgentMessage, Inventory, RegisterRequest, SessionHello, agent_message,
+        };
+        let mut client = AgentServiceClient::connect(url.to_string())
+            .await
+            .expect("connect");
+        let reg = client
+            .register(RegisterRequest {
+                name: name.into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                inventory: Some(Inventory {
+                    hostname: name.into(),
+                    host_id: format!("host-of-{name}"),
+                    cpu_brand: "Fake CPU".into(),
+                    cpu_set: vec![0],
+                    ..Default::default()
+                }),
+                protocol_version: fleetbench_common::protocol::PROTOCOL_VERSION,
+                ..Default::default()
+            })
+            .await
+            .expect("register")
+            .into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tx.send(AgentMessage {
+            body: Some(agent_message::Body::Hello(SessionHello {
+                agent_id: reg.agent_id.clone(),
+                current_run_id: String::new(),
+            })),
+        })
+        .await
+        .unwrap();
+        let inbound = client
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("session")
+            .into_inner();
+        FakeAgent {
+            id: reg.agent_id,
+            tx,
+            inbound,
+        }
+    }
+
+    /// Sends one message.
+    pub async fn send(&self, body: fleetbench_proto::v1::agent_message::Body) {
+        self.tx
+            .send(fleetbench_proto::v1::AgentMessage { body: Some(body) })
+            .await
+            .expect("the session is open");
+    }
+
+    /// The next message from the coordinator, if one comes within `timeout` and the session lasts.
+    pub async fn next(
+        &mut self,
+        timeout: Duration,
+    ) -> Option<fleetbench_proto::v1::coordinator_message::Body> {
+        match tokio::time::timeout(timeout, self.inbound.message()).await {
+            Ok(Ok(Some(m))) => m.body,
+            _ => None,
+        }
+    }
+
+    /// Heartbeats for `run_id` every 200 ms (keeping its lease) until the returned handle is dropped.
+    pub fn keep_lease(&self, run_id: &str) -> KeepLease {
+        let (tx, run_id) = (self.tx.clone(), run_id.to_string());
+        KeepLease(tokio::spawn(async move {
+            loop {
+                let beat = fleetbench_proto::v1::AgentMessage {
+                    body: Some(fleetbench_proto::v1::agent_message::Body::Heartbeat(
+                        fleetbench_proto::v1::Heartbeat {
+                            current_run_id: run_id.clone(),
+                        },
+                    )),
+                };
+                if tx.send(beat).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }))
+    }
+
+    /// Waits for a task assignment (skipping other messages).
+    pub async fn assignment(&mut self) -> fleetbench_proto::v1::TaskAssignment {
+        use fleetbench_proto::v1::coordinator_message::Body;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(Body::Assignment(a)) => return a,
+                Some(_) => continue,
+                None => panic!("no assignment came"),
+            }
+        }
+    }
+}
+
+/// Heartbeats of a [`FakeAgent`]; they stop when this is dropped.
+pub struct KeepLease(JoinHandle<()>);
+
+impl Drop for KeepLease {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A window of `queries` latencies of 1 µs each, as an agent would send it.
+pub fn fake_window(run_id: &str, seq: u64, queries: u64) -> fleetbench_proto::v1::TelemetryWindow {
+    let mut h = fleetbench_common::hist::new_histogram();
+    for _ in 0..queries {
+        fleetbench_common::hist::record_ns(&mut h, 1_000);
+    }
+    fleetbench_proto::v1::TelemetryWindow {
+        run_id: run_id.into(),
+        seq,
+        start_offset_ns: seq * 1_000_000,
+        end_offset_ns: (seq + 1) * 1_000_000,
+        queries,
+        samples: queries,
+        latency_histogram: fleetbench_common::hist::encode(&h),
+        closed_at_ms: fleetbench_common::now_ms(),
+        ..Default::default()
+    }
+}
+
+/// A store that passes every call to the real one, except that reading an agent's active run fails
+/// while `fail_active_run` is set: a database read error at the moment an agent reconnects.
+pub struct FaultyStore {
+    /// The real store.
+    pub inner: Arc<dyn fleetbench_coordinator::store::Store>,
+    /// While true, `active_run_of_agent` fails as a lost connection would.
+    pub fail_active_run: std::sync::atomic::AtomicBool,
+    /// How many calls failed so.
+    pub failed_calls: std::sync::atomic::AtomicU64,
+    /// While true, staging upload bytes fails as a full disk does.
+    pub fail_staging: std::sync::atomic::AtomicBool,
+    /// Heartbeat batches wait for a read lock of this: a test holds the write lock to hold them.
+    pub heartbeat_gate: tokio::sync::RwLock<()>,
+    /// Heartbeat batches that reached the store, and those that were recorded.
+    pub heartbeat_calls: tokio::sync::watch::Sender<(u64, u64)>,
+    /// Times an agent was marked disconnected.
+    pub disconnects: tokio::sync::watch::Sender<u64>,
+    /// While true, `ping` fails as an unreachable database does.
+    pub fail_ping: std::sync::atomic::AtomicBool,
+}
+
+impl FaultyStore {
+    /// A store that passes everything to `inner` until a fault is switched on.
+    pub fn over(inner: Arc<dyn fleetbench_coordinator::store::Store>) -> Self {
+        FaultyStore {
+            inner,
+            fail_active_run: Default::default(),
+            failed_calls: Default::default(),
+            fail_staging: Default::default(),
+            heartbeat_gate: Default::default(),
+            heartbeat_calls: tokio::sync::watch::Sender::new((0, 0)),
+            disconnects: tokio::sync::watch::Sender::new(0),
+            fail_ping: Default::default(),
+        }
+    }
+}
+
+mod faulty {
+    use fleetbench_coordinator::Result;
+    use fleetbench_coordinator::domain::*;
+    use fleetbench_coordinator::store::*;
+
+    use super::FaultyStore;
+
+    #[async_trait::async_trait]
+    impl BlobStore for FaultyStore {
+        async fn blob_size(&self, sha256: &str) -> Result<Option<u64>> {
+            self.inner.blob_size(sha256).await
+        }
+        async fn read_blob(&self, sha256: &str, offset: u64, max_len: usize) -> Result<Vec<u8>> {
+            self.inner.read_blob(sha256, offset, max_len).await
+        }
+        async fn staged_len(&self, stage: &str) -> Result<u64> {
+            self.inner.staged_len(stage).await
+        }
+        async fn read_staged(&self, stage: &str, offset: u64, max_len: usize) -> Result<Vec<u8>> {
+            self.inner.read_staged(stage, offset, max_len).await
+        }
+        async fn stage_chunk(&self, stage: &str, offset: u64, data: &[u8]) -> Result<()> {
+            if self.fail_staging.load(std::sync::atomic::Ordering::SeqCst) {
+                self.failed_calls
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return Err(fleetbench_coordinator::Error::io(
+                    "staging",
+                    std::io::Error::from_raw_os_error(libc::ENOSPC),
+                ));
+            }
+            self.inner.stage_chunk(stage, offset, data).await
+        }
+        async fn commit_staged(&self, stage: &str, sha256: &str, size: u64) -> Result<()> {
+            self.inner.commit_staged(stage, sha256, size).await
+        }
+        async fn discard_staged(&self, stage: &str) -> Result<()> {
+            self.inner.discard_staged(stage).await
+        }
+        fn free_bytes(&self) -> Option<u64> {
+            self.inner.free_bytes()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ArtifactStore for FaultyStore {
+        async fn put_set(
+            &self,
+            sha256: &str,
+            set: &fleetbench_common::artifact::ArtifactSet,
+            now: i64,
+        ) -> Result<()> {
+            self.inner.put_set(sha256, set, now).await
+        }
+        async fn get_set(
+            &self,
+            sha256: &str,
+        ) -> Result<Option<fleetbench_common::artifact::ArtifactSet>> {
+            self.inner.get_set(sha256).await
+        }
+        async fn put_upload(&self, upload: &Upload) -> Result<Upload> {
+            self.inner.put_upload(upload).await
+        }
+        async fn get_upload(&self, id: &str) -> Result<Option<Upload>> {
+            self.inner.get_upload(id).await
+        }
+        async fn delete_upload(&self, id: &str) -> Result<()> {
+            self.inner.delete_upload(id).await
+        }
+        async fn stale_uploads(&self, before: i64) -> Result<Vec<Upload>> {
+            self.inner.stale_uploads(before).await
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl VariantStore for FaultyStore {
+        async fn insert_variant(&self, v: &Variant) -> Result<VariantInsert> {
+            self.inner.insert_variant(v).await
+        }
+        async fn list_variants(&self, model: Option<&str>) -> Result<Vec<Variant>> {
+            self.inner.list_variants(model).await
+        }
+        async fn delete_variants(
+            &self,
+            model: &str,
+            variants: &[String],
+            dry_run: bool,
+        ) -> Result<Deletion> {
+            self.inner.delete_variants(model, variants, dry_run).await
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl AgentStore for FaultyStore {
+        async fn upsert_platform(&self, id: &str, name: &str, d: &Inventory) -> Result<()> {
+            self.inner.upsert_platform(id, name, d).await
+        }
+        async fn register_agent(&self, reg: &AgentRegistration, now: i64) -> Result<String> {
+            self.inner.register_agent(reg, now).await
+        }
+        async fn get_agent(&self, agent_id: &str) -> Result<Option<AgentRecord>> {
+            self.inner.get_agent(agent_id).await
+        }
+        async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
+            self.inner.list_agents().await
+        }
+        async fn set_connected(&self, agent_id: &str, connected: bool, now: i64) -> Result<()> {
+            let r = self.inner.set_connected(agent_id, connected, now).await;
+            if !connected {
+                self.disconnects.send_modify(|n| *n += 1);
+            }
+            r
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl JobStore for FaultyStore {
+        async fn create_job(&self, job: &NewJob, now: i64) -> Result<()> {
+            self.inner.create_job(job, now).await
+        }
+        async fn resolve_job_id(&self, id: &str) -> Result<String> {
+            self.inner.resolve_job_id(id).await
+        }
+        async fn list_jobs(&self, limit: u32) -> Result<Vec<JobSummary>> {
+            self.inner.list_jobs(limit).await
+        }
+        async fn get_job(&self, job_id: &str) -> Result<(JobSummary, JobSpec)> {
+            self.inner.get_job(job_id).await
+        }
+        async fn job_tasks(&self, job_id: &str) -> Result<Vec<TaskInfo>> {
+            self.inner.job_tasks(job_id).await
+        }
+        async fn cancel_job(&self, job_id: &str, now: i64) -> Result<Vec<(String, String)>> {
+            self.inner.cancel_job(job_id, now).await
+        }
+        async fn delete_job(&self, job_id: &str) -> Result<u64> {
+            self.inner.delete_job(job_id).await
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl LeaseStore for FaultyStore {
+        async fn lease_task(&self, req: &LeaseRequest, now: i64) -> Result<Option<Lease>> {
+            self.inner.lease_task(req, now).await
+        }
+        async fn active_run_of_agent(&self, agent_id: &str) -> Result<Option<String>> {
+            if self
+                .fail_active_run
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                self.failed_calls
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return Err(fleetbench_coordinator::Error::Database(sqlx::Error::Io(
+                    std::io::Error::other("connection reset by peer"),
+                )));
+            }
+            self.inner.active_run_of_agent(agent_id).await
+        }
+        async fn replica_seen(&self, replica: &str, now: i64, trouble_at: i64) -> Result<()> {
+            self.inner.replica_seen(replica, now, trouble_at).await
+        }
+        async fn expire_leases(
+            &self,
+            now: i64,
+            max_attempts: u32,
+            replica: &str,
+            lease_timeout_ms: i64,
+        ) -> Result<Vec<ExpiredLease>> {
+            self.inner
+                .expire_leases(now, max_attempts, replica, lease_timeout_ms)
+                .await
+        }
+        async fn release_run(
+            &self,
+            run_id: &str,
+            reason: &str,
+            now: i64,
+            max_attempts: u32,
+            refund: bool,
+        ) -> Result<Option<ExpiredLease>> {
+            self.inner
+                .release_run(run_id, reason, now, max_attempts, refund)
+                .await
+        }
+        async fn heartbeats(
+            &self,
+            beats: &[HeartbeatRecord],
+            now: i64,
+            lease_until: i64,
+            replica: &str,
+        ) -> Result<Vec<Option<bool>>> {
+            self.heartbeat_calls.send_modify(|(n, _)| *n += 1);
+            let _held = self.heartbeat_gate.read().await;
+            let r = self
+                .inner
+                .heartbeats(beats, now, lease_until, replica)
+                .await;
+            self.heartbeat_calls.send_modify(|(_, n)| *n += 1);
+            r
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl TelemetryStore for FaultyStore {
+        async fn store_windows(
+            &self,
+            windows: &[(String, Window)],
+            now: i64,
+        ) -> Result<StoredWindows> {
+            self.inner.store_windows(windows, now).await
+        }
+        async fn run_context(&self, run_id: &str) -> Result<Option<RunContext>> {
+            self.inner.run_context(run_id).await
+        }
+        async fn finish_run(&self, run: &FinishedRun, now: i64) -> Result<()> {
+            self.inner.finish_run(run, now).await
+        }
+        async fn runs_for_model(&self, model: &str, job: Option<&str>) -> Result<Vec<StoredRun>> {
+            self.inner.runs_for_model(model, job).await
+        }
+        async fn drop_windows(&self, finished_before: i64, limit: u32) -> Result<u64> {
+            self.inner.drop_windows(finished_before, limit).await
+        }
+        async fn window_count(&self, run_id: &str) -> Result<u64> {
+            self.inner.window_count(run_id).await
+        }
+        async fn claim(&self, name: &str, holder: &str, now: i64, until: i64) -> Result<bool> {
+            self.inner.claim(name, holder, now, until).await
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Store for FaultyStore {
+        fn backend(&self) -> &'static str {
+            self.inner.backend()
+        }
+        async fn ping(&self) -> Result<()> {
+            if self.fail_ping.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(fleetbench_coordinator::Error::Database(
+                    sqlx::Error::PoolTimedOut,
+                ));
+            }
+            self.inner.ping().await
+        }
+    }
+}
+
+impl TestCoordinator {
+    /// Serves `config` with a given store (a double) on `listener`.
+    pub async fn serve_store(
+        config: CoordinatorConfig,
+        store: Arc<dyn fleetbench_coordinator::store::Store>,
+        listener: TcpListener,
+    ) -> Self {
+        init_logs();
+        let addr = listener.local_addr().expect("bound");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let database = config.database.clone();
+        let handle = tokio::spawn(fleetbench_coordinator::serve_with_store(
+            config,
+            store,
+            listener,
+            async {
+                let _ = rx.await;
+            },
+        ));
+        Self {
+            url: format!("http://{addr}"),
+            addr,
+            database,
+            ca_cert: None,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+}
+
+/// A coordinator started by a shell script in a mount namespace of its own, so that the script can
+/// mount a small tmpfs only it sees (a disk that fills up). The script must start the coordinator with
+/// `--addr-file ADDR` in the background and write its pid to `PID`, then `wait`.
+pub struct NamespacedCoordinator {
+    /// The shell (`unshare … sh -c SCRIPT`).
+    pub shell: std::process::Child,
+    /// `http://ADDR` of the coordinator.
+    pub url: String,
+    /// The coordinator's pid.
+    pub pid: i32,
+}
+
+impl NamespacedCoordinator {
+    /// Runs `script`, waiting until the coordinator wrote `addr_file` and `pid_file`; its stderr goes
+    /// to `log`.
+    pub fn start(script: &str, addr_file: &Path, pid_file: &Path, log: &Path) -> Self {
+        let mut shell = std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", script])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).expect("create the log"))
+            .spawn()
+            .expect("unshare (util-linux) and root are needed for a private tmpfs");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            if let Ok(a) = std::fs::read_to_string(addr_file)
+                && !a.trim().is_empty()
+            {
+                break a.trim().to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline && shell.try_wait().unwrap().is_none(),
+                "the coordinator did not start: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let pid = std::fs::read_to_string(pid_file)
+            .expect("the pid file")
+            .trim()
+            .parse()
+            .expect("a pid");
+        NamespacedCoordinator {
+            shell,
+            url: format!("http://{addr}"),
+            pid,
+        }
+    }
+
+    /// Stops the coordinator (SIGTERM) and waits for the shell; what the script does after `wait`
+    /// (copying files out of the tmpfs) is done when this returns.
+    pub fn stop(mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the pid is the coordinator this started.
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
+        let _ = self.shell.wait();
+    }
+
+    /// `path` inside the coordinator's mount namespace, seen from here.
+    pub fn inside(&self, path: &Path) -> PathBuf {
+        Path::new(&format!("/proc/{}/root", self.pid)).join(path.strip_prefix("/").unwrap_or(path))
+    }
+}
+
+impl Drop for NamespacedCoordinator {
+    fn drop(&mut self) {
+        // A test that failed leaves no coordinator behind.
+        if self.shell.try_wait().ok().flatten().is_none() {
+            // SAFETY: as in stop().
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            let _ = self.shell.wait();
         }
     }
 }

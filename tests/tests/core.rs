@@ -319,9 +319,10 @@ async fn bad_input_gets_a_clear_error_and_nothing_stored_is_lost() {
     wait_online(&client, 1).await;
 }
 
-/// A runner that never finishes on its own: it waits for cancellation.
+/// A runner that never finishes on its own: it waits for cancellation (or for the test to let it go).
 struct StuckRunner {
     started: Arc<AtomicBool>,
+    release: Arc<AtomicBool>,
 }
 
 impl fleetbench_agent::runner::ModelRunner for StuckRunner {
@@ -332,7 +333,7 @@ impl fleetbench_agent::runner::ModelRunner for StuckRunner {
         cancel: &AtomicBool,
     ) -> Result<RunReport, fleetbench_agent::runner::RunError> {
         self.started.store(true, Ordering::SeqCst);
-        while !cancel.load(Ordering::Relaxed) {
+        while !cancel.load(Ordering::Relaxed) && !self.release.load(Ordering::Relaxed) {
             std::thread::park_timeout(Duration::from_millis(5));
         }
         Err(fleetbench_agent::runner::RunError::Cancelled)
@@ -350,10 +351,12 @@ async fn a_silent_agents_task_returns_to_the_queue_and_a_peer_runs_it() {
     let mut b = agent_config(&coord.url, "b", &["tier=edge"], dir.path());
     b.host_id = "host-b".into();
     let started = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(AtomicBool::new(false));
     let stuck = TestAgent::start_with_runner(
         a,
         Arc::new(StuckRunner {
             started: started.clone(),
+            release: release.clone(),
         }),
     );
     let _b = TestAgent::start(b);
@@ -363,7 +366,8 @@ async fn a_silent_agents_task_returns_to_the_queue_and_a_peer_runs_it() {
     args.variants = vec!["fp32".into()];
     let id = jobs::submit(&client, &args).await.unwrap();
 
-    // Once "a" holds its task, it goes silent.
+    // Once "a" holds its task, it goes silent (no goodbye: a stopped agent would hand the task back
+    // at once).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !started.load(Ordering::SeqCst) {
         assert!(
@@ -372,7 +376,7 @@ async fn a_silent_agents_task_returns_to_the_queue_and_a_peer_runs_it() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    stuck.stop().await;
+    stuck.vanish();
 
     let s = wait_job(&client, &id, Duration::from_secs(60)).await;
     assert_eq!(s.state, "succeeded");
@@ -384,17 +388,28 @@ async fn a_silent_agents_task_returns_to_the_queue_and_a_peer_runs_it() {
     }
     let moved = detail.tasks.iter().find(|t| t.target_agent == "a").unwrap();
     assert_eq!(moved.attempt, 2, "the second attempt ran on b");
+    // The vanished agent's runner thread would otherwise outlive the test's runtime.
+    release.store(true, Ordering::Relaxed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_coordinator_restart_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let db = format!("sqlite://{}", dir.path().join("fleet.db").display());
-    let coord = TestCoordinator::serve(test_config(&db), listener).await;
+    let coord = TestCoordinator::serve(
+        test_config(&db),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await;
+    // The agent reaches the coordinator through a relay whose address outlives the restart.
+    let relay = Relay::start(coord.addr).await;
     let client = coord.client().await;
-    let _agent = TestAgent::start(agent_config(&coord.url, "solo", &["tier=edge"], dir.path()));
+    let _agent = TestAgent::start(agent_config(
+        &relay.url(),
+        "solo",
+        &["tier=edge"],
+        dir.path(),
+    ));
     wait_online(&client, 1).await;
     push_digits(&client).await;
     let mut args = job("digits", 30_000);
@@ -415,10 +430,12 @@ async fn a_coordinator_restart_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     coord.stop().await;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .expect("rebind the same port");
-    let coord = TestCoordinator::serve(test_config(&db), listener).await;
+    let coord = TestCoordinator::serve(
+        test_config(&db),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await;
+    relay.set_upstream(coord.addr);
     let client = coord.client().await;
 
     let s = wait_job(&client, &id, Duration::from_secs(120)).await;
@@ -440,15 +457,11 @@ async fn a_coordinator_restart_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_retries_an_unreachable_coordinator_until_it_answers() {
     let dir = tempfile::tempdir().unwrap();
-    // Something that accepts connections and hangs up, standing in for a coordinator that is down.
+    // Something that accepts connections and hangs up, standing in for a coordinator that is down,
+    // behind a relay whose address the agent keeps.
     let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = fake.local_addr().unwrap();
-    let _agent = TestAgent::start(agent_config(
-        &format!("http://{addr}"),
-        "patient",
-        &[],
-        dir.path(),
-    ));
+    let relay = Relay::start(fake.local_addr().unwrap()).await;
+    let _agent = TestAgent::start(agent_config(&relay.url(), "patient", &[], dir.path()));
     for _ in 0..2 {
         let (sock, _) = tokio::time::timeout(Duration::from_secs(30), fake.accept())
             .await
@@ -456,15 +469,15 @@ async fn an_agent_retries_an_unreachable_coordinator_until_it_answers() {
             .unwrap();
         drop(sock);
     }
-    drop(fake);
     let coord = TestCoordinator::serve(
         test_config(&format!(
             "sqlite://{}",
             dir.path().join("fleet.db").display()
         )),
-        tokio::net::TcpListener::bind(addr).await.unwrap(),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
     )
     .await;
+    relay.set_upstream(coord.addr);
     let client = coord.client().await;
     wait_online(&client, 1).await;
 }

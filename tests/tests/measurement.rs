@@ -154,7 +154,8 @@ async fn sweeps_expand_and_rank_keeps_the_best_configuration() {
     push_digits(&client).await;
     let mut a = digits("single-stream");
     a.variants = vec!["all".into()];
-    a.iterations = Some(300);
+    // Long enough that the throughput of each configuration is measured, not its start-up noise.
+    a.iterations = Some(3000);
     a.batch_size = vec![1, 4];
     a.threads = vec![1, 2];
     let id = jobs::submit(&client, &a).await.unwrap();

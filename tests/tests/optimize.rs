@@ -15,15 +15,7 @@ use fleetbench_proto::v1::RankRequest;
 use fleetbench_tests::*;
 
 fn recipe(name: &str) -> RecipeArgs {
-    RecipeArgs {
-        recipe: name.into(),
-        sparsity: None,
-        structured: false,
-        calibration: None,
-        calibration_method: None,
-        percentile: None,
-        fp16_ops: None,
-    }
+    RecipeArgs::named(name)
 }
 
 fn prune(sparsity: f64, structured: bool) -> RecipeArgs {
@@ -434,5 +426,78 @@ fn recipes_apply_to_a_convolutional_model() {
             );
             assert!(out.report.size_after < out.report.size_before);
         }
+    }
+}
+
+fn ops(model: &ModelProto, op: &str) -> usize {
+    model
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .filter(|n| n.op_type.as_deref() == Some(op))
+        .count()
+}
+
+#[test]
+fn recipes_fold_constant_weights_of_exported_models_and_check_symbolic_inputs_at_size_one() {
+    let dir = tempfile::tempdir().unwrap();
+    for as_inputs in [false, true] {
+        let bytes = std::fs::read(exported_style_model(dir.path(), as_inputs)).unwrap();
+        let what = if as_inputs {
+            "initializers listed as inputs"
+        } else {
+            "Constant-node weights"
+        };
+        // Every Conv and the Gemm, as ONNX Runtime's quantize_dynamic does (6 ConvInteger, 1 MatMulInteger).
+        let dynamic = fleetbench_cli::optimize::optimize(&bytes, &recipe("int8-dynamic"), None)
+            .unwrap_or_else(|e| panic!("int8-dynamic on {what}: {e:#}"));
+        assert_eq!(
+            dynamic.report.rewritten.len(),
+            7,
+            "{what}: {:?}",
+            dynamic.report
+        );
+        assert_eq!(ops(&dynamic.model, "ConvInteger"), 6, "{what}");
+        assert_eq!(ops(&dynamic.model, "MatMulInteger"), 1, "{what}");
+        assert!(
+            dynamic
+                .report
+                .notes
+                .iter()
+                .any(|n| n.contains(if as_inputs {
+                    "listed as graph inputs"
+                } else {
+                    "Constant nodes held weights"
+                })),
+            "{what}: the report says what was folded: {:?}",
+            dynamic.report.notes
+        );
+        assert!(
+            dynamic
+                .report
+                .notes
+                .iter()
+                .any(|n| n.contains("input 'x' dimension 'H' (axis 2), 'W' (axis 3) to 1")),
+            "{what}: the check run says it set H and W to 1: {:?}",
+            dynamic.report.notes
+        );
+        let weight_only =
+            fleetbench_cli::optimize::optimize(&bytes, &recipe("int8-weight-only"), None)
+                .unwrap_or_else(|e| panic!("int8-weight-only on {what}: {e:#}"));
+        assert_eq!(weight_only.report.rewritten.len(), 7, "{what}");
+        // fp16 with a shape given: checked at that size, no note about defaults.
+        let shaped = RecipeArgs {
+            shape: vec!["x=2x3x24x32".into()],
+            ..recipe("fp16")
+        };
+        let fp16 = fleetbench_cli::optimize::optimize(&bytes, &shaped, None)
+            .unwrap_or_else(|e| panic!("fp16 on {what}: {e:#}"));
+        assert!(
+            !fp16.report.notes.iter().any(|n| n.contains("to 1")),
+            "{:?}",
+            fp16.report.notes
+        );
     }
 }

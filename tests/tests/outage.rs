@@ -1,69 +1,22 @@
 //! Postgres going away mid-run: the coordinator keeps its agents connected, withholds
 //! acknowledgements until it can store again, and loses nothing.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fleetbench_agent::uplink::UplinkStats;
 use fleetbench_cli::commands::jobs;
 use fleetbench_cli::jobspec::JobArgs;
 use fleetbench_tests::*;
-use tokio::net::{TcpListener, TcpStream};
-
-/// A TCP proxy in front of Postgres that can be cut (existing connections reset, new ones refused).
-struct Proxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (up2, conns2) = (up.clone(), conns.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                if !up2.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                conns2.lock().unwrap().push(task);
-            }
-        });
-        Proxy { addr, up, conns }
-    }
-
-    fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for c in self.conns.lock().unwrap().drain(..) {
-            c.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
+use tokio::net::TcpListener;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_going_away_mid_run_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let db = PgDb::create().await;
-    let upstream: SocketAddr = "127.0.0.1:5432".parse().unwrap();
-    let proxy = Proxy::start(upstream).await;
+    // In front of the server FLEETBENCH_TEST_POSTGRES_URL names, whatever its address.
+    let proxy = Relay::start(db.server_addr()).await;
     let coord = TestCoordinator::serve(
         test_config(&db.url_via(proxy.addr)),
         TcpListener::bind("127.0.0.1:0").await.unwrap(),

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use fleetbench_agent::runner::{ModelRunner, OrtRunner, PreparedTask};
+use fleetbench_common::domain::RunConfig;
 use fleetbench_common::hist::{self, LatencyHistogram};
-use fleetbench_proto::v1::{ModelVariant, RunConfig, RunReport, TaskAssignment};
+use fleetbench_proto::v1::{ModelVariant, RunReport, TaskAssignment};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -27,29 +28,11 @@ pub fn digits() -> PathBuf {
 pub fn runner() -> OrtRunner {
     let lib = std::env::var_os("ORT_DYLIB_PATH")
         .map(PathBuf::from)
-        .or_else(|| fleetbench_cli_free_find(&repo()))
+        .or_else(|| fleetbench_runtime::load::find_in_venv(&repo()))
         .expect("set ORT_DYLIB_PATH or run `scripts/dev.sh setup` first");
     OrtRunner {
-        runtime: fleetbench_agent::runtime::load(Some(&lib)).expect("ONNX Runtime loads"),
+        runtime: fleetbench_runtime::load(Some(&lib)).expect("ONNX Runtime loads"),
     }
-}
-
-fn fleetbench_cli_free_find(root: &Path) -> Option<PathBuf> {
-    let lib = root.join(".venv/lib");
-    for e in std::fs::read_dir(lib).ok()?.flatten() {
-        for f in std::fs::read_dir(e.path().join("site-packages/onnxruntime/capi"))
-            .ok()?
-            .flatten()
-        {
-            if f.file_name()
-                .to_string_lossy()
-                .starts_with("libonnxruntime.so.")
-            {
-                return Some(f.path());
-            }
-        }
-    }
-    None
 }
 
 /// Python with onnxruntime (FLEETBENCH_PYTHON, else .venv/bin/python).
@@ -67,15 +50,17 @@ pub fn run(
     config: RunConfig,
 ) -> (RunReport, LatencyHistogram, usize) {
     let task = PreparedTask {
+        pins: Default::default(),
         assignment: TaskAssignment {
             task_id: "bench".into(),
             run_id: uuid_like(),
             job_id: "bench".into(),
             attempt: 1,
             variant: Some(ModelVariant::default()),
-            config: Some(config),
+            config: Some((&config).into()),
             base_artifact_sha256: String::new(),
         },
+        config,
         model_path: model.to_path_buf(),
         eval: None,
         base_model_path: None,

@@ -6,127 +6,15 @@ use std::collections::HashMap;
 use ort::session::Session;
 use ort::value::DynValue;
 
-use super::data::HostArray;
-use super::inputs::{InputSpec, value_from_f64};
+use fleetbench_common::domain::RunConfig;
+use fleetbench_runtime::batches::{batches, check_rows, output_values};
+use fleetbench_runtime::data::HostArray;
+use fleetbench_runtime::inputs::{self, InputSpec};
+
 use crate::error::{AgentError, Result};
-
-/// Rows per eval batch when the batch axis is symbolic.
-const EVAL_BATCH: usize = 128;
-
-/// Checks that a data set holds every input of the model, with the same number of rows and rows of the
-/// declared shape; returns the number of rows. `what` names the set in errors.
-pub fn check_rows(
-    what: &str,
-    specs: &[InputSpec],
-    inputs: &HashMap<String, HostArray>,
-) -> Result<usize> {
-    let rows = inputs.values().next().map(HostArray::rows).unwrap_or(0);
-    if rows == 0 {
-        return Err(AgentError::Task(format!("{what}: no inputs")));
-    }
-    for spec in specs {
-        let arr = inputs.get(&spec.name).ok_or_else(|| {
-            AgentError::Task(format!("{what}: no data for input '{}'", spec.name))
-        })?;
-        if arr.rows() != rows {
-            return Err(AgentError::Task(format!(
-                "{what}: input '{}' has {} rows, expected {rows}",
-                spec.name,
-                arr.rows()
-            )));
-        }
-        let fits = arr.shape.len() == spec.dims.len()
-            && arr
-                .shape
-                .iter()
-                .zip(&spec.dims)
-                .skip(1)
-                .all(|(a, d)| *d < 0 || *a as i64 == *d);
-        if !fits {
-            return Err(AgentError::Task(format!(
-                "{what}: input '{}' rows have shape {:?}, the model declares {:?}",
-                spec.name,
-                &arr.shape[1.min(arr.shape.len())..],
-                &spec.dims[1.min(spec.dims.len())..]
-            )));
-        }
-    }
-    Ok(rows)
-}
-
-/// The data set cut into batches of ort values: (first row, rows, values). The batch is the model's
-/// fixed batch size, or 128 rows when the batch axis is symbolic; a remainder a fixed batch axis cannot
-/// take is left out.
-pub fn batches(
-    specs: &[InputSpec],
-    inputs: &HashMap<String, HostArray>,
-    rows: usize,
-) -> Result<Vec<(usize, usize, Vec<DynValue>)>> {
-    let fixed = specs
-        .first()
-        .and_then(|s| s.dims.first())
-        .filter(|d| **d > 0)
-        .map(|d| *d as usize);
-    let batch = fixed.unwrap_or(EVAL_BATCH);
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < rows {
-        let n = batch.min(rows - start);
-        if fixed.is_some_and(|f| f != n) {
-            break;
-        }
-        let mut values = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let chunk = inputs[&spec.name].slice_rows(start, n);
-            let shape = chunk.shape.iter().map(|d| *d as i64).collect();
-            values.push(value_from_f64(&spec.name, spec.ty, shape, &chunk.data)?);
-        }
-        out.push((start, n, values));
-        start += n;
-    }
-    Ok(out)
-}
 
 /// Seeded random batches compared with the base variant when there is no eval set.
 const FIDELITY_RANDOM_BATCHES: u64 = 8;
-
-/// The first output's values as f64 with its shape, and whether it holds integers (labels).
-fn output_values(output: &DynValue) -> Result<(Vec<usize>, Vec<f64>, bool)> {
-    if let Ok(a) = output.try_extract_array::<f32>() {
-        return Ok((
-            a.shape().to_vec(),
-            a.iter().map(|v| *v as f64).collect(),
-            false,
-        ));
-    }
-    if let Ok(a) = output.try_extract_array::<f64>() {
-        return Ok((a.shape().to_vec(), a.iter().copied().collect(), false));
-    }
-    if let Ok(a) = output.try_extract_array::<half::f16>() {
-        return Ok((
-            a.shape().to_vec(),
-            a.iter().map(|v| v.to_f64()).collect(),
-            false,
-        ));
-    }
-    if let Ok(a) = output.try_extract_array::<i64>() {
-        return Ok((
-            a.shape().to_vec(),
-            a.iter().map(|v| *v as f64).collect(),
-            true,
-        ));
-    }
-    if let Ok(a) = output.try_extract_array::<i32>() {
-        return Ok((
-            a.shape().to_vec(),
-            a.iter().map(|v| *v as f64).collect(),
-            true,
-        ));
-    }
-    Err(AgentError::Task(
-        "quality: the first output is not a numeric tensor".into(),
-    ))
-}
 
 /// The untimed quality pass: the variant (and, when it derives from one, the base variant) over the
 /// eval set, or over seeded random inputs when there is none. Classification figures for outputs with
@@ -136,7 +24,7 @@ pub fn quality(
     mut base: Option<&mut Session>,
     specs: &[InputSpec],
     eval: Option<(&HashMap<String, HostArray>, &HostArray)>,
-    config: &fleetbench_proto::v1::RunConfig,
+    config: &RunConfig,
 ) -> Result<Option<fleetbench_common::quality::Quality>> {
     use fleetbench_common::quality;
     if eval.is_none() && base.is_none() {
@@ -158,15 +46,15 @@ pub fn quality(
         }
         None => (0..FIDELITY_RANDOM_BATCHES)
             .map(|i| {
-                super::inputs::build_inputs(
+                inputs::build_inputs(
                     specs,
-                    config,
+                    &config.shapes,
                     config.batch_size.max(1) as usize,
                     None,
                     config.seed.wrapping_add(1000 + i),
                 )
             })
-            .collect::<Result<_>>()?,
+            .collect::<std::result::Result<_, _>>()?,
     };
     let (mut outs, mut base_outs) = (Vec::new(), Vec::new());
     let (mut width, mut integer) = (1usize, false);

@@ -1,31 +1,34 @@
 //! Running a task: ONNX Runtime sessions built from the task's session options, warm-up, the timed
 //! scenario with telemetry windows, an untimed accuracy pass over the eval set, and a reproducibility
 //! record (including which execution providers actually ran the graph's nodes).
+//!
+//! [`OrtRunner::run`] goes through the steps in order: the effective configuration, the sessions (with
+//! cold-start times), the inputs, the timed [`scenario`], the quality pass ([`eval`]) and the
+//! [`record`].
 
-pub mod data;
 pub mod eval;
-pub mod inputs;
+pub mod record;
 pub mod recorder;
 pub mod scenario;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use fleetbench_common::config::{graph_optimization_name, scenario_name, with_defaults};
-use fleetbench_proto::v1::{
-    GraphOptimization, RunConfig, RunReport, Scenario, TaskAssignment, TelemetryWindow,
-};
+use fleetbench_common::config::with_defaults;
+use fleetbench_common::domain::{GraphOptimization, RunConfig, Scenario};
+use fleetbench_proto::v1::{RunReport, TaskAssignment, TelemetryWindow};
+use fleetbench_runtime::data::{self, HostArray};
+use fleetbench_runtime::inputs::{self, InputSpec};
+use fleetbench_runtime::{Runtime, RuntimeError};
+use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
-use ort::session::{Session, SessionInputValue};
 use ort::value::DynValue;
 
 use crate::error::{AgentError, Result};
-use crate::runtime::Runtime;
 use crate::sampler::Sampler;
-use data::HostArray;
-use inputs::InputSpec;
+pub use record::{canonical_provider, count_kernels};
 use recorder::Recorder;
 use scenario::{OrtQuery, QueryExec};
 
@@ -34,6 +37,8 @@ use scenario::{OrtQuery, QueryExec};
 pub struct PreparedTask {
     /// The assignment as received.
     pub assignment: TaskAssignment,
+    /// Its configuration, read from the assignment.
+    pub config: RunConfig,
     /// Local path of the ONNX artifact.
     pub model_path: PathBuf,
     /// Local paths of the eval inputs and labels, when the variant has an eval set.
@@ -46,6 +51,8 @@ pub struct PreparedTask {
     pub cpus: Vec<u32>,
     /// Host id, for the reproducibility record.
     pub host_id: String,
+    /// Keeps the task's cached files from eviction while it runs.
+    pub pins: std::sync::Arc<Vec<crate::cache::Pin>>,
 }
 
 /// How a run ended without a report.
@@ -59,6 +66,12 @@ pub enum RunError {
 
 impl From<AgentError> for RunError {
     fn from(e: AgentError) -> Self {
+        RunError::Failed(e.to_string())
+    }
+}
+
+impl From<RuntimeError> for RunError {
+    fn from(e: RuntimeError) -> Self {
         RunError::Failed(e.to_string())
     }
 }
@@ -91,14 +104,14 @@ fn opt_level(g: GraphOptimization) -> GraphOptimizationLevel {
         GraphOptimization::Disabled => GraphOptimizationLevel::Disable,
         GraphOptimization::Basic => GraphOptimizationLevel::Level1,
         GraphOptimization::Extended => GraphOptimizationLevel::Level2,
-        GraphOptimization::All | GraphOptimization::Unspecified => GraphOptimizationLevel::All,
+        GraphOptimization::All => GraphOptimizationLevel::All,
     }
 }
 
 /// Number of sessions a configuration runs (one per concurrent stream in offline, server and max-qps).
 pub fn session_count(c: &RunConfig) -> usize {
-    match Scenario::try_from(c.scenario).unwrap_or(Scenario::SingleStream) {
-        Scenario::SingleStream | Scenario::Unspecified => 1,
+    match c.scenario {
+        Scenario::SingleStream => 1,
         _ => c.concurrency.max(1) as usize,
     }
 }
@@ -113,11 +126,38 @@ pub fn effective_config(config: &RunConfig, cpus: &[u32]) -> RunConfig {
     c
 }
 
-fn builder_error(e: ort::Error<SessionBuilder>) -> AgentError {
+pub(crate) fn builder_error(e: ort::Error<SessionBuilder>) -> AgentError {
     AgentError::from(ort::Error::<()>::from(e))
 }
 
+/// The sessions of a run, its inputs, and its cold-start times.
+struct Sessions {
+    sessions: Vec<Session>,
+    specs: Vec<InputSpec>,
+    values: Vec<DynValue>,
+    session_create_ns: u64,
+    first_inference_ns: u64,
+}
+
+/// What the timed phase measured besides its windows.
+struct Timed {
+    scenario_json: serde_json::Value,
+    queries: u64,
+    late: u64,
+    dropped: u64,
+    elapsed: Duration,
+}
+
 impl OrtRunner {
+    /// Refuses, before any session, a model whose IR version or opset is newer than this agent's ONNX
+    /// Runtime loads (read from the graph, not the weights).
+    fn check_compatible(&self, task: &PreparedTask) -> std::result::Result<(), RunError> {
+        let info = fleetbench_common::onnx::inspect_file(&task.model_path)
+            .map_err(|e| RunError::Failed(format!("the model: {e}")))?;
+        fleetbench_runtime::compat::check(info.ir_version, info.opset, &self.runtime.version)
+            .map_err(RunError::Failed)
+    }
+
     /// A session builder with the configuration's options and execution provider.
     pub fn builder(&self, c: &RunConfig) -> Result<SessionBuilder> {
         let mut builder = Session::builder(&self.runtime.env)?
@@ -125,9 +165,7 @@ impl OrtRunner {
             .map_err(builder_error)?
             .with_inter_threads(1)
             .map_err(builder_error)?
-            .with_optimization_level(opt_level(
-                GraphOptimization::try_from(c.graph_optimization).unwrap_or_default(),
-            ))
+            .with_optimization_level(opt_level(c.graph_optimization))
             .map_err(builder_error)?;
         if !matches!(c.execution_provider.as_str(), "" | "cpu") {
             let dispatch = execution_provider(&c.execution_provider, &self.runtime.providers)?;
@@ -150,61 +188,119 @@ impl OrtRunner {
             })
     }
 
-    /// Which execution providers ran the graph's nodes: one profiled run of a separate session, its
-    /// kernel events counted per provider. ONNX Runtime may fall back to CPU silently; this says so.
-    fn providers_used(
+    /// Step 1: the first session (timed: session creation), the inputs, one cold query (timed: first
+    /// inference), then the other sessions the scenario runs.
+    fn open_sessions(&self, task: &PreparedTask, c: &RunConfig) -> Result<Sessions> {
+        let t = Instant::now();
+        let mut first = self.session(task, c)?;
+        let session_create_ns = t.elapsed().as_nanos() as u64;
+        let specs = inputs::input_specs(&first)?;
+        let data = load_task_data(task, &specs)?;
+        let batch = c.batch_size.max(1) as usize;
+        let values = inputs::build_inputs(&specs, &c.shapes, batch, data.as_ref(), c.seed)?;
+        let t = Instant::now();
+        OrtQuery {
+            session: &mut first,
+            values: &values,
+        }
+        .run()
+        .map_err(|e| match e {
+            RunError::Failed(m) => AgentError::Task(m),
+            RunError::Cancelled => AgentError::Task("cancelled".into()),
+        })?;
+        let first_inference_ns = t.elapsed().as_nanos() as u64;
+        let mut sessions = vec![first];
+        for _ in 1..session_count(c) {
+            sessions.push(self.session(task, c)?);
+        }
+        Ok(Sessions {
+            sessions,
+            specs,
+            values,
+            session_create_ns,
+            first_inference_ns,
+        })
+    }
+
+    /// Step 2: warm-up, then the timed scenario with its windows and resource samples.
+    fn timed_phase(
         &self,
         task: &PreparedTask,
         c: &RunConfig,
-        values: &[DynValue],
-    ) -> Result<BTreeMap<String, u64>> {
-        let prefix =
-            std::env::temp_dir().join(format!("fleetbench-profile-{}", task.assignment.run_id));
-        let mut session = self
-            .builder(c)?
-            .with_profiling(&prefix)
-            .map_err(builder_error)?
-            .commit_from_file(&task.model_path)
-            .map_err(|e| AgentError::Task(format!("profiling session: {e}")))?;
-        {
-            let views: Vec<SessionInputValue<'_>> = values.iter().map(Into::into).collect();
-            session.run(views.as_slice())?;
-        }
-        let file = session.end_profiling()?;
-        let text = std::fs::read_to_string(&file).unwrap_or_default();
-        let _ = std::fs::remove_file(&file);
-        Ok(count_kernels(&text))
+        s: &mut Sessions,
+        emit: &mut dyn FnMut(TelemetryWindow),
+        cancel: &AtomicBool,
+    ) -> std::result::Result<Timed, RunError> {
+        let values = &s.values;
+        let mut execs: Vec<Box<dyn QueryExec + '_>> = s
+            .sessions
+            .iter_mut()
+            .map(|session| Box::new(OrtQuery { session, values }) as Box<dyn QueryExec + '_>)
+            .collect();
+        scenario::warm_up(&mut execs, c.warmup_iterations, cancel)?;
+        let sampler = Sampler::start(
+            Duration::from_millis(c.sample_ms.max(10) as u64),
+            task.cpus.clone(),
+        );
+        let mut rec = Recorder::new(
+            &task.assignment.run_id,
+            Duration::from_millis(c.window_ms as u64),
+            c.window_min_queries as u64,
+            c.batch_size.max(1) as u64,
+            Some(sampler),
+            emit,
+        );
+        let scenario_json = match c.scenario {
+            Scenario::SingleStream => {
+                scenario::single_stream(execs[0].as_mut(), c, &mut rec, cancel)?
+            }
+            Scenario::Offline => scenario::offline(&mut execs, c, &mut rec, cancel)?,
+            Scenario::Server => scenario::server_run(&mut execs, c, &mut rec, cancel)?,
+            Scenario::MaxQps => scenario::max_qps(&mut execs, c, &mut rec, cancel)?,
+        };
+        let (_, elapsed) = rec.finish();
+        Ok(Timed {
+            scenario_json,
+            queries: rec.queries,
+            late: rec.late,
+            dropped: rec.dropped,
+            elapsed,
+        })
     }
-}
 
-/// Distinct nodes per execution provider in an ONNX Runtime profile.
-pub fn count_kernels(profile_json: &str) -> BTreeMap<String, u64> {
-    let events: Vec<serde_json::Value> = serde_json::from_str(profile_json).unwrap_or_default();
-    let mut nodes: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
-    for e in &events {
-        let name = e.get("name").and_then(|n| n.as_str()).unwrap_or("");
-        if e.get("cat").and_then(|c| c.as_str()) == Some("Node")
-            && name.ends_with("_kernel_time")
-            && let Some(p) = e.pointer("/args/provider").and_then(|p| p.as_str())
-        {
-            nodes.entry(p.to_string()).or_default().insert(name);
+    /// Step 3: the untimed quality pass, beside the base variant when there is one.
+    fn evaluate(
+        &self,
+        task: &PreparedTask,
+        c: &RunConfig,
+        s: &mut Sessions,
+    ) -> Result<Option<fleetbench_common::quality::Quality>> {
+        if c.skip_accuracy {
+            return Ok(None);
         }
-    }
-    nodes
-        .into_iter()
-        .map(|(p, n)| (p, n.len() as u64))
-        .collect()
-}
-
-/// ONNX Runtime's name of a fleetbench provider name.
-pub fn canonical_provider(name: &str) -> &'static str {
-    match name {
-        "cuda" => "CUDAExecutionProvider",
-        "tensorrt" => "TensorrtExecutionProvider",
-        "openvino" => "OpenVINOExecutionProvider",
-        "rocm" => "ROCMExecutionProvider",
-        "xnnpack" => "XnnpackExecutionProvider",
-        _ => "CPUExecutionProvider",
+        let mut base = match &task.base_model_path {
+            Some(p) => Some(self.builder(c)?.commit_from_file(p).map_err(|e| {
+                AgentError::Task(format!("cannot load the base variant {}: {e}", p.display()))
+            })?),
+            None => None,
+        };
+        let eval_set = match &task.eval {
+            Some((inputs_path, labels_path)) => {
+                let first = s.specs.first().map(|s| s.name.clone()).unwrap_or_default();
+                Some((
+                    data::read_arrays(inputs_path, &first)?,
+                    data::read_npy(labels_path)?,
+                ))
+            }
+            None => None,
+        };
+        eval::quality(
+            &mut s.sessions[0],
+            base.as_mut(),
+            &s.specs,
+            eval_set.as_ref().map(|(x, y)| (x, y)),
+            c,
+        )
     }
 }
 
@@ -241,10 +337,11 @@ fn load_task_data(
     specs: &[InputSpec],
 ) -> Result<Option<HashMap<String, HostArray>>> {
     let first = specs.first().map(|s| s.name.as_str()).unwrap_or("input");
-    task.input_data
+    Ok(task
+        .input_data
         .as_deref()
         .map(|p| data::read_arrays(p, first))
-        .transpose()
+        .transpose()?)
 }
 
 impl ModelRunner for OrtRunner {
@@ -254,178 +351,44 @@ impl ModelRunner for OrtRunner {
         emit: &mut dyn FnMut(TelemetryWindow),
         cancel: &AtomicBool,
     ) -> std::result::Result<RunReport, RunError> {
-        let config = task
-            .assignment
-            .config
-            .as_ref()
-            .ok_or(RunError::Failed("task has no config".into()))?;
-        let c = effective_config(config, &task.cpus);
+        let c = effective_config(&task.config, &task.cpus);
         let started_at = fleetbench_common::now_ms();
-
-        let t = Instant::now();
-        let mut sessions = vec![self.session(task, &c)?];
-        let session_create_ns = t.elapsed().as_nanos() as u64;
-        let specs = inputs::input_specs(&sessions[0])?;
-        let data = load_task_data(task, &specs)?;
-        let batch = c.batch_size.max(1) as usize;
-        let values = inputs::build_inputs(&specs, &c, batch, data.as_ref(), c.seed)?;
-        let t = Instant::now();
-        OrtQuery {
-            session: &mut sessions[0],
-            values: &values,
-        }
-        .run()?;
-        let first_inference_ns = t.elapsed().as_nanos() as u64;
-        for _ in 1..session_count(&c) {
-            sessions.push(self.session(task, &c)?);
-        }
-
-        let scenario = Scenario::try_from(c.scenario).unwrap_or(Scenario::SingleStream);
-        let (outcome, queries, late, dropped, elapsed) = {
-            let mut execs: Vec<Box<dyn QueryExec + '_>> = sessions
-                .iter_mut()
-                .map(|session| {
-                    Box::new(OrtQuery {
-                        session,
-                        values: &values,
-                    }) as Box<dyn QueryExec + '_>
-                })
-                .collect();
-            scenario::warm_up(&mut execs, c.warmup_iterations, cancel)?;
-            let sampler = Sampler::start(
-                Duration::from_millis(c.sample_ms.max(10) as u64),
-                task.cpus.clone(),
-            );
-            let mut rec = Recorder::new(
-                &task.assignment.run_id,
-                Duration::from_millis(c.window_ms as u64),
-                c.window_min_queries as u64,
-                batch as u64,
-                Some(sampler),
-                emit,
-            );
-            let outcome = match scenario {
-                Scenario::SingleStream | Scenario::Unspecified => {
-                    scenario::single_stream(execs[0].as_mut(), &c, &mut rec, cancel)?
-                }
-                Scenario::Offline => scenario::offline(&mut execs, &c, &mut rec, cancel)?,
-                Scenario::Server => scenario::server_run(&mut execs, &c, &mut rec, cancel)?,
-                Scenario::MaxQps => scenario::max_qps(&mut execs, &c, &mut rec, cancel)?,
-            };
-            let (_, elapsed) = rec.finish();
-            (outcome, rec.queries, rec.late, rec.dropped, elapsed)
-        };
-
-        let quality = if c.skip_accuracy {
-            None
-        } else {
-            let mut base = match &task.base_model_path {
-                Some(p) => Some(self.builder(&c)?.commit_from_file(p).map_err(|e| {
-                    AgentError::Task(format!("cannot load the base variant {}: {e}", p.display()))
-                })?),
-                None => None,
-            };
-            let eval_set = match &task.eval {
-                Some((inputs_path, labels_path)) => {
-                    let first = specs.first().map(|s| s.name.clone()).unwrap_or_default();
-                    Some((
-                        data::read_arrays(inputs_path, &first)?,
-                        data::read_npy(labels_path)?,
-                    ))
-                }
-                None => None,
-            };
-            eval::quality(
-                &mut sessions[0],
-                base.as_mut(),
-                &specs,
-                eval_set.as_ref().map(|(x, y)| (x, y)),
-                &c,
-            )?
-        };
+        self.check_compatible(task)?;
+        let mut sessions = self.open_sessions(task, &c)?;
+        let timed = self.timed_phase(task, &c, &mut sessions, emit, cancel)?;
+        let quality = self.evaluate(task, &c, &mut sessions)?;
+        let Sessions {
+            sessions,
+            values,
+            session_create_ns,
+            first_inference_ns,
+            ..
+        } = sessions;
+        drop(sessions);
+        // Step 4: the record, with the providers that actually ran the nodes.
+        let used = self.providers_used(task, &c, &values)?;
+        let record = self.record(task, &c, &used, started_at);
         let accuracy = quality
             .as_ref()
             .and_then(|q| q.classification.as_ref())
             .map(|cl| (cl.top1, cl.samples));
-        drop(sessions);
-        let used = self.providers_used(task, &c, &values)?;
-        let asked = canonical_provider(&c.execution_provider);
-        let fell_back = used.keys().any(|p| p != asked);
-        let record = serde_json::json!({
-            "agent_version": fleetbench_common::VERSION,
-            "ort_version": self.runtime.version,
-            "ort_build_info": self.runtime.build_info,
-            "ort_library": self.runtime.path.display().to_string(),
-            "execution_provider": c.execution_provider,
-            "available_providers": self.runtime.providers,
-            "providers_used": used,
-            "fell_back_to_other_providers": fell_back,
-            "session_options": {
-                "intra_op_threads": c.intra_op_threads,
-                "inter_op_threads": 1,
-                "execution_mode": "sequential",
-                "graph_optimization": graph_optimization_name(GraphOptimization::try_from(c.graph_optimization).unwrap_or_default()),
-                "sessions": session_count(&c),
-            },
-            "model_sha256": task.assignment.variant.as_ref().map(|v| v.artifact_sha256.clone()).unwrap_or_default(),
-            "seed": c.seed,
-            "scenario": scenario_name(scenario),
-            "scenario_settings": {
-                "batch_size": c.batch_size,
-                "concurrency": session_count(&c),
-                "iterations": c.iterations,
-                "duration_ms": c.duration_ms,
-                "min_duration_ms": c.min_duration_ms,
-                "max_duration_ms": c.max_duration_ms,
-                "min_queries": c.min_queries,
-                "early_stop": c.early_stop,
-                "stability_ratio": c.stability_ratio,
-                "stability_windows": c.stability_windows,
-                "window_ms": c.window_ms,
-                "target_qps": c.target_qps,
-                "latency_bound_ms": c.latency_bound_ms,
-                "max_outstanding": c.max_outstanding,
-                "warmup_iterations": c.warmup_iterations,
-                "sample_ms": c.sample_ms,
-            },
-            "cpus": task.cpus,
-            "host_id": task.host_id,
-            "started_at_ms": started_at,
-            "ended_at_ms": fleetbench_common::now_ms(),
-        });
+        let batch = c.batch_size.max(1) as u64;
         Ok(RunReport {
-            queries,
-            samples: queries * batch as u64,
-            elapsed_ns: elapsed.as_nanos() as u64,
+            queries: timed.queries,
+            samples: timed.queries * batch,
+            elapsed_ns: timed.elapsed.as_nanos() as u64,
             session_create_ns,
             first_inference_ns,
             accuracy: accuracy.map(|a| a.0),
             eval_samples: accuracy.map(|a| a.1).unwrap_or(0),
             record_json: record.to_string(),
-            effective_config: Some(c.clone()),
-            late_queries: late,
-            dropped_queries: dropped,
-            scenario_json: outcome.to_string(),
+            effective_config: Some((&c).into()),
+            late_queries: timed.late,
+            dropped_queries: timed.dropped,
+            scenario_json: timed.scenario_json.to_string(),
             quality_json: quality
                 .map(|q| serde_json::to_string(&q).unwrap_or_default())
                 .unwrap_or_default(),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn kernels_are_counted_per_provider() {
-        let profile = r#"[
-            {"cat":"Session","name":"model_run","args":{}},
-            {"cat":"Node","name":"fc0/MatMul_kernel_time","args":{"provider":"CUDAExecutionProvider"}},
-            {"cat":"Node","name":"fc0/MatMul_fence_before","args":{"provider":"CUDAExecutionProvider"}},
-            {"cat":"Node","name":"fc0/Add_kernel_time","args":{"provider":"CUDAExecutionProvider"}},
-            {"cat":"Node","name":"argmax_kernel_time","args":{"provider":"CPUExecutionProvider"}}
-        ]"#;
-        let counts = super::count_kernels(profile);
-        assert_eq!(counts.get("CUDAExecutionProvider"), Some(&2));
-        assert_eq!(counts.get("CPUExecutionProvider"), Some(&1));
     }
 }

@@ -119,7 +119,9 @@ impl<'a> Recorder<'a> {
     #[inline]
     pub fn maybe_close(&mut self, now: Instant) {
         let elapsed = now.duration_since(self.t0);
-        if elapsed - self.window_start >= self.window_len
+        // Workers' events can arrive out of order: a query that ended before the window opened
+        // belongs to it all the same, and never makes time run backwards.
+        if elapsed.saturating_sub(self.window_start) >= self.window_len
             && self.window_queries >= self.window_min_queries
         {
             self.close(elapsed);
@@ -131,6 +133,7 @@ impl<'a> Recorder<'a> {
         if self.window_queries == 0 && self.window_dropped == 0 {
             return;
         }
+        let elapsed = elapsed.max(self.window_start);
         let secs = (elapsed - self.window_start).as_secs_f64();
         if secs > 0.0 && self.window_queries > 0 {
             self.window_throughput
@@ -171,5 +174,35 @@ impl<'a> Recorder<'a> {
         let elapsed = self.t0.elapsed();
         self.close(elapsed);
         (self.seq, elapsed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_that_arrive_out_of_order_neither_panic_nor_run_time_backwards() {
+        let mut windows = Vec::new();
+        let mut emit = |w: TelemetryWindow| windows.push(w);
+        let mut rec = Recorder::new("r", Duration::from_millis(10), 0, 1, None, &mut emit);
+        let t0 = rec.t0;
+        rec.record(1_000, t0 + Duration::from_millis(30));
+        // A worker's event that ended earlier than the window just closed.
+        rec.record(1_000, t0 + Duration::from_millis(5));
+        rec.close(Duration::from_millis(20));
+        rec.record(1_000, t0 + Duration::from_millis(50));
+        rec.finish();
+        drop(rec);
+        assert_eq!(windows.iter().map(|w| w.queries).sum::<u64>(), 3);
+        for pair in windows.windows(2) {
+            assert!(
+                pair[0].end_offset_ns <= pair[1].start_offset_ns,
+                "{windows:?}"
+            );
+        }
+        for w in &windows {
+            assert!(w.start_offset_ns <= w.end_offset_ns, "{w:?}");
+        }
     }
 }

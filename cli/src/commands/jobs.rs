@@ -8,8 +8,10 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Subcommand;
 use fleetbench_common::config::{DEFAULT_MAX_TASKS, config_label, scenario_name};
+use fleetbench_common::convert::scenario_from_wire;
+use fleetbench_common::domain::RunConfig;
 use fleetbench_proto::v1::{
-    CancelJobRequest, GetJobRequest, JobDetail, JobSummary, ListJobsRequest, RunSummary, Scenario,
+    CancelJobRequest, GetJobRequest, JobDetail, JobSummary, ListJobsRequest, RunSummary,
     SubmitJobRequest, TaskInfo,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -57,6 +59,12 @@ pub enum JobsCmd {
     },
     /// Cancel a job: pending tasks are dropped and running ones stopped.
     Cancel {
+        /// Job id (a unique prefix is enough).
+        job: String,
+    },
+    /// Delete a finished job with its tasks, runs and telemetry (rankings change); cancel a queued or
+    /// running job first.
+    Delete {
         /// Job id (a unique prefix is enough).
         job: String,
     },
@@ -147,6 +155,20 @@ pub async fn run(client: &Client, cmd: JobsCmd) -> Result<()> {
             println!("job {} {}", output::short(&s.job_id), s.state);
             Ok(())
         }
+        JobsCmd::Delete { job } => {
+            let d = client
+                .jobs()
+                .delete_job(fleetbench_proto::v1::DeleteJobRequest { job_id: job })
+                .await
+                .map_err(|s| client.error(s, "deleting the job"))?
+                .into_inner();
+            println!(
+                "deleted job {} and its {} runs",
+                output::short(&d.job_id),
+                d.runs
+            );
+            Ok(())
+        }
     }
 }
 
@@ -154,18 +176,29 @@ pub async fn run(client: &Client, cmd: JobsCmd) -> Result<()> {
 pub async fn submit(client: &Client, args: &JobArgs) -> Result<String> {
     let mut spec = args.to_spec(DEFAULT_MAX_TASKS)?;
     if let Some(path) = &args.input_data {
-        let blob = client.upload(path).await?;
-        if let Some(c) = spec.config.as_mut() {
-            c.input_data_sha256 = blob.sha256;
-        }
+        // Read it here first: a file that is not .npz/.npy data is refused before anything is sent.
+        fleetbench_runtime::data::read_arrays(path, "input")
+            .map_err(|e| anyhow::anyhow!("input_data: {e}"))?;
+        spec.config.input_data_sha256 = client.upload(path).await?.sha256;
     }
     let resp = client
         .jobs()
-        .submit_job(SubmitJobRequest { spec: Some(spec) })
+        .submit_job(SubmitJobRequest {
+            spec: Some((&spec).into()),
+        })
         .await
         .map_err(|s| client.error(s, "submitting the job"))?
         .into_inner();
     Ok(resp.job_id)
+}
+
+/// The label of a configuration as the coordinator sent it (or what is wrong with it).
+pub fn label(c: Option<&fleetbench_proto::v1::RunConfig>) -> String {
+    match c.cloned().map(RunConfig::try_from) {
+        Some(Ok(c)) => config_label(&c),
+        Some(Err(e)) => format!("({e})"),
+        None => String::new(),
+    }
 }
 
 fn format_time(ms: i64) -> String {
@@ -183,7 +216,7 @@ fn format_time(ms: i64) -> String {
 }
 
 fn task_line(t: &TaskInfo) -> String {
-    let cfg = t.config.as_ref().map(config_label).unwrap_or_default();
+    let cfg = label(t.config.as_ref());
     let who = if t.agent.is_empty() {
         &t.target_agent
     } else {
@@ -338,7 +371,7 @@ fn print_detail(d: &JobDetail) {
         "NOTE",
     ]);
     for task in &d.tasks {
-        let cfg = task.config.as_ref().map(config_label).unwrap_or_default();
+        let cfg = label(task.config.as_ref());
         let mut row = vec![
             output::short(&task.task_id).to_string(),
             task.variant.clone(),
@@ -557,15 +590,14 @@ impl From<&JobDetail> for JobJson {
                     state: t.state.clone(),
                     error: t.error.clone(),
                     attempt: t.attempt,
-                    config_label: t.config.as_ref().map(config_label).unwrap_or_default(),
+                    config_label: label(t.config.as_ref()),
                     scenario: t
                         .config
                         .as_ref()
                         .map(|c| {
-                            scenario_name(
-                                Scenario::try_from(c.scenario).unwrap_or(Scenario::SingleStream),
-                            )
-                            .to_string()
+                            scenario_from_wire("scenario", c.scenario)
+                                .map(|s| scenario_name(s).to_string())
+                                .unwrap_or_else(|e| e.to_string())
                         })
                         .unwrap_or_default(),
                     run: t.run.as_ref().map(RunJson::from),

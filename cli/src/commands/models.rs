@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use fleetbench_proto::v1::{ListModelsRequest, ModelVariant, RegisterVariantRequest};
+use fleetbench_proto::v1::{
+    DeleteVariantRequest, ListModelsRequest, ModelVariant, RegisterVariantRequest,
+};
 
 use crate::client::Client;
 use crate::output::{self, Format};
@@ -12,9 +14,11 @@ use crate::output::{self, Format};
 /// Model commands.
 #[derive(Debug, Subcommand)]
 pub enum ModelsCmd {
-    /// Upload an ONNX file as a model variant (the first variant of a model is its base).
+    /// Upload an ONNX model as a model variant (the first variant of a model is its base), with every
+    /// external-data file its initializers reference. A push cut in the middle resumes from what the
+    /// coordinator holds when it is run again.
     Push {
-        /// ONNX file.
+        /// ONNX file (its external-data files are found from it, relative to its folder).
         file: PathBuf,
         /// Model name.
         #[arg(long)]
@@ -70,6 +74,21 @@ pub enum ModelsCmd {
         #[arg(long, value_enum, default_value_t)]
         output: Format,
     },
+    /// Delete a model (every variant) or one variant, with their runs; the blobs nothing references
+    /// any more are collected. Refused while a queued or running job uses them.
+    Delete {
+        /// MODEL or MODEL/VARIANT.
+        target: String,
+        /// Also delete the variants derived from it (required when there are any).
+        #[arg(long)]
+        recursive: bool,
+        /// Only say what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Format,
+    },
     /// List models and variants.
     List {
         /// Only this model.
@@ -117,10 +136,15 @@ pub async fn run(client: &Client, cmd: ModelsCmd) -> Result<()> {
             match output {
                 Format::Json => output::print_json(&v)?,
                 Format::Table => println!(
-                    "pushed {}/{} ({}, sha256 {}){}",
+                    "pushed {}/{} ({}{}, sha256 {}){}",
                     v.model,
                     v.variant,
                     output::bytes(v.size_bytes),
+                    if v.file_count > 1 {
+                        format!(" in {} files", v.file_count)
+                    } else {
+                        String::new()
+                    },
                     output::short(&v.artifact_sha256),
                     if v.variant_of.is_empty() {
                         String::new()
@@ -159,26 +183,75 @@ pub async fn run(client: &Client, cmd: ModelsCmd) -> Result<()> {
             recipe,
             output,
         } => {
-            let bytes = std::fs::read(&input)
-                .with_context(|| format!("cannot read {}", input.display()))?;
-            let outcome = crate::optimize::optimize(&bytes, &recipe, None)
+            let written = crate::optimize::optimize_file(&input, &output_file, &recipe, None)
                 .with_context(|| format!("{}", input.display()))?;
-            std::fs::write(&output_file, outcome.encode())
-                .with_context(|| format!("cannot write {}", output_file.display()))?;
             match output {
                 Format::Json => output::print_json(&serde_json::json!({
                     "input": input,
                     "output": output_file,
+                    "files": written.files,
                     "recipe": recipe.recipe()?,
-                    "size_bytes": outcome.report.size_after,
-                    "report": outcome.report,
+                    "size_bytes": written.report.size_after,
+                    "report": written.report,
                 }))?,
                 Format::Table => println!(
-                    "wrote {} ({}, from {}): {}",
+                    "wrote {} ({}{}, from {}): {}",
                     output_file.display(),
-                    output::bytes(outcome.report.size_after),
-                    output::bytes(outcome.report.size_before),
-                    summary(&outcome.report)
+                    output::bytes(written.report.size_after),
+                    if written.files.len() > 1 {
+                        format!(" in {} files", written.files.len())
+                    } else {
+                        String::new()
+                    },
+                    output::bytes(written.report.size_before),
+                    summary(&written.report)
+                ),
+            }
+            Ok(())
+        }
+        ModelsCmd::Delete {
+            target,
+            recursive,
+            dry_run,
+            output,
+        } => {
+            let (model, variant) = match target.split_once('/') {
+                Some((m, v)) => (m.to_string(), v.to_string()),
+                None => (target.clone(), String::new()),
+            };
+            if model.is_empty() || (target.contains('/') && variant.is_empty()) {
+                bail!("'{target}': give MODEL or MODEL/VARIANT");
+            }
+            let d = client
+                .models()
+                .delete_variant(DeleteVariantRequest {
+                    model,
+                    variant,
+                    recursive,
+                    dry_run,
+                })
+                .await
+                .map_err(|s| client.error(s, &format!("deleting {target}")))?
+                .into_inner();
+            match output {
+                Format::Json => output::print_json(&d)?,
+                Format::Table => println!(
+                    "{} {} ({}); {} run(s){}, {} of blobs {}",
+                    if dry_run { "would delete" } else { "deleted" },
+                    d.variants.join(", "),
+                    if d.variants.len() == 1 {
+                        "1 variant".to_string()
+                    } else {
+                        format!("{} variants", d.variants.len())
+                    },
+                    d.runs,
+                    match d.jobs {
+                        0 => String::new(),
+                        1 => " and 1 job left without tasks".to_string(),
+                        n => format!(" and {n} jobs left without tasks"),
+                    },
+                    output::bytes(d.bytes_freed),
+                    if dry_run { "to free" } else { "freed" },
                 ),
             }
             Ok(())
@@ -272,38 +345,54 @@ pub async fn optimize(
     if variants.iter().any(|v| v.variant == new_name) {
         bail!("model '{model}' already has a variant '{new_name}'; choose another with --name");
     }
-    let bytes = client.download(&source.artifact_sha256).await?;
     let dir = tempfile::tempdir()?;
+    let (source_model, _) =
+        crate::transfer::fetch_set(client, &source.artifact_sha256, &dir.path().join("source"))
+            .await?;
     let calibration_default = if recipe.needs_calibration()
         && args.calibration.is_none()
         && !source.eval_inputs_sha256.is_empty()
     {
-        let p = dir.path().join("calibration.npy");
-        let data = client.download(&source.eval_inputs_sha256).await?;
-        let p = if data.starts_with(b"PK\x03\x04") {
-            dir.path().join("calibration.npz")
+        let p = dir.path().join("calibration.data");
+        crate::transfer::download_to(client, &source.eval_inputs_sha256, &p).await?;
+        // .npz is a zip archive; the readers go by the extension.
+        let mut magic = [0u8; 4];
+        std::io::Read::read_exact(&mut std::fs::File::open(&p)?, &mut magic)?;
+        let named = p.with_extension(if &magic == b"PK\x03\x04" {
+            "npz"
         } else {
-            p
-        };
-        std::fs::write(&p, data)?;
-        Some(p)
+            "npy"
+        });
+        std::fs::rename(&p, &named)?;
+        Some(named)
     } else {
         None
     };
-    let outcome = tokio::task::block_in_place(|| {
-        crate::optimize::optimize(&bytes, args, calibration_default.as_deref())
+    let out = dir.path().join("variant").join(
+        source_model
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_else(|| "model.onnx".into()),
+    );
+    std::fs::create_dir_all(out.parent().expect("a folder"))?;
+    let written = tokio::task::block_in_place(|| {
+        crate::optimize::optimize_file(&source_model, &out, args, calibration_default.as_deref())
     })
     .with_context(|| format!("{model}/{}: recipe {}", source.variant, recipe.name()))?;
-    let artifact = client
-        .upload_bytes(&outcome.encode(), &format!("variant {new_name}"))
-        .await?;
+    let local = crate::transfer::collect(&out)?;
+    crate::transfer::push_set(client, &local).await?;
+    let artifact_sha256 = local.sha256.clone();
     let req = RegisterVariantRequest {
         model: model.to_string(),
         variant: new_name,
-        artifact_sha256: artifact.sha256,
+        artifact_sha256,
         variant_of: source.variant.clone(),
         technique: recipe.technique().to_string(),
-        recipe_json: crate::optimize::recipe_json(&recipe, &outcome, &source.artifact_sha256),
+        recipe_json: crate::optimize::recipe_json(
+            &recipe,
+            &written.report,
+            &source.artifact_sha256,
+        ),
         eval_inputs_sha256: String::new(),
         eval_labels_sha256: String::new(),
     };
@@ -315,12 +404,12 @@ pub async fn optimize(
         .into_inner();
     Ok(Optimized {
         variant,
-        report: outcome.report,
+        report: written.report,
     })
 }
 
-/// Uploads a file (and an eval set: inputs and labels, or a test_data_set folder twice) and registers
-/// the variant.
+/// Pushes a model with its external-data files as one artifact set (and an eval set: inputs and
+/// labels, or a test_data_set folder twice) and registers the variant.
 pub async fn push(
     client: &Client,
     file: &std::path::Path,
@@ -330,14 +419,14 @@ pub async fn push(
     technique: Option<&str>,
     eval: Option<(&std::path::Path, &std::path::Path)>,
 ) -> Result<ModelVariant> {
-    let artifact = client.upload(file).await?;
+    let local = crate::transfer::collect(file)?;
+    crate::transfer::push_set(client, &local).await?;
     // A test_data_set folder becomes an .npz of inputs and an .npy of reference outputs.
     let converted = tempfile::tempdir()?;
     let eval_files;
     let eval = match eval {
         Some((dir, _)) if dir.is_dir() => {
-            let bytes = std::fs::read(file)?;
-            let info = fleetbench_common::onnx::inspect(&bytes)
+            let info = fleetbench_common::onnx::inspect_file(file)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let inputs: Vec<(String, String)> = info
                 .inputs
@@ -360,7 +449,7 @@ pub async fn push(
     let req = RegisterVariantRequest {
         model: model.to_string(),
         variant: variant.unwrap_or_default().to_string(),
-        artifact_sha256: artifact.sha256,
+        artifact_sha256: local.sha256,
         variant_of: variant_of.unwrap_or_default().to_string(),
         technique: technique.unwrap_or_default().to_string(),
         recipe_json: String::new(),
@@ -382,6 +471,7 @@ pub fn variant_table(variants: &[ModelVariant]) -> comfy_table::Table {
         "VARIANT",
         "TECHNIQUE",
         "SIZE",
+        "FILES",
         "INPUTS",
         "EVAL SET",
         "SHA256",
@@ -446,6 +536,7 @@ pub fn variant_table(variants: &[ModelVariant]) -> comfy_table::Table {
                     v.technique.clone()
                 },
                 output::bytes(v.size_bytes),
+                v.file_count.max(1).to_string(),
                 inputs.join("; "),
                 if v.eval_labels_sha256.is_empty() {
                     "-".into()

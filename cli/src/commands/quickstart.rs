@@ -47,7 +47,14 @@ struct Fleet {
 impl Fleet {
     fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> Result<()> {
         let file = std::fs::File::create(log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
+            .with_context(|| format!("cannot start {name}: cannot create {}", log.display()))?;
+        // The local fleet is set up by its flags alone: settings exported for a real fleet
+        // (FLEETBENCH_CA_CERT, FLEETBENCH_COORDINATOR …) must not reach it.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("FLEETBENCH_") {
+                cmd.env_remove(&key);
+            }
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
@@ -126,25 +133,12 @@ pub fn find_ort_lib(explicit: Option<&Path>) -> Result<PathBuf> {
 
 /// The library of the onnxruntime wheel installed in `root/.venv` (by `scripts/dev.sh setup`).
 pub fn find_ort_lib_in(root: &Path) -> Result<PathBuf> {
-    if let Ok(entries) = std::fs::read_dir(root.join(".venv/lib")) {
-        for e in entries.flatten() {
-            let capi = e.path().join("site-packages/onnxruntime/capi");
-            if let Ok(files) = std::fs::read_dir(&capi) {
-                for f in files.flatten() {
-                    if f.file_name()
-                        .to_string_lossy()
-                        .starts_with("libonnxruntime.so.")
-                    {
-                        return Ok(f.path());
-                    }
-                }
-            }
-        }
-    }
-    bail!(
-        "ONNX Runtime library not found: set ORT_DYLIB_PATH or --ort-lib, or run `scripts/dev.sh quickstart`, \
-         which installs onnxruntime==1.31.1 into .venv"
-    )
+    fleetbench_runtime::load::find_in_venv(root).ok_or_else(|| {
+        anyhow::anyhow!(
+            "ONNX Runtime library not found: set ORT_DYLIB_PATH or --ort-lib, or run `scripts/dev.sh quickstart`, \
+             which installs onnxruntime==1.31.1 into .venv"
+        )
+    })
 }
 
 fn wait_for_file(path: &Path, fleet: &mut Fleet, dir: &Path, timeout: Duration) -> Result<String> {
@@ -274,7 +268,7 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
         "pushed digits/{} ({} bytes, {} from {})",
         student.variant, student.size_bytes, student.technique, student.variant_of
     );
-    fleetbench_agent::runtime::load(Some(&ort_lib)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    fleetbench_runtime::load(Some(&ort_lib)).map_err(|e| anyhow::anyhow!("{e}"))?;
     for (recipe, sparsity) in [("int8-dynamic", None), ("prune", Some(0.5))] {
         let args = crate::optimize::RecipeArgs {
             recipe: recipe.into(),
@@ -284,6 +278,7 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
             calibration_method: None,
             percentile: None,
             fp16_ops: None,
+            shape: Vec::new(),
         };
         let v = models::optimize(&client, "digits", &args, None, None).await?;
         eprintln!(

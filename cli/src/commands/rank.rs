@@ -42,6 +42,24 @@ pub struct RankArgs {
     pub output: Format,
 }
 
+impl RankArgs {
+    /// The defaults of `rank MODEL`: by p99, valid runs only, a table.
+    pub fn for_model(model: &str) -> Self {
+        RankArgs {
+            model: model.to_string(),
+            objective: "p99".into(),
+            max_p99_ms: None,
+            min_throughput: None,
+            max_accuracy_drop: None,
+            max_rss_mb: None,
+            include_invalid: false,
+            best_config: false,
+            job: None,
+            output: Format::Table,
+        }
+    }
+}
+
 /// A ranking row as printed by `--output json`.
 #[derive(Debug, Serialize)]
 pub struct RankJson {
@@ -91,6 +109,10 @@ pub struct RankJson {
     pub size_bytes: u64,
     /// Comparable record (runtime version, provider).
     pub record: String,
+    /// The runs were stored before fleetbench kept a full pooling key: they pool only with each other.
+    pub legacy: bool,
+    /// What the pooled runs share (the work and how it ran); a string for legacy rows.
+    pub pool: serde_json::Value,
 }
 
 impl From<&RankRow> for RankJson {
@@ -120,6 +142,9 @@ impl From<&RankRow> for RankJson {
             rss_peak_bytes: r.rss_peak_bytes,
             size_bytes: r.size_bytes,
             record: r.record_key.clone(),
+            legacy: r.legacy,
+            pool: serde_json::from_str(&r.pool_key)
+                .unwrap_or_else(|_| serde_json::Value::String(r.pool_key.clone())),
         }
     }
 }
@@ -169,7 +194,11 @@ pub fn table(resp: &RankResponse) -> comfy_table::Table {
             r.rank.to_string(),
             r.platform.clone(),
             r.variant.clone(),
-            r.config.clone(),
+            if r.legacy {
+                format!("{} †", r.config)
+            } else {
+                r.config.clone()
+            },
             output::ms(l.p50_ms),
             output::ms(l.p90_ms),
             output::ms(l.p99_ms),
@@ -187,6 +216,14 @@ pub fn table(resp: &RankResponse) -> comfy_table::Table {
         ]);
     }
     t
+}
+
+/// The note under a table with legacy rows.
+pub fn legacy_note(resp: &RankResponse) -> Option<&'static str> {
+    resp.rows.iter().any(|r| r.legacy).then_some(
+        "† runs stored before fleetbench recorded everything that changes the work (shapes, input data, \
+         warm-up, outstanding cap, latency bound, runtime and providers): they pool only with each other.",
+    )
 }
 
 /// Runs `rank`.
@@ -208,6 +245,9 @@ pub async fn run(client: &Client, a: RankArgs) -> Result<()> {
                     a.model, resp.objective
                 );
                 println!("{}", table(&resp));
+                if let Some(note) = legacy_note(&resp) {
+                    println!("{note}");
+                }
             }
             Ok(())
         }

@@ -3,14 +3,23 @@ use std::sync::Arc;
 use fleetbench_proto::v1::agent_message::Body;
 use fleetbench_proto::v1::agent_service_server::AgentService;
 use fleetbench_proto::v1::{AgentMessage, CoordinatorMessage, RegisterRequest, RegisterResponse};
-use tokio_stream::wrappers::ReceiverStream;
+use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::ResponseStream;
-use crate::{Coordinator, fleet, scheduler};
+use super::{ResponseStream, invalid};
+use crate::context::Context;
+use crate::domain::Registration;
+use crate::fleet;
+use crate::registry::AgentLink;
+use crate::session::{self, Queues};
 
 /// The agent-facing service.
-pub struct AgentApi(pub Arc<Coordinator>);
+pub struct AgentApi {
+    /// Shared state.
+    pub ctx: Arc<Context>,
+    /// Where sessions send what agents report.
+    pub queues: Queues,
+}
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
@@ -19,9 +28,9 @@ impl AgentService for AgentApi {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        Ok(Response::new(
-            fleet::register(&self.0, request.into_inner()).await?,
-        ))
+        let reg = Registration::try_from(request.into_inner()).map_err(invalid)?;
+        let registered = fleet::register(&self.ctx, reg).await?;
+        Ok(Response::new((&registered).into()))
     }
 
     type SessionStream = ResponseStream<CoordinatorMessage>;
@@ -41,8 +50,14 @@ impl AgentService for AgentApi {
                 ));
             }
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(4096);
-        tokio::spawn(scheduler::serve_session(self.0.clone(), hello, inbound, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let (link, outbound) = AgentLink::new();
+        let opened = session::open(&self.ctx, hello, link).await?;
+        tokio::spawn(session::serve(
+            self.ctx.clone(),
+            self.queues.clone(),
+            opened,
+            inbound,
+        ));
+        Ok(Response::new(Box::pin(outbound.into_stream().map(Ok))))
     }
 }

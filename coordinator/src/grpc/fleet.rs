@@ -4,10 +4,11 @@ use fleetbench_proto::v1::fleet_service_server::FleetService;
 use fleetbench_proto::v1::{ListAgentsRequest, ListAgentsResponse};
 use tonic::{Request, Response, Status};
 
-use crate::{Coordinator, fleet};
+use crate::context::Context;
+use crate::fleet;
 
 /// The fleet view.
-pub struct FleetApi(pub Arc<Coordinator>);
+pub struct FleetApi(pub Arc<Context>);
 
 #[tonic::async_trait]
 impl FleetService for FleetApi {
@@ -15,8 +16,9 @@ impl FleetService for FleetApi {
         &self,
         _: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
+        let agents = fleet::list(&self.0).await?;
         Ok(Response::new(ListAgentsResponse {
-            agents: fleet::list(&self.0).await?,
+            agents: agents.iter().map(Into::into).collect(),
         }))
     }
 }

@@ -1,18 +1,21 @@
 use std::sync::Arc;
 
+use fleetbench_common::convert::required;
 use fleetbench_proto::v1::job_service_server::JobService;
 use fleetbench_proto::v1::{
-    CancelJobRequest, GetJobRequest, JobDetail, JobProgress, JobSummary, ListJobsRequest,
-    ListJobsResponse, SubmitJobRequest, SubmitJobResponse,
+    CancelJobRequest, DeleteJobRequest, DeleteJobResponse, GetJobRequest, JobDetail, JobProgress,
+    JobSummary, ListJobsRequest, ListJobsResponse, SubmitJobRequest, SubmitJobResponse,
 };
 use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
-use super::ResponseStream;
-use crate::{Coordinator, jobs};
+use super::{ResponseStream, invalid};
+use crate::context::Context;
+use crate::domain::JobSpec;
+use crate::jobs;
 
 /// Jobs.
-pub struct JobApi(pub Arc<Coordinator>);
+pub struct JobApi(pub Arc<Context>);
 
 #[tonic::async_trait]
 impl JobService for JobApi {
@@ -21,10 +24,8 @@ impl JobService for JobApi {
         &self,
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
-        let spec = request
-            .into_inner()
-            .spec
-            .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+        let spec = required("spec", request.into_inner().spec).map_err(invalid)?;
+        let spec = JobSpec::try_from(spec).map_err(invalid)?;
         let (job_id, task_count) = jobs::submit(&self.0, spec).await?;
         Ok(Response::new(SubmitJobResponse { job_id, task_count }))
     }
@@ -33,8 +34,9 @@ impl JobService for JobApi {
         &self,
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
+        let list = jobs::list(&self.0, request.into_inner().limit).await?;
         Ok(Response::new(ListJobsResponse {
-            jobs: jobs::list(&self.0, request.into_inner().limit).await?,
+            jobs: list.iter().map(Into::into).collect(),
         }))
     }
 
@@ -42,9 +44,8 @@ impl JobService for JobApi {
         &self,
         request: Request<GetJobRequest>,
     ) -> Result<Response<JobDetail>, Status> {
-        Ok(Response::new(
-            jobs::detail(&self.0, &request.into_inner().job_id).await?,
-        ))
+        let detail = jobs::detail(&self.0, &request.into_inner().job_id).await?;
+        Ok(Response::new((&detail).into()))
     }
 
     type WatchJobStream = ResponseStream<JobProgress>;
@@ -54,7 +55,7 @@ impl JobService for JobApi {
         request: Request<GetJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let stream = jobs::watch(self.0.clone(), request.into_inner().job_id)
-            .map(|r| r.map_err(Status::from));
+            .map(|r| r.map(|d| JobProgress::from(&d)).map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -63,8 +64,16 @@ impl JobService for JobApi {
         &self,
         request: Request<CancelJobRequest>,
     ) -> Result<Response<JobSummary>, Status> {
-        Ok(Response::new(
-            jobs::cancel(&self.0, &request.into_inner().job_id).await?,
-        ))
+        let summary = jobs::cancel(&self.0, &request.into_inner().job_id).await?;
+        Ok(Response::new((&summary).into()))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete_job(
+        &self,
+        request: Request<DeleteJobRequest>,
+    ) -> Result<Response<DeleteJobResponse>, Status> {
+        let (job_id, runs) = jobs::delete(&self.0, &request.into_inner().job_id).await?;
+        Ok(Response::new(DeleteJobResponse { job_id, runs }))
     }
 }

@@ -15,6 +15,11 @@ pub use jobs::JobApi;
 pub use models::ModelApi;
 pub use rankings::RankingApi;
 
+/// A request that does not convert to the domain: INVALID_ARGUMENT naming the field.
+pub(crate) fn invalid(e: fleetbench_common::config::ConfigError) -> tonic::Status {
+    tonic::Status::invalid_argument(e.to_string())
+}
+
 /// A boxed response stream.
 pub type ResponseStream<T> =
     Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send + 'static>>;

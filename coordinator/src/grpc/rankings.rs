@@ -4,17 +4,17 @@ use fleetbench_proto::v1::ranking_service_server::RankingService;
 use fleetbench_proto::v1::{RankRequest, RankResponse};
 use tonic::{Request, Response, Status};
 
-use crate::{Coordinator, ranking};
+use crate::context::Context;
+use crate::ranking;
 
 /// Rankings.
-pub struct RankingApi(pub Arc<Coordinator>);
+pub struct RankingApi(pub Arc<Context>);
 
 #[tonic::async_trait]
 impl RankingService for RankingApi {
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
     async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
-        Ok(Response::new(
-            ranking::rank(&self.0, request.into_inner()).await?,
-        ))
+        let ranking = ranking::rank(&self.0, request.into_inner().into()).await?;
+        Ok(Response::new((&ranking).into()))
     }
 }

@@ -4,10 +4,12 @@
 
 use std::time::Duration;
 
+use sqlx::Connection;
 use sqlx::any::AnyPoolOptions;
 
 use super::redact_url;
-use super::sql::{Backend, EmbeddedMigrations, SqlStore, migrate};
+use super::sql::migrate::migrate;
+use super::sql::{Backend, EmbeddedMigrations, SqlStore};
 use crate::error::{Error, Result};
 
 /// Schema migrations for Postgres (file names match migrations/sqlite).
@@ -27,6 +29,31 @@ pub const MIGRATIONS: EmbeddedMigrations = &[
         "tasks run index",
         include_str!("../../../migrations/postgres/0003_tasks_run_index.sql"),
     ),
+    (
+        4,
+        "domain stored forms",
+        include_str!("../../../migrations/postgres/0004_domain_stored_forms.sql"),
+    ),
+    (
+        5,
+        "drop protobuf columns",
+        include_str!("../../../migrations/postgres/0005_drop_protobuf_columns.sql"),
+    ),
+    (
+        6,
+        "pool key",
+        include_str!("../../../migrations/postgres/0006_pool_key.sql"),
+    ),
+    (
+        7,
+        "replicas",
+        include_str!("../../../migrations/postgres/0007_replicas.sql"),
+    ),
+    (
+        8,
+        "artifact sets",
+        include_str!("../../../migrations/postgres/0008_artifact_sets.sql"),
+    ),
 ];
 
 /// Connects to a `postgres://` URL and migrates the database.
@@ -34,6 +61,8 @@ pub async fn open(url: &str) -> Result<SqlStore> {
     sqlx::any::install_default_drivers();
     let pool = AnyPoolOptions::new()
         .max_connections(16)
+        // A connection still in a transaction (a COMMIT that failed) is closed, not reused.
+        .after_release(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
         .acquire_timeout(Duration::from_secs(10))
         .connect(url)
         .await
@@ -43,10 +72,12 @@ pub async fn open(url: &str) -> Result<SqlStore> {
                 redact_url(url)
             ))
         })?;
-    migrate(&pool, MIGRATIONS).await?;
-    Ok(SqlStore {
+    let store = SqlStore {
         pool,
         backend: Backend::Postgres,
         write_lock: None,
-    })
+        files: None,
+    };
+    migrate(&store, MIGRATIONS).await?;
+    Ok(store)
 }

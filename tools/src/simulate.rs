@@ -28,7 +28,6 @@ use prost::Message;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Mutex;
-use tonic::transport::Endpoint;
 
 /// Simulate a fleet of agents against a coordinator.
 #[derive(Debug, Parser)]
@@ -61,6 +60,13 @@ struct Args {
     /// Windows per message (agents batch windows they have ready, as a backlog after a reconnect).
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Serve the coordinator the harness starts with TLS (a CA and certificate made as `init` makes
+    /// them), to measure what TLS costs.
+    #[arg(long)]
+    tls: bool,
+    /// CA certificate of an https:// --coordinator.
+    #[arg(long)]
+    ca_cert: Option<std::path::PathBuf>,
 }
 
 struct Stats {
@@ -187,7 +193,11 @@ impl Drop for Spawned {
     }
 }
 
-fn spawn_coordinator(database: Option<&str>) -> Result<(String, Spawned)> {
+/// Starts a coordinator; returns its URL, the process, and its CA certificate when it serves TLS.
+fn spawn_coordinator(
+    database: Option<&str>,
+    tls: bool,
+) -> Result<(String, Spawned, Option<std::path::PathBuf>)> {
     let dir = tempfile::tempdir()?;
     let exe = std::env::current_exe()?;
     let bin = exe
@@ -205,7 +215,23 @@ fn spawn_coordinator(database: Option<&str>) -> Result<(String, Spawned)> {
         .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("fleet.db").display()));
     let addr_file = dir.path().join("addr");
     let log = std::fs::File::create(dir.path().join("coordinator.log"))?;
+    let ca = if tls {
+        let status = Command::new(&bin)
+            .arg("init")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("fleetbench-coordinator init failed");
+        }
+        Some(dir.path().join("tls").join("ca.pem"))
+    } else {
+        None
+    };
     let child = Command::new(bin)
+        .arg("--data-dir")
+        .arg(dir.path())
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -228,24 +254,16 @@ fn spawn_coordinator(database: Option<&str>) -> Result<(String, Spawned)> {
         if let Ok(a) = std::fs::read_to_string(&addr_file)
             && !a.trim().is_empty()
         {
-            return Ok((format!("http://{}", a.trim()), spawned));
+            let scheme = if ca.is_some() { "https" } else { "http" };
+            return Ok((format!("{scheme}://{}", a.trim()), spawned, ca));
         }
         if Instant::now() > deadline {
             bail!(
                 "the coordinator did not start (database {})",
-                fleetbench_coordinator_redact(&db)
+                fleetbench_common::redact::url(&db)
             );
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn fleetbench_coordinator_redact(url: &str) -> String {
-    match url.split_once('@') {
-        Some((a, b)) if a.contains(':') && a.matches(':').count() > 1 => {
-            format!("{}:***@{b}", a.rsplit_once(':').map(|x| x.0).unwrap_or(a))
-        }
-        _ => url.to_string(),
     }
 }
 
@@ -253,6 +271,7 @@ fn fleetbench_coordinator_redact(url: &str) -> String {
 async fn agent(
     i: usize,
     url: String,
+    ca_pem: Option<Arc<String>>,
     stats: Arc<Stats>,
     histograms: Arc<Vec<Vec<u8>>>,
     rate: f64,
@@ -263,13 +282,15 @@ async fn agent(
 ) -> Result<()> {
     // At most a few dozen agents connect at once, as a fleet coming up would.
     let permit = gate.acquire_owned().await?;
-    let channel = Endpoint::from_shared(url)?
+    let channel = fleetbench_proto::connect::endpoint(&url, ca_pem.as_deref().map(|s| s.as_str()))
+        .map_err(anyhow::Error::msg)?
         .tcp_nodelay(true)
         .connect()
         .await?;
     let mut client = AgentServiceClient::new(channel);
     let reg = client
         .register(RegisterRequest {
+            protocol_version: fleetbench_common::protocol::PROTOCOL_VERSION,
             agent_id: String::new(),
             name: format!("sim-{i:05}"),
             labels: HashMap::from([("sim".to_string(), "1".to_string())]),
@@ -421,15 +442,21 @@ async fn main() -> Result<()> {
         bail!("--agents, --rate and --duration-s must be > 0");
     }
     raise_nofile();
-    let (url, spawned) = match &a.coordinator {
-        Some(u) => (u.clone(), None),
+    let (url, spawned, ca) = match &a.coordinator {
+        Some(u) => (u.clone(), None, a.ca_cert.clone()),
         None => {
-            let (u, s) = spawn_coordinator(a.database.as_deref())?;
-            (u, Some(s))
+            let (u, s, ca) = spawn_coordinator(a.database.as_deref(), a.tls)?;
+            (u, Some(s), ca)
         }
     };
     let pid = a.coordinator_pid.or(spawned.as_ref().map(|s| s.child.id()));
-    let client = fleetbench_cli::client::Client::connect(&url).await?;
+    let client = fleetbench_cli::client::Client::connect_with(&url, ca.as_deref()).await?;
+    let ca_pem = ca
+        .as_deref()
+        .map(fleetbench_proto::connect::read_ca)
+        .transpose()
+        .map_err(anyhow::Error::msg)?
+        .map(Arc::new);
     eprintln!(
         "coordinator {url}; {} agents x {} windows/s for {} s",
         a.agents, a.rate, a.duration_s
@@ -475,6 +502,7 @@ async fn main() -> Result<()> {
         handles.push(tokio::spawn(agent(
             i,
             url,
+            ca_pem.clone(),
             stats,
             histograms,
             rate,

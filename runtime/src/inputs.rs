@@ -2,14 +2,14 @@
 
 use std::collections::HashMap;
 
-use fleetbench_proto::v1::RunConfig;
+use fleetbench_common::domain::InputShape;
 use ort::session::Session;
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::data::HostArray;
-use crate::error::{AgentError, Result};
+use crate::data::HostArray;
+use crate::{Result, RuntimeError};
 
 /// One graph input as the session declares it.
 #[derive(Debug, Clone)]
@@ -40,7 +40,7 @@ pub fn input_specs(session: &Session) -> Result<Vec<InputSpec>> {
                 dims: shape.iter().copied().collect(),
                 symbols: dimension_symbols.iter().map(|s| s.to_string()).collect(),
             }),
-            other => Err(AgentError::Task(format!(
+            other => Err(RuntimeError::Data(format!(
                 "input '{}' is {other}; fleetbench feeds tensor inputs only",
                 o.name()
             ))),
@@ -50,8 +50,8 @@ pub fn input_specs(session: &Session) -> Result<Vec<InputSpec>> {
 
 /// Concrete shape of an input for a batch size and the task's `--shape` overrides. Axis 0, when
 /// symbolic, is the batch; any other symbolic axis must be given by `--shape`, or this fails naming it.
-pub fn resolve_shape(spec: &InputSpec, config: &RunConfig, batch: usize) -> Result<Vec<i64>> {
-    if let Some(given) = config.shapes.iter().find(|s| s.name == spec.name) {
+pub fn resolve_shape(spec: &InputSpec, shapes: &[InputShape], batch: usize) -> Result<Vec<i64>> {
+    if let Some(given) = shapes.iter().find(|s| s.name == spec.name) {
         let fits = given.dims.len() == spec.dims.len()
             && given
                 .dims
@@ -59,7 +59,7 @@ pub fn resolve_shape(spec: &InputSpec, config: &RunConfig, batch: usize) -> Resu
                 .zip(&spec.dims)
                 .all(|(g, d)| *d < 0 || g == d);
         if !fits {
-            return Err(AgentError::Task(format!(
+            return Err(RuntimeError::Data(format!(
                 "shape: --shape {}={} does not fit the declared shape {} of input '{}'",
                 spec.name,
                 given
@@ -79,7 +79,7 @@ pub fn resolve_shape(spec: &InputSpec, config: &RunConfig, batch: usize) -> Resu
         match (axis, *d) {
             (0, d) if d < 0 => out.push(batch as i64),
             (0, d) if batch > 1 && d != batch as i64 => {
-                return Err(AgentError::Task(format!(
+                return Err(RuntimeError::Data(format!(
                     "batch_size: input '{}' has a fixed batch dimension of {d}; batch size {batch} is not possible",
                     spec.name
                 )));
@@ -91,7 +91,7 @@ pub fn resolve_shape(spec: &InputSpec, config: &RunConfig, batch: usize) -> Resu
                     .filter(|s| !s.is_empty())
                     .map(String::as_str)
                     .unwrap_or("?");
-                return Err(AgentError::Task(format!(
+                return Err(RuntimeError::Data(format!(
                     "shape: input '{}' has symbolic dimension '{sym}' at axis {axis} (declared {}); set it with --shape {}=...",
                     spec.name,
                     render_dims(spec),
@@ -161,7 +161,7 @@ pub fn value_from_f64(
             let strings: Vec<String> = v.iter().map(|x| x.to_string()).collect();
             Ok(Tensor::from_string_array((shape, strings.as_slice()))?.into_dyn())
         }
-        other => Err(AgentError::Task(format!(
+        other => Err(RuntimeError::Data(format!(
             "input '{name}' has element type {other}, which fleetbench cannot build yet"
         ))),
     }
@@ -184,7 +184,7 @@ fn random_values(ty: TensorElementType, n: usize, rng: &mut StdRng) -> Vec<f64> 
 /// else random from `seed`. Returned in the session's input order.
 pub fn build_inputs(
     specs: &[InputSpec],
-    config: &RunConfig,
+    shapes: &[InputShape],
     batch: usize,
     data: Option<&HashMap<String, HostArray>>,
     seed: u64,
@@ -197,7 +197,7 @@ pub fn build_inputs(
                 let arr = arrays.get(&spec.name).ok_or_else(|| {
                     let mut names: Vec<&String> = arrays.keys().collect();
                     names.sort();
-                    AgentError::Task(format!(
+                    RuntimeError::Data(format!(
                         "input_data: no array named '{}' (arrays: {})",
                         spec.name,
                         names
@@ -209,7 +209,7 @@ pub fn build_inputs(
                 })?;
                 let arr = if spec.dims.first().is_some_and(|d| *d < 0) {
                     if arr.rows() < batch {
-                        return Err(AgentError::Task(format!(
+                        return Err(RuntimeError::Data(format!(
                             "input_data: array '{}' has {} rows; batch size {batch} needs at least {batch}",
                             spec.name,
                             arr.rows()
@@ -223,7 +223,7 @@ pub fn build_inputs(
                 let fits = shape.len() == spec.dims.len()
                     && shape.iter().zip(&spec.dims).all(|(s, d)| *d < 0 || s == d);
                 if !fits {
-                    return Err(AgentError::Task(format!(
+                    return Err(RuntimeError::Data(format!(
                         "input_data: array '{}' has shape {:?}, which does not fit the declared shape {}",
                         spec.name,
                         arr.shape,
@@ -233,7 +233,7 @@ pub fn build_inputs(
                 value_from_f64(&spec.name, spec.ty, shape, &arr.data)?
             }
             None => {
-                let shape = resolve_shape(spec, config, batch)?;
+                let shape = resolve_shape(spec, shapes, batch)?;
                 let values = random_values(spec.ty, count(&shape), &mut rng);
                 value_from_f64(&spec.name, spec.ty, shape, &values)?
             }
@@ -246,7 +246,6 @@ pub fn build_inputs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleetbench_proto::v1::InputShape;
 
     fn spec(dims: &[i64], symbols: &[&str]) -> InputSpec {
         InputSpec {
@@ -259,7 +258,7 @@ mod tests {
 
     #[test]
     fn batch_axis_comes_from_the_batch_size() {
-        let c = RunConfig::default();
+        let c: Vec<InputShape> = Vec::new();
         assert_eq!(
             resolve_shape(&spec(&[-1, 64], &["batch", ""]), &c, 8).unwrap(),
             vec![8, 64]
@@ -280,28 +279,20 @@ mod tests {
     #[test]
     fn other_symbolic_axes_need_a_shape_and_errors_name_the_input() {
         let s = spec(&[-1, -1], &["batch", "seq"]);
-        let err = resolve_shape(&s, &RunConfig::default(), 1)
-            .unwrap_err()
-            .to_string();
+        let err = resolve_shape(&s, &[], 1).unwrap_err().to_string();
         assert!(
             err.contains("'x'") && err.contains("'seq'") && err.contains("--shape x="),
             "{err}"
         );
-        let c = RunConfig {
-            shapes: vec![InputShape {
-                name: "x".into(),
-                dims: vec![2, 128],
-            }],
-            ..Default::default()
-        };
+        let c = vec![InputShape {
+            name: "x".into(),
+            dims: vec![2, 128],
+        }];
         assert_eq!(resolve_shape(&s, &c, 1).unwrap(), vec![2, 128]);
-        let bad = RunConfig {
-            shapes: vec![InputShape {
-                name: "x".into(),
-                dims: vec![2],
-            }],
-            ..Default::default()
-        };
+        let bad = vec![InputShape {
+            name: "x".into(),
+            dims: vec![2],
+        }];
         assert!(
             resolve_shape(&s, &bad, 1)
                 .unwrap_err()

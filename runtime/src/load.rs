@@ -6,7 +6,7 @@ use std::ffi::{CStr, c_char};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use crate::error::{AgentError, Result};
+use crate::{Result, RuntimeError};
 
 /// Oldest ONNX Runtime minor version accepted (ort's `api-17` feature: 1.17).
 pub const MIN_ORT_MINOR: u32 = ort::MINOR_VERSION;
@@ -35,7 +35,7 @@ pub fn resolve_path(explicit: Option<&Path>) -> Result<PathBuf> {
     }
     match std::env::var_os("ORT_DYLIB_PATH") {
         Some(p) if !p.is_empty() => Ok(absolute(PathBuf::from(p))),
-        _ => Err(AgentError::Runtime(
+        _ => Err(RuntimeError::Load(
             "ONNX Runtime library not set: pass --ort-lib PATH or set ORT_DYLIB_PATH to libonnxruntime.so \
              (scripts/dev.sh setup installs one under .venv from the PyPI wheel onnxruntime==1.31.1)"
                 .into(),
@@ -43,17 +43,36 @@ pub fn resolve_path(explicit: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
+/// The library of the onnxruntime wheel in `root/.venv` (where `scripts/dev.sh setup` installs the PyPI
+/// wheel onnxruntime==1.31.1), if there is one.
+pub fn find_in_venv(root: &Path) -> Option<PathBuf> {
+    for e in std::fs::read_dir(root.join(".venv/lib")).ok()?.flatten() {
+        let Ok(files) = std::fs::read_dir(e.path().join("site-packages/onnxruntime/capi")) else {
+            continue;
+        };
+        for f in files.flatten() {
+            if f.file_name()
+                .to_string_lossy()
+                .starts_with("libonnxruntime.so.")
+            {
+                return Some(f.path());
+            }
+        }
+    }
+    None
+}
+
 /// Reads the version string of an ONNX Runtime library without initialising it.
 pub fn library_version(path: &Path) -> Result<String> {
     if !path.exists() {
-        return Err(AgentError::Runtime(format!(
+        return Err(RuntimeError::Load(format!(
             "ONNX Runtime library {} does not exist",
             path.display()
         )));
     }
     // SAFETY: loading a shared library runs its initialisers; this is the library the operator named.
     let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
-        AgentError::Runtime(format!(
+        RuntimeError::Load(format!(
             "cannot load ONNX Runtime from {}: {e}",
             path.display()
         ))
@@ -62,7 +81,7 @@ pub fn library_version(path: &Path) -> Result<String> {
     // SAFETY: OrtGetApiBase has this signature in every ONNX Runtime release.
     let get: libloading::Symbol<GetApiBase> =
         unsafe { lib.get(b"OrtGetApiBase") }.map_err(|_| {
-            AgentError::Runtime(format!(
+            RuntimeError::Load(format!(
                 "{} is not an ONNX Runtime library (no OrtGetApiBase)",
                 path.display()
             ))
@@ -71,7 +90,7 @@ pub fn library_version(path: &Path) -> Result<String> {
     let version = unsafe {
         let base = get();
         if base.is_null() {
-            return Err(AgentError::Runtime(format!(
+            return Err(RuntimeError::Load(format!(
                 "{}: OrtGetApiBase returned null",
                 path.display()
             )));
@@ -90,7 +109,7 @@ pub fn check_version(version: &str, path: &Path) -> Result<()> {
         .and_then(|m| m.parse::<u32>().ok());
     match minor {
         Some(m) if version.starts_with("1.") && m >= MIN_ORT_MINOR => Ok(()),
-        _ => Err(AgentError::Runtime(format!(
+        _ => Err(RuntimeError::Load(format!(
             "ONNX Runtime {version} at {} is too old: fleetbench-agent needs 1.{MIN_ORT_MINOR} or newer",
             path.display()
         ))),
@@ -130,13 +149,13 @@ pub fn load(explicit: Option<&Path>) -> Result<&'static Runtime> {
     let version = library_version(&path)?;
     check_version(&version, &path)?;
     let builder = ort::init_from(&path).map_err(|e| {
-        AgentError::Runtime(format!(
+        RuntimeError::Load(format!(
             "cannot load ONNX Runtime from {}: {e}",
             path.display()
         ))
     })?;
     let env = builder.with_name("fleetbench-agent").build().map_err(|e| {
-        AgentError::Runtime(format!("cannot create the ONNX Runtime environment: {e}"))
+        RuntimeError::Load(format!("cannot create the ONNX Runtime environment: {e}"))
     })?;
     let rt = Runtime {
         env,

@@ -1,0 +1,110 @@
+//! Result collection: workers run queries and report each as an event; one recording thread drains
+//! the events into the recorder and decides when the phase stops.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fleetbench_common::hist;
+
+use super::{QueryExec, StopRule, check};
+use crate::runner::RunError;
+use crate::runner::recorder::Recorder;
+
+/// A finished query, as workers report it to the recording thread.
+pub(crate) enum Event {
+    Done {
+        /// Latency from the query's reference time (its start, or its scheduled time).
+        latency: Duration,
+        /// Server: how late the query was issued.
+        issue_delay: Option<Duration>,
+        /// Time spent executing, from the moment a worker started it.
+        service: Duration,
+        end: Instant,
+    },
+    Dropped,
+    Failed(RunError),
+}
+
+/// Runs one query on a worker. Its latency counts from `scheduled` (server: no coordinated
+/// omission) or, without one, from its start.
+pub(crate) fn execute(
+    q: &mut (dyn QueryExec + '_),
+    scheduled: Option<Instant>,
+    issue_delay: Option<Duration>,
+) -> Event {
+    let start = Instant::now();
+    match q.run() {
+        Ok(()) => {
+            let end = Instant::now();
+            Event::Done {
+                latency: end - scheduled.unwrap_or(start),
+                issue_delay,
+                service: end - start,
+                end,
+            }
+        }
+        Err(e) => Event::Failed(e),
+    }
+}
+
+/// Receives worker events until every worker is done; sets `stop` when the rule says so. It wakes
+/// every couple of milliseconds and drains what arrived, rather than waking per query, so that the
+/// recording thread does not compete with the workers and the issuer for CPU.
+pub(crate) fn collect(
+    rx: &crossbeam_channel::Receiver<Event>,
+    rec: &mut Recorder<'_>,
+    rule: &StopRule,
+    stop: &AtomicBool,
+    cancel: &AtomicBool,
+    mut service: Option<&mut hist::LatencyHistogram>,
+) -> Option<RunError> {
+    let mut failure = None;
+    let tick = Duration::from_millis(2);
+    loop {
+        std::thread::sleep(tick);
+        let disconnected = loop {
+            match rx.try_recv() {
+                Ok(Event::Done {
+                    latency,
+                    issue_delay,
+                    service: s,
+                    end,
+                }) => {
+                    if let Some(d) = issue_delay {
+                        rec.record_issue_delay(d.as_nanos() as u64);
+                    }
+                    if let Some(h) = service.as_deref_mut() {
+                        hist::record_ns(h, s.as_nanos() as u64);
+                    }
+                    rec.record(latency.as_nanos() as u64, end);
+                    if !stop.load(Ordering::Relaxed) && rule.done_for(rec, end) {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+                Ok(Event::Dropped) => rec.record_drop(),
+                Ok(Event::Failed(e)) => {
+                    failure.get_or_insert(e);
+                    stop.store(true, Ordering::Relaxed);
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => break false,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => break true,
+            }
+        };
+        if disconnected {
+            return failure;
+        }
+        let now = Instant::now();
+        rec.maybe_close(now);
+        if cancel.load(Ordering::Relaxed) || rule.done_for(rec, now) {
+            stop.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+pub(crate) fn finish_or(failure: Option<RunError>, cancel: &AtomicBool) -> Result<(), RunError> {
+    check(cancel)?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

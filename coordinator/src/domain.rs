@@ -1,0 +1,464 @@
+//! The coordinator's domain model: what it stores and reasons about. The store seam and the domain
+//! modules speak these types; protobuf messages stay at the gRPC edge and are converted in
+//! [`crate::convert`]. The serde form of a type is its stored form (JSON columns), so every struct has
+//! defaults for fields an older version did not write.
+
+use serde::{Deserialize, Serialize};
+
+pub use fleetbench_common::domain::{
+    Accelerator, GraphOptimization, InputShape, Inventory, JobSpec, LatencyStats, RunConfig,
+    Scenario, Sweep, TensorInfo,
+};
+use fleetbench_common::labels::Labels;
+
+/// A stored variant of a model.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Variant {
+    /// Model name.
+    pub model: String,
+    /// Variant name.
+    pub variant: String,
+    /// sha256 of the artifact set (see [`fleetbench_common::artifact`]).
+    pub artifact_sha256: String,
+    /// Total size of the set's files, bytes.
+    pub size_bytes: u64,
+    /// Variant this one derives from; empty for the base.
+    pub variant_of: String,
+    /// How it was derived; empty for the base.
+    pub technique: String,
+    /// Recipe and parameters as JSON.
+    pub recipe_json: String,
+    /// sha256 of the eval inputs in effect (own or inherited); empty when none.
+    pub eval_inputs_sha256: String,
+    /// sha256 of the eval labels in effect (own or inherited); empty when none.
+    pub eval_labels_sha256: String,
+    /// Graph inputs.
+    pub inputs: Vec<TensorInfo>,
+    /// Graph outputs.
+    pub outputs: Vec<TensorInfo>,
+    /// Registration time, Unix milliseconds.
+    pub created_at_ms: i64,
+    /// Number of graph nodes.
+    pub node_count: u32,
+    /// Opset of the default ONNX domain.
+    pub opset: i64,
+    /// ONNX IR version; 0 for variants registered before it was recorded.
+    pub ir_version: i64,
+    /// Files in the artifact set; 0 for variants registered before sets existed (one file).
+    pub file_count: u32,
+}
+
+/// A request to register an uploaded artifact as a variant.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct VariantRegistration {
+    /// Model name; created on first use.
+    pub model: String,
+    /// Variant name; empty to derive it from the weights' type.
+    pub variant: String,
+    /// sha256 of the uploaded artifact.
+    pub artifact_sha256: String,
+    /// Variant this one derives from; empty for the model's base.
+    pub variant_of: String,
+    /// How it was derived.
+    pub technique: String,
+    /// Recipe and parameters as JSON.
+    pub recipe_json: String,
+    /// sha256 of uploaded eval inputs; empty to inherit.
+    pub eval_inputs_sha256: String,
+    /// sha256 of uploaded eval labels; empty to inherit.
+    pub eval_labels_sha256: String,
+}
+
+/// An agent's request to join the fleet.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Registration {
+    /// Id from an earlier registration, if the agent has one.
+    pub agent_id: Option<String>,
+    /// Operator-given name.
+    pub name: String,
+    /// Operator-given labels, as sent.
+    pub labels: Vec<(String, String)>,
+    /// Hardware and runtime inventory.
+    pub inventory: Inventory,
+    /// The fleetbench protocol version the agent speaks.
+    pub protocol_version: u32,
+}
+
+/// What a registration returns to the agent.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Registered {
+    /// The agent's id.
+    pub agent_id: String,
+    /// Platform id the agent was pooled into.
+    pub platform_id: String,
+    /// Readable platform name.
+    pub platform_name: String,
+    /// Heartbeat interval the agent must keep, milliseconds.
+    pub heartbeat_interval_ms: u32,
+    /// The protocol version the coordinator speaks.
+    pub protocol_version: u32,
+}
+
+/// Job state and task counts.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobSummary {
+    /// Job id.
+    pub job_id: String,
+    /// Model name.
+    pub model: String,
+    /// Job name.
+    pub name: String,
+    /// queued, running, succeeded, failed or cancelled.
+    pub state: String,
+    /// Tasks in total.
+    pub tasks_total: u32,
+    /// Tasks waiting for an agent.
+    pub tasks_pending: u32,
+    /// Tasks running.
+    pub tasks_running: u32,
+    /// Tasks that succeeded.
+    pub tasks_succeeded: u32,
+    /// Tasks that failed.
+    pub tasks_failed: u32,
+    /// Tasks cancelled.
+    pub tasks_cancelled: u32,
+    /// Submission time, Unix milliseconds.
+    pub created_at_ms: i64,
+    /// End time, Unix milliseconds; 0 while not ended.
+    pub finished_at_ms: i64,
+}
+
+/// One task of a job with its progress and finished run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TaskInfo {
+    /// Task id.
+    pub task_id: String,
+    /// Variant name.
+    pub variant: String,
+    /// Agent the task was expanded for.
+    pub target_agent: String,
+    /// Agent running or last running it; empty when never leased.
+    pub agent: String,
+    /// Platform id.
+    pub platform_id: String,
+    /// Readable platform name.
+    pub platform_name: String,
+    /// pending, running, succeeded, failed or cancelled.
+    pub state: String,
+    /// Attempts so far.
+    pub attempt: u32,
+    /// Failure reason when failed.
+    pub error: String,
+    /// Configuration of this task.
+    pub config: RunConfig,
+    /// Queries completed so far in the current run.
+    pub progress_queries: u64,
+    /// Queries the task asks for; 0 when bounded by time.
+    pub target_queries: u64,
+    /// Summary of the finished run, when the task succeeded.
+    pub run: Option<RunSummary>,
+}
+
+/// A job with its tasks (also a progress snapshot).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct JobDetail {
+    /// State and counts.
+    pub summary: JobSummary,
+    /// The submitted spec.
+    pub spec: JobSpec,
+    /// Tasks in expansion order.
+    pub tasks: Vec<TaskInfo>,
+}
+
+/// Resource use over a run.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ResourceSummary {
+    /// Mean process CPU (user), percent of one CPU.
+    pub cpu_user_pct: f64,
+    /// Mean process CPU (system), percent of one CPU.
+    pub cpu_system_pct: f64,
+    /// Mean RSS, bytes.
+    pub rss_mean_bytes: u64,
+    /// Peak RSS, bytes.
+    pub rss_peak_bytes: u64,
+    /// Mean system memory in use, bytes.
+    pub system_memory_used_bytes: u64,
+    /// Mean 1-minute load average.
+    pub load_average_1m: f64,
+    /// Mean CPU frequency, MHz; 0 when unreadable.
+    pub cpu_frequency_mhz: f64,
+    /// Mean CPU steal percent; negative when not reported.
+    pub cpu_steal_pct: f64,
+    /// Mean GPU utilisation percent; negative when no GPU.
+    pub gpu_utilization_pct: f64,
+    /// Peak GPU memory in use, bytes.
+    pub gpu_memory_peak_bytes: u64,
+    /// Reasons the run's figures may be disturbed (steal, throttling).
+    pub flags: Vec<String>,
+}
+
+/// Figures of one finished run, read from its merged windows.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunSummary {
+    /// Run id.
+    pub run_id: String,
+    /// Agent that ran it.
+    pub agent: String,
+    /// Platform id.
+    pub platform_id: String,
+    /// Variant name.
+    pub variant: String,
+    /// Effective configuration.
+    pub config: RunConfig,
+    /// True when the run met its rules (minimum duration and queries, maximum duration, bound).
+    pub valid: bool,
+    /// Why the run is INVALID; empty when VALID.
+    pub invalid_reason: String,
+    /// Latency statistics, milliseconds.
+    pub latency: LatencyStats,
+    /// Samples per second over the timed phase.
+    pub throughput_per_s: f64,
+    /// Timed queries.
+    pub queries: u64,
+    /// Timed samples.
+    pub samples: u64,
+    /// Top-1 accuracy in [0, 1], absent when unknown.
+    pub accuracy: Option<f64>,
+    /// Session creation time, milliseconds.
+    pub session_create_ms: f64,
+    /// First inference time, milliseconds.
+    pub first_inference_ms: f64,
+    /// Resource summary over the run.
+    pub resources: ResourceSummary,
+    /// Reproducibility record as JSON.
+    pub record_json: String,
+    /// Whether the last windows met the stability rule.
+    pub stable: bool,
+    /// Duration of the timed phase, milliseconds.
+    pub duration_ms: f64,
+    /// Queries issued late (server scenario).
+    pub late_queries: u64,
+    /// Queries dropped (server scenario).
+    pub dropped_queries: u64,
+    /// Scenario-specific figures as JSON.
+    pub scenario_json: String,
+    /// Start, Unix milliseconds.
+    pub started_at_ms: i64,
+    /// End, Unix milliseconds.
+    pub finished_at_ms: i64,
+    /// Telemetry windows stored for the run.
+    pub windows: u64,
+    /// Hourly cost of the agent's platform, absent when none.
+    pub cost_per_hour: Option<f64>,
+    /// Quality of the outputs as JSON (fleetbench_common::quality::Quality); empty when not measured.
+    pub quality_json: String,
+}
+
+/// Resource figures sampled during one window.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ResourceSample {
+    /// Process CPU time in user mode during the window, percent of one CPU.
+    pub process_cpu_user_pct: f64,
+    /// Process CPU time in kernel mode during the window, percent of one CPU.
+    pub process_cpu_system_pct: f64,
+    /// Mean resident set size of the agent process, bytes.
+    pub rss_mean_bytes: u64,
+    /// Peak resident set size during the window, bytes.
+    pub rss_peak_bytes: u64,
+    /// System memory in use, bytes.
+    pub system_memory_used_bytes: u64,
+    /// 1-minute load average.
+    pub load_average_1m: f64,
+    /// Mean CPU frequency, MHz; 0 when unreadable.
+    pub cpu_frequency_mhz: f64,
+    /// CPU steal time during the window, percent; negative when not reported.
+    pub cpu_steal_pct: f64,
+    /// GPU utilisation percent; negative when no GPU.
+    pub gpu_utilization_pct: f64,
+    /// GPU memory in use, bytes.
+    pub gpu_memory_used_bytes: u64,
+    /// Number of samples folded into this record.
+    pub samples: u32,
+}
+
+/// Measurements of one telemetry window of a run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Window {
+    /// Run id.
+    pub run_id: String,
+    /// Sequence number within the run, from 0.
+    pub seq: u64,
+    /// Window start, nanoseconds since the start of the timed phase.
+    pub start_offset_ns: u64,
+    /// Window end, nanoseconds since the start of the timed phase.
+    pub end_offset_ns: u64,
+    /// Queries completed in the window.
+    pub queries: u64,
+    /// Samples completed in the window.
+    pub samples: u64,
+    /// HdrHistogram (V2) of query latency, nanoseconds.
+    pub latency_histogram: Vec<u8>,
+    /// Resource figures, when sampled.
+    pub resources: Option<ResourceSample>,
+    /// Queries issued later than scheduled by more than 1 ms.
+    pub late_queries: u64,
+    /// Queries not issued because too many were outstanding.
+    pub dropped_queries: u64,
+    /// HdrHistogram of issue delays, nanoseconds; may be empty.
+    pub issue_delay_histogram: Vec<u8>,
+    /// Unix ms when the window closed.
+    pub closed_at_ms: i64,
+}
+
+/// What the agent measured besides the windows.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RunReport {
+    /// Timed queries completed.
+    pub queries: u64,
+    /// Timed samples completed.
+    pub samples: u64,
+    /// Wall time of the timed phase, nanoseconds.
+    pub elapsed_ns: u64,
+    /// Session creation time, nanoseconds.
+    pub session_create_ns: u64,
+    /// First inference time, nanoseconds.
+    pub first_inference_ns: u64,
+    /// Top-1 accuracy in [0, 1], when measured.
+    pub accuracy: Option<f64>,
+    /// Eval samples behind accuracy.
+    pub eval_samples: u64,
+    /// Reproducibility record as JSON.
+    pub record_json: String,
+    /// Effective configuration, when the agent reported it.
+    pub effective_config: Option<RunConfig>,
+    /// Queries issued late.
+    pub late_queries: u64,
+    /// Queries dropped.
+    pub dropped_queries: u64,
+    /// Scenario figures as JSON.
+    pub scenario_json: String,
+    /// Quality as JSON.
+    pub quality_json: String,
+}
+
+/// The outcome of a run, as its agent reports it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RunResult {
+    /// Run id.
+    pub run_id: String,
+    /// Number of windows the agent sent.
+    pub window_count: u64,
+    /// Present when the run completed.
+    pub report: Option<RunReport>,
+    /// The failure reason when it failed.
+    pub error: String,
+    /// True when it stopped because it was cancelled.
+    pub cancelled: bool,
+    /// True when the agent was stopped before the run finished; the task goes back to the queue.
+    pub agent_stopping: bool,
+}
+
+/// An agent as the fleet listing shows it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AgentInfo {
+    /// Agent id.
+    pub agent_id: String,
+    /// Name.
+    pub name: String,
+    /// Labels.
+    pub labels: Labels,
+    /// Inventory.
+    pub inventory: Inventory,
+    /// Platform id.
+    pub platform_id: String,
+    /// Readable platform name.
+    pub platform_name: String,
+    /// Live session with a coordinator.
+    pub online: bool,
+    /// Task it runs, empty when idle.
+    pub current_task_id: String,
+    /// Last heartbeat, Unix ms.
+    pub last_seen_ms: i64,
+}
+
+/// What a ranking asks for.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RankQuery {
+    /// Model name.
+    pub model: String,
+    /// Objective name; empty means p99.
+    pub objective: String,
+    /// Only rows with p99 at most this, ms.
+    pub max_p99_ms: Option<f64>,
+    /// Only rows with throughput at least this, samples/s.
+    pub min_throughput: Option<f64>,
+    /// Only rows at most this many points below the base variant.
+    pub max_accuracy_drop: Option<f64>,
+    /// Only rows whose peak RSS is at most this, bytes.
+    pub max_rss_bytes: Option<u64>,
+    /// Include INVALID runs.
+    pub include_invalid: bool,
+    /// Keep only the best configuration per (platform, variant).
+    pub best_config_only: bool,
+    /// Only runs of this job (id or prefix); empty for all.
+    pub job_id: String,
+}
+
+/// One ranked (platform, variant, configuration) with its pooled figures.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RankRow {
+    /// 1-based rank.
+    pub rank: u32,
+    /// Platform id.
+    pub platform_id: String,
+    /// Readable platform name.
+    pub platform: String,
+    /// Variant name.
+    pub variant: String,
+    /// Configuration label.
+    pub config: String,
+    /// Pooled latency statistics.
+    pub latency: LatencyStats,
+    /// Pooled throughput, samples per second.
+    pub throughput_per_s: f64,
+    /// Mean accuracy, absent when unknown.
+    pub accuracy: Option<f64>,
+    /// Accuracy minus the base variant's, points.
+    pub accuracy_delta_pts: Option<f64>,
+    /// Mean top-1 agreement with the base variant.
+    pub agreement: Option<f64>,
+    /// Mean cosine similarity to the base variant.
+    pub fidelity_cosine: Option<f64>,
+    /// Cost per million samples.
+    pub cost_per_million: Option<f64>,
+    /// Number of runs pooled.
+    pub runs: u32,
+    /// Their ids.
+    pub run_ids: Vec<String>,
+    /// Peak RSS across the runs, bytes.
+    pub rss_peak_bytes: u64,
+    /// Artifact size, bytes.
+    pub size_bytes: u64,
+    /// Effective configuration.
+    pub run_config: RunConfig,
+    /// Reproducibility key of the pooled runs.
+    pub record_key: String,
+    /// The runs were stored before pooling keys existed: they pool only with each other.
+    pub legacy: bool,
+    /// The pooling key of the row's runs (JSON; `legacy:…` for old runs).
+    pub pool_key: String,
+}
+
+/// A ranking.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Ranking {
+    /// Rows, best first.
+    pub rows: Vec<RankRow>,
+    /// Objective used.
+    pub objective: String,
+}

@@ -1,0 +1,221 @@
+//! The session protocol: an agent's one bidirectional stream. [`open`] checks the agent's hello,
+//! settles the run it says it holds against the one the store says it holds, and attaches the session
+//! to the registry; [`serve`] then routes its inbound messages — heartbeats to the heartbeat batcher,
+//! windows and results (converted to domain types) to ingest — until the agent hangs up, and detaches
+//! it. This is the edge where gRPC's stream meets the domain.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use fleetbench_common::now_ms;
+use fleetbench_proto::v1::{AgentMessage, SessionHello, agent_message::Body as In};
+use tracing::{debug, info, warn};
+
+use crate::context::{Context, stopped};
+use crate::domain::{RunResult, Window};
+use crate::error::{Error, Result};
+use crate::heartbeat::{self, HeartbeatHandle, HeartbeatItem};
+use crate::ingest::{IngestHandle, IngestItem, check_window};
+use crate::registry::{self, Ack, AgentLink};
+use crate::store::{AgentRecord, HeartbeatRecord};
+
+/// Where a session's inbound messages go.
+#[derive(Clone)]
+pub struct Queues {
+    /// The ingest writer.
+    pub ingest: IngestHandle,
+    /// The heartbeat batcher.
+    pub heartbeats: HeartbeatHandle,
+}
+
+/// A session attached to the registry, ready to be served.
+pub struct Opened {
+    agent: AgentRecord,
+    session_id: u64,
+    link: AgentLink,
+}
+
+/// Opens a session for the agent named in `hello`, with `link` as its outbound half. An unknown agent
+/// is refused; a run the agent reports that is no longer active is cancelled on the link; a run the
+/// store holds for it that the agent no longer has (it restarted) goes back to the queue.
+pub async fn open(ctx: &Context, hello: SessionHello, link: AgentLink) -> Result<Opened> {
+    let agent_id = hello.agent_id.clone();
+    let agent =
+        ctx.store.get_agent(&agent_id).await?.ok_or_else(|| {
+            Error::NotFound(format!("unknown agent id {agent_id}; register first"))
+        })?;
+    let now = now_ms();
+    let reported = (!hello.current_run_id.is_empty()).then(|| hello.current_run_id.clone());
+    // A read error is not "no active run": that would cancel a healthy run. The agent retries.
+    let active = ctx.store.active_run_of_agent(&agent_id).await?;
+    let busy = match (&reported, &active) {
+        (Some(r), Some(a)) if r == a => Some(r.clone()),
+        _ => None,
+    };
+    if let (Some(r), None) = (&reported, &busy) {
+        let _ = link.try_send(registry::cancel(
+            r,
+            "the run is no longer active (lease expired or job cancelled)",
+        ));
+    }
+    if let (Some(a), None) = (&active, &busy) {
+        let released = ctx
+            .store
+            .release_run(
+                a,
+                &format!("agent '{}' restarted and lost the run", agent.name),
+                now,
+                ctx.config.max_attempts,
+                false,
+            )
+            .await;
+        if let Err(e) = released {
+            warn!(error = %e, run = %a, "Could not release a lost run; its lease will expire instead.");
+        }
+    }
+    if let Err(e) = ctx.store.set_connected(&agent_id, true, now).await {
+        warn!(error = %e, agent = %agent_id, "Could not mark the agent connected.");
+    }
+    let session_id = ctx.registry.attach(
+        &agent_id,
+        link.clone(),
+        &agent.platform_id,
+        &agent.host_id,
+        busy.clone(),
+    );
+    info!(agent = %agent.name, resumed_run = ?busy, "Agent session opened.");
+    ctx.changed();
+    Ok(Opened {
+        agent,
+        session_id,
+        link,
+    })
+}
+
+/// A result as the domain takes it; a malformed report becomes the run's failure reason.
+fn result(r: fleetbench_proto::v1::RunResult) -> RunResult {
+    let (run_id, window_count) = (r.run_id.clone(), r.window_count);
+    RunResult::try_from(r).unwrap_or_else(|e| RunResult {
+        run_id,
+        window_count,
+        error: format!("the agent sent a malformed result: {e}"),
+        ..Default::default()
+    })
+}
+
+/// Hands a window to ingest, or refuses it at once when it is malformed (acknowledged as discarded,
+/// logged and counted); false when the coordinator is shutting down.
+async fn window(
+    ctx: &Context,
+    queues: &Queues,
+    s: &Opened,
+    w: fleetbench_proto::v1::TelemetryWindow,
+) -> bool {
+    let window = Window::from(w);
+    if let Some(why) = check_window(&window) {
+        ctx.stats.bad_windows.fetch_add(1, Ordering::Relaxed);
+        warn!(agent = %s.agent.name, run = %window.run_id, seq = window.seq, reason = %why, "Refused a malformed telemetry window.");
+        s.link
+            .deliver(registry::window_acks(vec![Ack {
+                run_id: window.run_id,
+                seq: window.seq,
+                discarded: true,
+            }]))
+            .await;
+        return true;
+    }
+    queues
+        .ingest
+        .send(IngestItem::Window {
+            window,
+            agent_id: s.agent.id.clone(),
+            reply: s.link.clone(),
+        })
+        .await
+        .is_ok()
+}
+
+/// Routes one inbound message; false when the coordinator is shutting down.
+async fn route(ctx: &Context, queues: &Queues, s: &Opened, message: AgentMessage) -> bool {
+    match message.body {
+        Some(In::Heartbeat(hb)) => {
+            let item = HeartbeatItem {
+                record: HeartbeatRecord {
+                    agent_id: s.agent.id.clone(),
+                    run_id: (!hb.current_run_id.is_empty()).then_some(hb.current_run_id),
+                },
+                reply: s.link.clone(),
+                closed: false,
+            };
+            // Liveness is idempotent: when the batcher is backed up (a slow database), drop the
+            // heartbeat rather than stall the session.
+            !matches!(
+                queues.heartbeats.try_send(item),
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_))
+            )
+        }
+        Some(In::WindowBatch(batch)) => {
+            for w in batch.windows {
+                if !window(ctx, queues, s, w).await {
+                    return false;
+                }
+            }
+            true
+        }
+        Some(In::Window(w)) => window(ctx, queues, s, w).await,
+        Some(In::Result(r)) => queues
+            .ingest
+            .send(IngestItem::Result {
+                result: Box::new(result(r)),
+                agent_id: s.agent.id.clone(),
+                reply: s.link.clone(),
+            })
+            .await
+            .is_ok(),
+        Some(In::Hello(_)) | None => true,
+    }
+}
+
+/// Serves an opened session until the agent hangs up or the coordinator stops, then detaches it.
+pub async fn serve(
+    ctx: Arc<Context>,
+    queues: Queues,
+    session: Opened,
+    mut inbound: tonic::Streaming<AgentMessage>,
+) {
+    let mut stopping = ctx.stopping.clone();
+    loop {
+        let next = tokio::select! {
+            m = inbound.message() => m,
+            _ = stopped(&mut stopping) => break,
+            _ = session.link.closed() => break,
+        };
+        let message = match next {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                debug!(agent = %session.agent.name, error = %e, "Agent stream ended with an error.");
+                break;
+            }
+        };
+        if !route(&ctx, &queues, &session, message).await {
+            break; // shutting down
+        }
+    }
+    if ctx.registry.detach(&session.agent.id, session.session_id) {
+        info!(agent = %session.agent.name, "Agent session closed.");
+        // Through the heartbeat batcher, behind the heartbeats this session queued: one flushed after
+        // a direct write would mark the agent connected again, and jobs would be expanded for it.
+        let closed = HeartbeatItem {
+            record: HeartbeatRecord {
+                agent_id: session.agent.id.clone(),
+                run_id: None,
+            },
+            reply: session.link.clone(),
+            closed: true,
+        };
+        if queues.heartbeats.send(closed).await.is_err() {
+            heartbeat::mark_disconnected(&ctx, &session.agent.id).await;
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! A coordinator others can reach: TLS with the coordinator's own CA (made as `init` makes it), the
+//! CLI and the agent verifying it, and the standard health and reflection services asked by grpcio's
+//! own Python clients. Real TLS on 127.0.0.1:0.
+
+use std::time::Duration;
+
+use fleetbench_cli::client::Client;
+use fleetbench_cli::commands::jobs;
+use fleetbench_cli::jobspec::JobArgs;
+use fleetbench_proto::v1::ListAgentsRequest;
+use fleetbench_tests::*;
+
+async fn list(client: &Client) -> Result<usize, String> {
+    client
+        .fleet()
+        .list_agents(ListAgentsRequest {})
+        .await
+        .map(|r| r.into_inner().agents.len())
+        .map_err(|s| format!("{:#}", client.error(s, "list agents")))
+}
+
+/// Asks the coordinator with tests/py/grpc_probe.py; returns its output lines.
+fn probe(addr: std::net::SocketAddr, ca: &std::path::Path, args: &[&str]) -> Vec<String> {
+    let out = std::process::Command::new(python())
+        .arg(repo().join("tests/py/grpc_probe.py"))
+        .arg(format!("localhost:{}", addr.port()))
+        .arg(ca)
+        .args(args)
+        .output()
+        .expect("run tests/py/grpc_probe.py");
+    assert!(
+        out.status.success(),
+        "grpc_probe.py {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_and_an_agent_work_over_tls_and_wrong_trust_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = TestCoordinator::sqlite_tls(dir.path(), |_| {}).await;
+    assert!(coord.url.starts_with("https://"), "{}", coord.url);
+    let ca = coord.ca_cert.clone().unwrap();
+
+    // The CLI, trusting the CA.
+    let client = coord.client().await;
+    assert_eq!(list(&client).await, Ok(0));
+
+    // Plaintext to a TLS port.
+    let plain = Client::connect(&format!("http://{}", coord.addr))
+        .await
+        .unwrap();
+    let e = list(&plain).await.unwrap_err();
+    assert!(e.contains("https://"), "{e}");
+    println!("plaintext to TLS: {e}");
+    // https:// without the CA.
+    let e = Client::connect_with(&coord.url, None)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--ca-cert"), "{e}");
+    println!("https without a CA: {e}");
+    // A CA that did not sign the server's certificate.
+    let other = tempfile::tempdir().unwrap();
+    let files = fleetbench_coordinator::tls::TlsFiles::under(other.path());
+    fleetbench_coordinator::tls::init(&files, &[]).unwrap();
+    let wrong = Client::connect_with(&coord.url, Some(&files.ca_cert()))
+        .await
+        .unwrap();
+    let e = list(&wrong).await.unwrap_err();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    println!("another CA: {e}");
+    // A file that is not a certificate.
+    let e = Client::connect_with(&coord.url, Some(&files.ca_key()))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("not a PEM certificate"), "{e}");
+
+    // An agent verifying the coordinator runs a job end to end.
+    let mut config = agent_config(&coord.url, "tls-agent", &[], dir.path());
+    config.ca_cert = ca.clone();
+    let _agent = TestAgent::start(config);
+    wait_online(&client, 1).await;
+    push_digits(&client).await;
+    let id = jobs::submit(
+        &client,
+        &JobArgs {
+            model: Some("digits".into()),
+            variants: vec!["fp32".into()],
+            iterations: Some(50),
+            warmup: Some(5),
+            skip_accuracy: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_job(&client, &id, Duration::from_secs(60)).await.state,
+        "succeeded"
+    );
+
+    // An agent given https:// without the CA refuses to start, naming the setting.
+    let config = fleetbench_agent::AgentConfig {
+        coordinator: vec![coord.url.clone()],
+        ..Default::default()
+    };
+    let e = config.validate().unwrap_err().to_string();
+    assert!(e.contains("ca_cert"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_and_reflection_answer_generic_clients_and_health_follows_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = fleetbench_coordinator::tls::TlsFiles::under(dir.path());
+    fleetbench_coordinator::tls::init(&files, &[]).unwrap();
+    let mut config = test_config(&format!(
+        "sqlite://{}",
+        dir.path().join("fleet.db").display()
+    ));
+    config.data_dir = dir.path().display().to_string();
+    let real = fleetbench_coordinator::store::open(&config.database)
+        .await
+        .unwrap();
+    let store = std::sync::Arc::new(FaultyStore::over(real));
+    let coord = TestCoordinator::serve_store(
+        config,
+        store.clone(),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await;
+    let ca = files.ca_cert();
+    let addr = coord.addr;
+    let ask = move |args: Vec<&'static str>| {
+        let ca = ca.clone();
+        tokio::task::spawn_blocking(move || probe(addr, &ca, &args))
+    };
+    // Health answers without credentials, for the server and for each service.
+    let status = |service: &'static str| ask(vec!["health", service]);
+    let wait_for = |want: &'static str, service: &'static str| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = status(service).await.unwrap();
+            if got == [want] {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "health of '{service}' stayed {got:?}, not {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    wait_for("SERVING", "").await;
+    wait_for("SERVING", "fleetbench.v1.JobService").await;
+    // Reflection lists fleetbench's services and the standard ones.
+    let services = ask(vec!["services"]).await.unwrap();
+    for s in [
+        "fleetbench.v1.AgentService",
+        "fleetbench.v1.ModelService",
+        "fleetbench.v1.JobService",
+        "fleetbench.v1.FleetService",
+        "fleetbench.v1.RankingService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(services.iter().any(|x| x == s), "{s} not in {services:?}");
+    }
+    // The database stops answering: NOT_SERVING; it answers again: SERVING.
+    store
+        .fail_ping
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_for("NOT_SERVING", "").await;
+    wait_for("NOT_SERVING", "fleetbench.v1.ModelService").await;
+    store
+        .fail_ping
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for("SERVING", "").await;
+}
