@@ -6,6 +6,8 @@ use fleetbench_common::config::{config_label, with_defaults};
 use fleetbench_common::hist::{self, is_stable};
 use fleetbench_common::labels::cost_per_hour;
 
+#[cfg(test)]
+use crate::domain::RunReport;
 use crate::domain::{
     ResourceSample, ResourceSummary, RunConfig, RunResult, RunSummary, Scenario, Window,
 };
@@ -71,12 +73,15 @@ pub fn finish_run(ctx: &RunContext, result: &RunResult) -> Result<FinishedRun> {
     let mut merged = hist::new_histogram();
     let mut window_throughput = Vec::with_capacity(ctx.windows.len());
     let mut window_p99 = Vec::with_capacity(ctx.windows.len());
+    let whole_window_ns = u64::from(config.window_ms) * 1_000_000;
     for w in &ctx.windows {
         let h = hist::decode(&w.latency_histogram)?;
         hist::merge(&mut merged, &h)?;
-        let secs = (w.end_offset_ns.saturating_sub(w.start_offset_ns)) as f64 / 1e9;
-        if secs > 0.0 && w.samples > 0 {
-            window_throughput.push(w.samples as f64 / secs);
+        let ns = w.end_offset_ns.saturating_sub(w.start_offset_ns);
+        // Stability is judged on whole windows, as the agent's early stop judges it: the short
+        // window a run ends with counts in every figure but this one.
+        if ns > 0 && ns >= whole_window_ns && w.samples > 0 {
+            window_throughput.push(w.samples as f64 / (ns as f64 / 1e9));
             window_p99.push(h.value_at_quantile(0.99) as f64);
         }
     }
@@ -369,5 +374,70 @@ mod tests {
             why.contains("min_duration") && why.contains("stopped at max_duration 5000 ms"),
             "{why}"
         );
+    }
+
+    #[test]
+    fn stability_is_judged_on_whole_windows_not_the_short_one_a_run_ends_with() {
+        let config = with_defaults(RunConfig {
+            scenario: Scenario::SingleStream,
+            window_ms: 200,
+            min_queries: 10,
+            min_duration_ms: 500,
+            stability_windows: 3,
+            stability_ratio: 1.1,
+            ..Default::default()
+        });
+        let window = |seq: u64, start_ms: u64, end_ms: u64, queries: u64, latency_ns: u64| {
+            let mut h = hist::new_histogram();
+            for _ in 0..queries {
+                hist::record_ns(&mut h, latency_ns);
+            }
+            Window {
+                seq,
+                start_offset_ns: start_ms * 1_000_000,
+                end_offset_ns: end_ms * 1_000_000,
+                queries,
+                samples: queries,
+                latency_histogram: hist::encode(&h),
+                ..Default::default()
+            }
+        };
+        // Three whole, alike windows, then 3 ms with two slow queries: a run stopped at its
+        // planned duration in mid-window.
+        let windows = vec![
+            window(0, 0, 200, 1000, 200_000),
+            window(1, 200, 400, 1000, 200_000),
+            window(2, 400, 600, 1000, 200_000),
+            window(3, 600, 603, 2, 1_500_000),
+        ];
+        let ctx = RunContext {
+            state: "running".into(),
+            task_id: "t".into(),
+            job_id: "j".into(),
+            agent_id: "a".into(),
+            agent_name: "a".into(),
+            agent_labels: Default::default(),
+            platform_id: "p".into(),
+            variant: "fp32".into(),
+            config: config.clone(),
+            windows,
+            started_at: 0,
+        };
+        let result = RunResult {
+            run_id: "r".into(),
+            window_count: 4,
+            report: Some(RunReport {
+                queries: 3002,
+                samples: 3002,
+                elapsed_ns: 603_000_000,
+                effective_config: Some(config),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let run = finish_run(&ctx, &result).unwrap();
+        let summary = run.summary.expect("a summary");
+        assert_eq!(summary.queries, 3002, "the short window still counts");
+        assert!(summary.stable, "{summary:?}");
     }
 }

@@ -115,6 +115,11 @@ impl<'a> Recorder<'a> {
         self.dropped += 1;
     }
 
+    /// True when the current window holds nothing yet (one has just closed, or none has opened).
+    pub fn at_window_boundary(&self) -> bool {
+        self.window_queries == 0 && self.window_dropped == 0
+    }
+
     /// Closes the window if its time and count are both reached.
     #[inline]
     pub fn maybe_close(&mut self, now: Instant) {

@@ -76,8 +76,19 @@ impl StopRule {
         elapsed >= self.duration
     }
 
+    /// As [`StopRule::done`], for a recorder. Early stop is decided only where a window has just
+    /// closed: stability is judged on whole windows, and a stop in mid-window would leave a short
+    /// last window that the coordinator, judging the same windows, could find unstable.
     pub(crate) fn done_for(&self, rec: &Recorder<'_>, now: Instant) -> bool {
-        self.done(
+        let rule = if rec.at_window_boundary() {
+            *self
+        } else {
+            StopRule {
+                early_stop: false,
+                ..*self
+            }
+        };
+        rule.done(
             rec.queries,
             now.saturating_duration_since(rec.t0),
             &rec.window_throughput,
@@ -88,6 +99,8 @@ impl StopRule {
 
 #[cfg(test)]
 mod tests {
+    use fleetbench_proto::v1::TelemetryWindow;
+
     use super::*;
 
     #[test]
@@ -160,5 +173,46 @@ mod tests {
         });
         assert!(!minimums_only.done(100_000, Duration::from_millis(14), &[], &[]));
         assert!(minimums_only.done(100_000, Duration::from_secs(3), &[], &[]));
+    }
+
+    #[test]
+    fn early_stop_waits_for_the_window_to_close_so_no_short_window_follows() {
+        let rule = StopRule::from_config(&RunConfig {
+            duration_ms: 10_000,
+            early_stop: true,
+            min_queries: 10,
+            min_duration_ms: 35,
+            stability_windows: 3,
+            stability_ratio: 1.1,
+            ..Default::default()
+        });
+        let mut sent = Vec::new();
+        let mut emit = |w: TelemetryWindow| sent.push(w);
+        let mut rec = Recorder::new("r", Duration::from_millis(10), 0, 1, None, &mut emit);
+        let t0 = rec.t0;
+        let mut stopped_at = None;
+        // One query every millisecond, all alike: three whole, stable windows by 30 ms; the
+        // minimum duration holds from 35 ms, in the middle of the fourth window.
+        for ms in 1..=100u64 {
+            let now = t0 + Duration::from_millis(ms);
+            rec.record(100_000, now);
+            if rule.done_for(&rec, now) {
+                stopped_at = Some(ms);
+                break;
+            }
+        }
+        assert_eq!(
+            stopped_at,
+            Some(40),
+            "early stop is decided when a window closes, not mid-window"
+        );
+        rec.close(Duration::from_millis(40));
+        drop(rec);
+        assert_eq!(sent.len(), 4);
+        assert!(
+            sent.iter().all(|w| w.queries == 10),
+            "no short last window: {:?}",
+            sent.iter().map(|w| w.queries).collect::<Vec<_>>()
+        );
     }
 }
