@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "fleetbench/v1/jobs.proto",
         "fleetbench/v1/fleet.proto",
         "fleetbench/v1/rankings.proto",
+        "fleetbench/v1/admin.proto",
     ];
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()

@@ -20,10 +20,10 @@ use std::time::{Duration, SystemTime};
 
 use fleetbench_common::artifact::{ArtifactFile, ArtifactSet, is_sha256};
 use fleetbench_common::files::{fits, free_bytes, hash_into, reserve, sha256_file, sync_dir};
+use fleetbench_proto::connect::Authed;
 use fleetbench_proto::v1::model_service_client::ModelServiceClient;
 use fleetbench_proto::v1::{DownloadBlobRequest, GetArtifactSetRequest};
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
 
 use crate::error::{AgentError, Result};
 
@@ -274,7 +274,7 @@ impl Cache {
     /// Path of a verified local copy of the single blob `sha256` (an eval set, input data), pinned.
     pub async fn fetch_blob(
         &self,
-        client: &mut ModelServiceClient<Channel>,
+        client: &mut ModelServiceClient<Authed>,
         sha256: &str,
     ) -> Result<Fetched> {
         if !is_sha256(sha256) {
@@ -302,7 +302,7 @@ impl Cache {
 
     async fn remote_set(
         &self,
-        client: &mut ModelServiceClient<Channel>,
+        client: &mut ModelServiceClient<Authed>,
         sha256: &str,
     ) -> Result<ArtifactSet> {
         let wire = client
@@ -320,7 +320,7 @@ impl Cache {
     /// and pinned. A set of one file is a blob.
     pub async fn fetch_set(
         &self,
-        client: &mut ModelServiceClient<Channel>,
+        client: &mut ModelServiceClient<Authed>,
         sha256: &str,
     ) -> Result<Fetched> {
         if !is_sha256(sha256) {
@@ -404,7 +404,7 @@ impl Cache {
     /// `entry` is the cache entry the file belongs to.
     async fn fetch_file(
         &self,
-        client: &mut ModelServiceClient<Channel>,
+        client: &mut ModelServiceClient<Authed>,
         sha256: &str,
         size: Option<u64>,
         dest: &Path,
@@ -456,7 +456,7 @@ fn part_of(dest: &Path) -> PathBuf {
 /// arrives. A wrong hash drops the `.part`; a write error (a full disk) drops it too, so the space
 /// comes back; a broken stream keeps it for the next attempt.
 async fn download(
-    client: &mut ModelServiceClient<Channel>,
+    client: &mut ModelServiceClient<Authed>,
     sha256: &str,
     dest: &Path,
 ) -> Result<()> {

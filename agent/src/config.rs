@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use fleetbench_common::labels::{Labels, parse_labels};
+use fleetbench_common::token::{JoinToken, Secret};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AgentError, Result};
@@ -36,6 +37,10 @@ pub struct AgentConfig {
     /// The coordinator's CA certificate (PEM file; `ca.pem` in its data directory), which https://
     /// addresses are verified against.
     pub ca_cert: PathBuf,
+    /// Join token (`fbjoin1:...`, from `fleetbench-coordinator init` or `fleetbench admin tokens
+    /// create --role agent-join`), used once: the coordinator gives the agent a credential of its own,
+    /// kept in the state directory (mode 0600) and used from then on.
+    pub join_token: Secret,
 }
 
 impl Default for AgentConfig {
@@ -51,12 +56,13 @@ impl Default for AgentConfig {
             max_backoff_ms: 10_000,
             cache_max_bytes: 0,
             ca_cert: PathBuf::new(),
+            join_token: Secret::default(),
         }
     }
 }
 
 /// Environment keys read (FLEETBENCH_ + upper case).
-const ENV_KEYS: [&str; 9] = [
+const ENV_KEYS: [&str; 10] = [
     "coordinator",
     "name",
     "cpus",
@@ -66,6 +72,7 @@ const ENV_KEYS: [&str; 9] = [
     "max_backoff_ms",
     "cache_max_bytes",
     "ca_cert",
+    "join_token",
 ];
 
 impl AgentConfig {
@@ -116,13 +123,37 @@ impl AgentConfig {
                 )));
             }
         }
-        self.ca_pem()?;
+        let ca = self.ca_pem()?;
+        if let Some(join) = self.join()? {
+            if let Some(pem) = &ca {
+                let have = fleetbench_common::token::ca_fingerprint(pem)
+                    .map_err(|e| AgentError::Config(format!("ca_cert: {e}")))?;
+                if !join.ca_sha256.is_empty() && have != join.ca_sha256 {
+                    return Err(AgentError::Config(format!(
+                        "join_token: it pins the CA certificate with SHA-256 {}, but ca_cert {} has \
+                         {have}: one of the two belongs to another coordinator",
+                        join.ca_sha256,
+                        self.ca_cert.display()
+                    )));
+                }
+            }
+        }
         if self.name.trim().is_empty() {
             return Err(AgentError::Config("name: must not be empty".into()));
         }
         self.labels()?;
         self.cpu_list()?;
         Ok(())
+    }
+
+    /// The parsed join token, when one is set.
+    pub fn join(&self) -> Result<Option<JoinToken>> {
+        if self.join_token.is_empty() {
+            return Ok(None);
+        }
+        JoinToken::parse(self.join_token.expose())
+            .map(Some)
+            .map_err(|e| AgentError::Config(format!("join_token: {e}")))
     }
 
     /// The CA certificate's text, when one is set.

@@ -18,6 +18,9 @@ pub enum AgentError {
     /// The coordinator and the agent speak protocols they cannot both serve; names both versions.
     #[error("{0}")]
     Protocol(String),
+    /// The coordinator refused the agent's join token or credential; says what to do.
+    #[error("{0}")]
+    Refused(String),
     /// Local file trouble (state directory, cache).
     #[error("{0}")]
     Io(String),

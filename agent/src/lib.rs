@@ -51,6 +51,7 @@ pub async fn run_with_runner(
         state_dir: config.state_dir.clone(),
         cache_max_bytes: config.cache_max_bytes,
         ca_pem: config.ca_pem()?,
+        join_token: config.join()?,
     };
     uplink::run(
         config.coordinator.clone(),

@@ -53,6 +53,11 @@ struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     ca_cert: Option<PathBuf>,
+    /// Join token (`fleetbench-coordinator init` prints one), used once to get this agent's own
+    /// credential. Prefer FLEETBENCH_JOIN_TOKEN or the config file: a flag shows in `ps`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    join_token: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {

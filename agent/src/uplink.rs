@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use fleetbench_common::domain::{Inventory, RunConfig};
 use fleetbench_common::labels::Labels;
+use fleetbench_common::token::{JoinToken, Secret};
+use fleetbench_proto::connect::{Authed, Bearer};
 use fleetbench_proto::v1::agent_service_client::AgentServiceClient;
 use fleetbench_proto::v1::model_service_client::ModelServiceClient;
 use fleetbench_proto::v1::{
@@ -40,6 +42,8 @@ pub struct Identity {
     pub cache_max_bytes: u64,
     /// The coordinator's CA certificate (PEM), for https:// addresses.
     pub ca_pem: Option<String>,
+    /// The join token (`fbjoin1:...`), for an agent without a credential yet.
+    pub join_token: Option<JoinToken>,
 }
 
 /// Counters of the link's activity, for operators and tests.
@@ -69,6 +73,8 @@ struct Current {
 /// The uplink's memory across connections.
 struct State {
     agent_id: Option<String>,
+    /// This agent's own credential, once it has joined (kept in the state directory).
+    credential: Option<Secret>,
     current: Option<Current>,
     unacked: BTreeMap<(String, u64), TelemetryWindow>,
     result: Option<RunResult>,
@@ -124,6 +130,33 @@ fn id_file(state_dir: &Path) -> PathBuf {
     state_dir.join("agent-id")
 }
 
+fn credential_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("credential")
+}
+
+/// Writes the agent's credential, readable by its owner only, replacing any earlier one atomically.
+fn save_credential(state_dir: &Path, credential: &Secret) -> Result<()> {
+    use std::io::Write as _;
+    let path = credential_file(state_dir);
+    let tmp = state_dir.join("credential.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(credential.expose().as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|e| {
+            AgentError::Io(format!(
+                "cannot save the credential {}: {e}",
+                path.display()
+            ))
+        })
+}
+
 /// Why a session ended.
 enum SessionEnd {
     Shutdown,
@@ -152,6 +185,11 @@ pub async fn run(
             .ok()
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty()),
+        credential: std::fs::read_to_string(credential_file(&identity.state_dir))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .map(Secret::new),
         current: None,
         unacked: BTreeMap::new(),
         result: None,
@@ -185,6 +223,12 @@ pub async fn run(
                 // Retrying soon will not help; one of the two must be upgraded first.
                 backoff = max_backoff;
                 tracing::error!(coordinator = %endpoint, reason = %why, "The coordinator and this agent speak incompatible protocols.");
+            }
+            Err(AgentError::Refused(why)) => {
+                // Retrying soon will not help either: an operator must act (a new join token, or a
+                // revoked agent's credential removed from the state directory).
+                backoff = max_backoff;
+                tracing::error!(coordinator = %endpoint, reason = %why, "The coordinator refused this agent's credentials.");
             }
             Err(e) => {
                 warn!(
@@ -238,7 +282,22 @@ async fn session(
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<SessionEnd> {
     let channel = connect(endpoint, identity.ca_pem.as_deref()).await?;
-    let mut client = AgentServiceClient::new(channel.clone());
+    // Its own credential once it has one; the join token only before. A refused credential never
+    // falls back to the join token: that would undo an operator's revocation.
+    let joining = state.credential.is_none();
+    let token = match (&state.credential, &identity.join_token) {
+        (Some(c), _) => c.clone(),
+        (None, Some(j)) => j.token.to_secret_string(),
+        (None, None) => {
+            return Err(AgentError::Config(format!(
+                "join_token: this agent has no credential yet ({} is missing); give it a join token \
+                 (--join-token or FLEETBENCH_JOIN_TOKEN; `fleetbench-coordinator init` prints one)",
+                credential_file(&identity.state_dir).display()
+            )));
+        }
+    };
+    let bearer = Bearer::new(Some(token.expose())).map_err(AgentError::Config)?;
+    let mut client = AgentServiceClient::with_interceptor(channel.clone(), bearer.clone());
     let mut register = tonic::Request::new(RegisterRequest {
         agent_id: state.agent_id.clone().unwrap_or_default(),
         name: identity.name.clone(),
@@ -259,6 +318,20 @@ async fn session(
                 && s.message().starts_with("protocol_version")
             {
                 AgentError::Protocol(s.message().to_string())
+            } else if matches!(
+                s.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ) {
+                AgentError::Refused(if joining {
+                    format!("the join token was refused: {}", s.message())
+                } else {
+                    format!(
+                        "this agent's credential was refused: {} (if it was revoked, remove {} and \
+                         start the agent with a new join token)",
+                        s.message(),
+                        credential_file(&identity.state_dir).display()
+                    )
+                })
             } else {
                 AgentError::Coordinator(s)
             }
@@ -266,6 +339,12 @@ async fn session(
         .into_inner();
     if let Some(why) = fleetbench_common::protocol::refuse_coordinator(reg.protocol_version) {
         return Err(AgentError::Protocol(why));
+    }
+    if !reg.agent_credential.is_empty() {
+        let credential = Secret::new(reg.agent_credential.clone());
+        save_credential(&identity.state_dir, &credential)?;
+        info!(agent_id = %reg.agent_id, "Joined the fleet; this agent's credential is kept in its state directory.");
+        state.credential = Some(credential);
     }
     if state.agent_id.as_deref() != Some(reg.agent_id.as_str()) {
         std::fs::write(id_file(&identity.state_dir), &reg.agent_id)
@@ -351,7 +430,7 @@ async fn session(
                         }
                         let cancel = Arc::new(AtomicBool::new(false));
                         state.current = Some(Current { run_id: a.run_id.clone(), cancel: cancel.clone() });
-                        start_task(a, identity, runner.clone(), cache.clone(), ModelServiceClient::new(channel.clone()), cancel, state.events_tx.clone());
+                        start_task(a, identity, runner.clone(), cache.clone(), ModelServiceClient::with_interceptor(channel.clone(), bearer.clone()), cancel, state.events_tx.clone());
                     }
                     Some(coordinator_message::Body::Cancel(c)) => {
                         if let Some(cur) = state.current.as_ref().filter(|cur| cur.run_id == c.run_id) {
@@ -478,7 +557,7 @@ fn start_task(
     identity: &Identity,
     runner: Arc<dyn ModelRunner>,
     cache: Cache,
-    mut models: ModelServiceClient<Channel>,
+    mut models: ModelServiceClient<Authed>,
     cancel: Arc<AtomicBool>,
     events: mpsc::UnboundedSender<RunnerEvent>,
 ) {
@@ -551,7 +630,7 @@ fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
 
 async fn prepare(
     a: &TaskAssignment,
-    models: &mut ModelServiceClient<Channel>,
+    models: &mut ModelServiceClient<Authed>,
     cache: &Cache,
     cpus: Vec<u32>,
     host_id: String,

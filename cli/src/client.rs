@@ -4,7 +4,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
+use fleetbench_proto::connect::{Authed, Bearer};
 use fleetbench_proto::v1::BlobRef;
+use fleetbench_proto::v1::admin_service_client::AdminServiceClient;
 use fleetbench_proto::v1::fleet_service_client::FleetServiceClient;
 use fleetbench_proto::v1::job_service_client::JobServiceClient;
 use fleetbench_proto::v1::model_service_client::ModelServiceClient;
@@ -16,18 +18,24 @@ use tonic::transport::Channel;
 pub struct Client {
     url: String,
     channel: Channel,
+    bearer: Bearer,
 }
 
 impl Client {
     /// A client of the coordinator at `url` (plain `http://`). It connects on first use, so commands
     /// check their arguments before any network trouble shows.
-    pub async fn connect(url: &str) -> Result<Self> {
-        Self::connect_with(url, None).await
+    pub async fn connect(url: &str, token: Option<&str>) -> Result<Self> {
+        Self::connect_with(url, None, token).await
     }
 
     /// A client of the coordinator at `url`; an `https://` address is verified against the CA
-    /// certificate in `ca_cert`.
-    pub async fn connect_with(url: &str, ca_cert: Option<&Path>) -> Result<Self> {
+    /// certificate in `ca_cert`; calls carry `token`.
+    pub async fn connect_with(
+        url: &str,
+        ca_cert: Option<&Path>,
+        token: Option<&str>,
+    ) -> Result<Self> {
+        let bearer = Bearer::new(token).map_err(anyhow::Error::msg)?;
         let ca = ca_cert
             .map(fleetbench_proto::connect::read_ca)
             .transpose()
@@ -41,6 +49,7 @@ impl Client {
         Ok(Self {
             url: url.to_string(),
             channel,
+            bearer,
         })
     }
 
@@ -95,23 +104,31 @@ impl Client {
     }
 
     /// Model service.
-    pub fn models(&self) -> ModelServiceClient<Channel> {
-        ModelServiceClient::new(self.channel.clone()).max_decoding_message_size(16 << 20)
+    pub fn models(&self) -> ModelServiceClient<Authed> {
+        ModelServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+            .max_decoding_message_size(16 << 20)
     }
 
     /// Job service.
-    pub fn jobs(&self) -> JobServiceClient<Channel> {
-        JobServiceClient::new(self.channel.clone()).max_decoding_message_size(64 << 20)
+    pub fn jobs(&self) -> JobServiceClient<Authed> {
+        JobServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+            .max_decoding_message_size(64 << 20)
     }
 
     /// Fleet service.
-    pub fn fleet(&self) -> FleetServiceClient<Channel> {
-        FleetServiceClient::new(self.channel.clone())
+    pub fn fleet(&self) -> FleetServiceClient<Authed> {
+        FleetServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
     }
 
     /// Ranking service.
-    pub fn rankings(&self) -> RankingServiceClient<Channel> {
-        RankingServiceClient::new(self.channel.clone()).max_decoding_message_size(64 << 20)
+    pub fn rankings(&self) -> RankingServiceClient<Authed> {
+        RankingServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+            .max_decoding_message_size(64 << 20)
+    }
+
+    /// Administration.
+    pub fn admin(&self) -> AdminServiceClient<Authed> {
+        AdminServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
     }
 
     /// Uploads a small file (an eval set, input data) as a blob, in chunks; returns its reference.

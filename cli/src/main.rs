@@ -19,6 +19,10 @@ struct Cli {
     /// The coordinator's CA certificate (PEM), for https:// addresses: ca.pem in its data directory.
     #[arg(long, global = true, env = "FLEETBENCH_CA_CERT")]
     ca_cert: Option<std::path::PathBuf>,
+    /// API token (`fleetbench-coordinator init` prints the first admin token; `fleetbench admin
+    /// tokens create` makes more). Prefer the environment variable: a flag shows in `ps`.
+    #[arg(long, global = true, env = "FLEETBENCH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,6 +40,9 @@ enum Command {
     Agents(commands::agents::AgentsCmd),
     /// Rank platforms and variants for a model.
     Rank(commands::rank::RankArgs),
+    /// Tokens and agents' credentials (needs an admin token).
+    #[command(subcommand)]
+    Admin(commands::admin::AdminCmd),
     /// Run the whole path locally: coordinator on SQLite, two agents, the bundled model, a ranking.
     Quickstart(commands::quickstart::QuickstartArgs),
 }
@@ -53,12 +60,18 @@ async fn run() -> Result<()> {
     if let Command::Quickstart(a) = cli.command {
         return commands::quickstart::run(a).await;
     }
-    let client = client::Client::connect_with(&cli.coordinator, cli.ca_cert.as_deref()).await?;
+    let client = client::Client::connect_with(
+        &cli.coordinator,
+        cli.ca_cert.as_deref(),
+        cli.token.as_deref(),
+    )
+    .await?;
     match cli.command {
         Command::Models(c) => commands::models::run(&client, c).await,
         Command::Jobs(c) => commands::jobs::run(&client, c).await,
         Command::Agents(c) => commands::agents::run(&client, c).await,
         Command::Rank(a) => commands::rank::run(&client, a).await,
+        Command::Admin(c) => commands::admin::run(&client, c).await,
         Command::Quickstart(_) => unreachable!("handled above"),
     }
 }

@@ -16,6 +16,7 @@ pub mod platform;
 pub mod protocol;
 pub mod quality;
 pub mod redact;
+pub mod token;
 
 pub use fleetbench_proto as proto;
 

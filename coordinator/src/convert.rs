@@ -95,6 +95,7 @@ impl From<&Registered> for pb::RegisterResponse {
             platform_name: r.platform_name.clone(),
             heartbeat_interval_ms: r.heartbeat_interval_ms,
             protocol_version: r.protocol_version,
+            agent_credential: r.agent_credential.expose().to_string(),
         }
     }
 }

@@ -98,6 +98,8 @@ pub struct Registered {
     pub heartbeat_interval_ms: u32,
     /// The protocol version the coordinator speaks.
     pub protocol_version: u32,
+    /// A new credential for the agent, when it joined with a join token.
+    pub agent_credential: fleetbench_common::token::Secret,
 }
 
 /// Job state and task counts.

@@ -33,6 +33,12 @@ pub enum Error {
     /// Stored bytes could not be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The caller has no valid token; the message says what is wrong, never the secret.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's role does not allow the call.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// Anything else.
     #[error("{0}")]
     Internal(String),
@@ -152,6 +158,8 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(m) => tonic::Status::invalid_argument(m.clone()),
             Error::AlreadyExists(m) => tonic::Status::already_exists(m.clone()),
             Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m.clone()),
+            Error::Unauthenticated(m) => tonic::Status::unauthenticated(m.clone()),
+            Error::PermissionDenied(m) => tonic::Status::permission_denied(m.clone()),
             Error::Unavailable(m) => tonic::Status::unavailable(m.clone()),
             Error::ResourceExhausted(m) => {
                 tracing::warn!(error = %m, "A request was refused for want of space or a limit.");

@@ -5,6 +5,7 @@ use fleetbench_common::now_ms;
 use fleetbench_common::platform::{platform_id, platform_name};
 use fleetbench_common::protocol;
 
+use crate::auth::{self, Principal, Role};
 use crate::context::Context;
 use crate::domain::{AgentInfo, Registered, Registration};
 use crate::error::{Error, Result};
@@ -17,7 +18,14 @@ pub fn is_online(coord: &Context, a: &AgentRecord, now: i64) -> bool {
 
 /// Registers an agent and pools it into its platform. An agent whose protocol this coordinator
 /// cannot serve is refused, with both versions named.
-pub async fn register(coord: &Context, req: Registration) -> Result<Registered> {
+///
+/// `who` is a join token (a new agent, which gets a credential of its own; a use of the token is
+/// taken) or an agent's credential (that agent registering again, under its own id only).
+pub async fn register(
+    coord: &Context,
+    who: &Principal,
+    mut req: Registration,
+) -> Result<Registered> {
     if let Some(why) = protocol::refuse_agent(req.protocol_version) {
         tracing::warn!(name = %req.name, agent_protocol = req.protocol_version, "Refused an agent of another protocol.");
         return Err(Error::FailedPrecondition(why));
@@ -47,6 +55,47 @@ pub async fn register(coord: &Context, req: Registration) -> Result<Registered> 
         .upsert_platform(&pid, &pname, &inventory)
         .await?;
     let now = now_ms();
+    let joining = who.role == Role::AgentJoin;
+    if joining {
+        // A join token registers a new agent, or takes over the name of one that has no credential
+        // (an agent of an open coordinator, upgraded): never an agent that has one.
+        req.agent_id = None;
+        let holder = coord
+            .store
+            .list_agents()
+            .await?
+            .into_iter()
+            .find(|a| a.name == name);
+        if let Some(a) = holder {
+            let cred = coord
+                .store
+                .token_by_name(&auth::agent_token_name(&a.id))
+                .await?;
+            if cred.is_some_and(|c| c.revoked_at == 0) {
+                return Err(Error::AlreadyExists(format!(
+                    "agent name '{name}' belongs to agent {} which has a credential; give this agent \
+                     another --name, or revoke that agent first (`fleetbench admin agents revoke {name}`)",
+                    a.id
+                )));
+            }
+        }
+        if !coord.store.use_token(&who.token_id, now, true).await? {
+            return Err(Error::Unauthenticated(format!(
+                "join token '{}' has no uses left",
+                who.name
+            )));
+        }
+    } else {
+        match &req.agent_id {
+            Some(id) if id != &who.agent_id => {
+                return Err(Error::PermissionDenied(format!(
+                    "this credential belongs to agent {}; it cannot register as agent {id}",
+                    who.agent_id
+                )));
+            }
+            _ => req.agent_id = Some(who.agent_id.clone()),
+        }
+    }
     let reg = AgentRegistration {
         agent_id: req.agent_id,
         name,
@@ -58,12 +107,19 @@ pub async fn register(coord: &Context, req: Registration) -> Result<Registered> 
     };
     let agent_id = coord.store.register_agent(&reg, now).await?;
     tracing::info!(agent = %agent_id, name = %reg.name, platform = %pname, "Agent registered.");
+    let agent_credential = if joining {
+        who.audit("agent joined", &format!("{} ({agent_id})", reg.name));
+        auth::issue_agent_credential(coord.store.as_ref(), &agent_id).await?
+    } else {
+        Default::default()
+    };
     Ok(Registered {
         agent_id,
         platform_id: pid,
         platform_name: pname,
         heartbeat_interval_ms: coord.config.heartbeat_interval_ms,
         protocol_version: protocol::PROTOCOL_VERSION,
+        agent_credential,
     })
 }
 

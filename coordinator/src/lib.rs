@@ -12,7 +12,9 @@
 //! - [`context`] is what they share; [`registry`] holds the connected agents and the messages sent to
 //!   them; [`store`] is durable state behind the `Store` traits, speaking [`domain`] types.
 
+pub mod admin;
 pub mod artifacts;
+pub mod auth;
 pub mod batch;
 pub mod config;
 pub mod context;

@@ -92,11 +92,20 @@ enum Command {
         /// ::1 are always included.
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// The coordinator's database: the first admin token and agent join token are made in it
+        /// now and printed. Without it, the coordinator's first start makes them and writes them to
+        /// DATA_DIR/admin.token and DATA_DIR/join.token (mode 0600).
+        #[arg(long)]
+        database: Option<String>,
     },
 }
 
-fn init(data_dir: &std::path::Path, sans: &[String]) -> anyhow::Result<()> {
-    use fleetbench_coordinator::tls;
+async fn init(
+    data_dir: &std::path::Path,
+    sans: &[String],
+    database: Option<&str>,
+) -> anyhow::Result<()> {
+    use fleetbench_coordinator::{auth, store, tls};
     let done = tls::init(&tls::TlsFiles::under(data_dir), sans)?;
     let f = &done.files;
     println!(
@@ -124,6 +133,34 @@ fn init(data_dir: &std::path::Path, sans: &[String]) -> anyhow::Result<()> {
         data_dir.display(),
         f.ca_cert().display()
     );
+    let Some(database) = database else {
+        println!(
+            "Tokens: the coordinator's first start makes an admin token and an agent join token and \
+             writes them to {} and {} (mode 0600).",
+            data_dir.join(auth::ADMIN_TOKEN_FILE).display(),
+            data_dir.join(auth::JOIN_TOKEN_FILE).display()
+        );
+        return Ok(());
+    };
+    let store = store::open_with(database, Some(data_dir)).await?;
+    match auth::bootstrap(store.as_ref(), data_dir, &done.ca_fingerprint).await? {
+        Some(t) => {
+            println!(
+                "Admin token (also in {}; keep it secret):\n  {}",
+                data_dir.join(auth::ADMIN_TOKEN_FILE).display(),
+                t.admin.expose()
+            );
+            println!(
+                "Agent join token (also in {}; agents take it as --join-token):\n  {}",
+                data_dir.join(auth::JOIN_TOKEN_FILE).display(),
+                t.join.expose()
+            );
+        }
+        None => println!(
+            "Tokens: the database already holds an admin token; manage tokens with `fleetbench admin \
+             tokens`."
+        ),
+    }
     Ok(())
 }
 
@@ -139,8 +176,13 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
-    if let Some(Command::Init { data_dir, sans }) = &args.command {
-        return init(data_dir, sans);
+    if let Some(Command::Init {
+        data_dir,
+        sans,
+        database,
+    }) = &args.command
+    {
+        return init(data_dir, sans, database.as_deref()).await;
     }
     let config = CoordinatorConfig::load(args.config.as_deref(), &args)?;
     let listener = tokio::net::TcpListener::bind(&config.listen)

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use fleetbench_proto::v1::admin_service_server::AdminServiceServer;
 use fleetbench_proto::v1::agent_service_server::AgentServiceServer;
 use fleetbench_proto::v1::fleet_service_server::FleetServiceServer;
 use fleetbench_proto::v1::job_service_server::JobServiceServer;
@@ -10,15 +11,15 @@ use fleetbench_proto::v1::model_service_server::ModelServiceServer;
 use fleetbench_proto::v1::ranking_service_server::RankingServiceServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::CoordinatorConfig;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::grpc::{AgentApi, FleetApi, JobApi, ModelApi, RankingApi};
+use crate::grpc::{AdminApi, AgentApi, FleetApi, JobApi, ModelApi, RankingApi};
 use crate::session::Queues;
 use crate::store::{self, Store};
-use crate::{health, heartbeat, ingest, maintenance, scheduler, tls};
+use crate::{auth, health, heartbeat, ingest, maintenance, scheduler, tls};
 
 /// Largest gRPC message accepted (blob chunks are 1 MiB).
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
@@ -66,6 +67,33 @@ pub async fn serve_with_store(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("gRPC reflection: {e}")))?;
+    // The first admin and join tokens, unless the database has an admin token (`init` made them, or
+    // an earlier start did).
+    let data_dir = tls::data_dir_of(&config);
+    let ca = data_dir
+        .as_deref()
+        .map(|d| tls::TlsFiles::under(d).ca_cert())
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|pem| tls::fingerprint(&pem))
+        .transpose()?
+        .unwrap_or_default();
+    match &data_dir {
+        Some(d) => {
+            if auth::bootstrap(store.as_ref(), d, &ca).await?.is_some() {
+                info!(
+                    admin = %d.join(auth::ADMIN_TOKEN_FILE).display(),
+                    join = %d.join(auth::JOIN_TOKEN_FILE).display(),
+                    "The database held no admin token: made an admin token and an agent join \
+                     token, written to these files (mode 0600)."
+                );
+            }
+        }
+        None if !auth::has_admin(store.as_ref()).await? => warn!(
+            "The database holds no admin token, and there is no data directory to write one to: \
+             give --data-dir, or run `fleetbench-coordinator init` against this database."
+        ),
+        None => {}
+    }
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let (ingest_tx, ingest_rx) = tokio::sync::mpsc::channel(16_384);
     let (hb_tx, hb_rx) = tokio::sync::mpsc::channel(16_384);
@@ -138,6 +166,7 @@ pub async fn serve_with_store(
         .add_service(JobServiceServer::new(JobApi(ctx.clone())))
         .add_service(FleetServiceServer::new(FleetApi(ctx.clone())))
         .add_service(RankingServiceServer::new(RankingApi(ctx.clone())))
+        .add_service(AdminServiceServer::new(AdminApi(ctx.clone())))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -108,7 +108,7 @@ fn ca_params() -> Result<CertificateParams> {
 }
 
 /// Writes `text` to `path`, readable by its owner only when `secret`.
-fn write_file(path: &Path, text: &str, secret: bool) -> Result<()> {
+pub(crate) fn write_file(path: &Path, text: &str, secret: bool) -> Result<()> {
     // A temporary file of its own (`server.key.tmp`, never shared with `server.pem`), made new: a
     // stale one left by an interrupted run may have other permissions, which a key must not inherit.
     let mut name = path.as_os_str().to_owned();
@@ -132,18 +132,7 @@ fn write_file(path: &Path, text: &str, secret: bool) -> Result<()> {
 
 /// SHA-256 of the first certificate in `pem`, lower-case hex.
 pub fn fingerprint(pem: &str) -> Result<String> {
-    let der = first_der(pem)?;
-    Ok(hex::encode(Sha256::digest(der)))
-}
-
-/// The DER bytes of the first certificate in a PEM text.
-fn first_der(text: &str) -> Result<Vec<u8>> {
-    pem::parse_many(text)
-        .map_err(|e| Error::InvalidArgument(format!("not a PEM file: {e}")))?
-        .into_iter()
-        .find(|p| p.tag() == "CERTIFICATE")
-        .map(|p| p.into_contents())
-        .ok_or_else(|| Error::InvalidArgument("no PEM certificate found".into()))
+    fleetbench_common::token::ca_fingerprint(pem).map_err(Error::InvalidArgument)
 }
 
 /// Makes the CA (unless `files` already hold one, which is kept) and a new server certificate for

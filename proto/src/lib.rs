@@ -18,7 +18,53 @@ pub mod onnx {
 
 /// Endpoints to a coordinator, with TLS for `https://` addresses.
 pub mod connect {
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    use tonic::metadata::{Ascii, MetadataValue};
+    use tonic::service::interceptor::InterceptedService;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+    /// Adds `authorization: Bearer <token>` to every call (marked sensitive, so transports that log
+    /// headers leave it out).
+    #[derive(Clone, Default)]
+    pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+    impl Bearer {
+        /// A bearer of `token`; none sends no header. The error does not repeat the token.
+        pub fn new(token: Option<&str>) -> Result<Self, String> {
+            let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
+                return Ok(Self(None));
+            };
+            let mut v = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+                "the token holds characters a gRPC header cannot carry; copy it again".to_string()
+            })?;
+            v.set_sensitive(true);
+            Ok(Self(Some(v)))
+        }
+    }
+
+    impl std::fmt::Debug for Bearer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(if self.0.is_some() {
+                "Bearer(<redacted>)"
+            } else {
+                "Bearer(none)"
+            })
+        }
+    }
+
+    impl tonic::service::Interceptor for Bearer {
+        fn call(
+            &mut self,
+            mut request: tonic::Request<()>,
+        ) -> Result<tonic::Request<()>, tonic::Status> {
+            if let Some(v) = &self.0 {
+                request.metadata_mut().insert("authorization", v.clone());
+            }
+            Ok(request)
+        }
+    }
+
+    /// A channel whose calls carry a token.
+    pub type Authed = InterceptedService<Channel, Bearer>;
 
     /// An endpoint for `url`. An `https://` address is verified against `ca_pem` (the coordinator's
     /// CA certificate), which it needs; an `http://` address takes none. The error names what is wrong.

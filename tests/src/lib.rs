@@ -1106,6 +1106,37 @@ mod faulty {
     }
 
     #[async_trait::async_trait]
+    impl TokenStore for FaultyStore {
+        async fn insert_token(&self, t: &TokenRecord) -> Result<()> {
+            self.inner.insert_token(t).await
+        }
+        async fn get_token(&self, id: &str) -> Result<Option<TokenRecord>> {
+            self.inner.get_token(id).await
+        }
+        async fn token_by_name(&self, name: &str) -> Result<Option<TokenRecord>> {
+            self.inner.token_by_name(name).await
+        }
+        async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+            self.inner.list_tokens().await
+        }
+        async fn revoke_token(&self, id: &str, now: i64) -> Result<()> {
+            self.inner.revoke_token(id, now).await
+        }
+        async fn set_token_secret(&self, id: &str, secret_sha256: &str) -> Result<()> {
+            self.inner.set_token_secret(id, secret_sha256).await
+        }
+        async fn use_token(&self, id: &str, now: i64, consume: bool) -> Result<bool> {
+            self.inner.use_token(id, now, consume).await
+        }
+        async fn replace_agent_credential(&self, t: &TokenRecord) -> Result<()> {
+            self.inner.replace_agent_credential(t).await
+        }
+        async fn revoke_agent_credentials(&self, agent_id: &str, now: i64) -> Result<u64> {
+            self.inner.revoke_agent_credentials(agent_id, now).await
+        }
+    }
+
+    #[async_trait::async_trait]
     impl Store for FaultyStore {
         fn backend(&self) -> &'static str {
             self.inner.backend()

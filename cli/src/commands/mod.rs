@@ -1,5 +1,6 @@
 //! Subcommands.
 
+pub mod admin;
 pub mod agents;
 pub mod jobs;
 pub mod models;

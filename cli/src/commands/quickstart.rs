@@ -45,7 +45,15 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> Result<()> {
+    /// Starts `cmd` with its output in `log`; `secrets` go in its environment (not its arguments,
+    /// which `ps` shows).
+    fn spawn(
+        &mut self,
+        name: &str,
+        mut cmd: Command,
+        log: &Path,
+        secrets: &[(&str, &str)],
+    ) -> Result<()> {
         let file = std::fs::File::create(log)
             .with_context(|| format!("cannot start {name}: cannot create {}", log.display()))?;
         // The local fleet is set up by its flags alone: settings exported for a real fleet
@@ -55,6 +63,7 @@ impl Fleet {
                 cmd.env_remove(&key);
             }
         }
+        cmd.envs(secrets.iter().copied());
         let child = cmd
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
@@ -190,18 +199,48 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
         children: Vec::new(),
     };
     let addr_file = dir.join("coordinator.addr");
+    let database = format!("sqlite://{}", dir.join("fleet.db").display());
+    // Secure as a real fleet is: `init` makes the CA, the server certificate and the first tokens.
+    let init = Command::new(&coordinator_bin)
+        .arg("init")
+        .arg("--data-dir")
+        .arg(&dir)
+        .arg("--database")
+        .arg(&database)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .context("cannot run fleetbench-coordinator init")?;
+    if !init.status.success() {
+        bail!(
+            "fleetbench-coordinator init failed: {}",
+            String::from_utf8_lossy(&init.stderr).trim()
+        );
+    }
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .map(|s| s.trim().to_string())
+            .with_context(|| format!("init did not write {}", dir.join(name).display()))
+    };
+    let (admin_token, join_token) = (read("admin.token")?, read("join.token")?);
+    let ca_cert = dir.join("tls").join("ca.pem");
     let mut cmd = Command::new(&coordinator_bin);
     cmd.args(["--listen", "127.0.0.1:0", "--lease-timeout-ms", "10000"])
         .arg("--database")
-        .arg(format!("sqlite://{}", dir.join("fleet.db").display()))
+        .arg(&database)
+        .arg("--data-dir")
+        .arg(&dir)
         .arg("--addr-file")
         .arg(&addr_file);
-    fleet.spawn("coordinator", cmd, &dir.join("coordinator.log"))?;
+    fleet.spawn("coordinator", cmd, &dir.join("coordinator.log"), &[])?;
     let addr = wait_for_file(&addr_file, &mut fleet, &dir, Duration::from_secs(30))?;
-    let url = format!("http://{addr}");
+    let url = format!("https://{addr}");
     eprintln!(
-        "coordinator listening on {url} (SQLite at {})",
-        dir.join("fleet.db").display()
+        "coordinator listening on {url} with TLS and tokens (SQLite at {}; CA {}, admin token in {})",
+        dir.join("fleet.db").display(),
+        ca_cert.display(),
+        dir.join("admin.token").display()
     );
 
     let cpus = {
@@ -224,11 +263,18 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
             .arg("--state-dir")
             .arg(dir.join(name))
             .arg("--ort-lib")
-            .arg(&ort_lib);
-        fleet.spawn(name, cmd, &dir.join(format!("{name}.log")))?;
+            .arg(&ort_lib)
+            .arg("--ca-cert")
+            .arg(&ca_cert);
+        fleet.spawn(
+            name,
+            cmd,
+            &dir.join(format!("{name}.log")),
+            &[("FLEETBENCH_JOIN_TOKEN", join_token.as_str())],
+        )?;
         eprintln!("agent {name} started ({tier}, cpus {cpu_list}, cost_per_hour={cost})");
     }
-    let client = Client::connect(&url).await?;
+    let client = Client::connect_with(&url, Some(&ca_cert), Some(&admin_token)).await?;
     let wait = jobs::wait_for_agents(&client, agents.len(), Duration::from_secs(60));
     tokio::select! {
         r = wait => r?,

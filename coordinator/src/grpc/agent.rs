@@ -6,7 +6,8 @@ use fleetbench_proto::v1::{AgentMessage, CoordinatorMessage, RegisterRequest, Re
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ResponseStream, invalid};
+use super::{ResponseStream, allow, invalid};
+use crate::auth::Need;
 use crate::context::Context;
 use crate::domain::Registration;
 use crate::fleet;
@@ -28,8 +29,9 @@ impl AgentService for AgentApi {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let who = allow(&self.ctx, &request, Need::Register).await?;
         let reg = Registration::try_from(request.into_inner()).map_err(invalid)?;
-        let registered = fleet::register(&self.ctx, reg).await?;
+        let registered = fleet::register(&self.ctx, &who, reg).await?;
         Ok(Response::new((&registered).into()))
     }
 
@@ -39,6 +41,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let who = allow(&self.ctx, &request, Need::Agent).await?;
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(AgentMessage {
@@ -50,6 +53,12 @@ impl AgentService for AgentApi {
                 ));
             }
         };
+        if hello.agent_id != who.agent_id {
+            return Err(Status::permission_denied(format!(
+                "this credential belongs to agent {}; it cannot open a session as agent {}",
+                who.agent_id, hello.agent_id
+            )));
+        }
         let (link, outbound) = AgentLink::new();
         let opened = session::open(&self.ctx, hello, link).await?;
         tokio::spawn(session::serve(

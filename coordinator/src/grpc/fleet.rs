@@ -14,8 +14,9 @@ pub struct FleetApi(pub Arc<Context>);
 impl FleetService for FleetApi {
     async fn list_agents(
         &self,
-        _: Request<ListAgentsRequest>,
+        request: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
+        super::allow(&self.0, &request, crate::auth::Need::View).await?;
         let agents = fleet::list(&self.0).await?;
         Ok(Response::new(ListAgentsResponse {
             agents: agents.iter().map(Into::into).collect(),

@@ -9,8 +9,9 @@ use fleetbench_proto::v1::{
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::ResponseStream;
+use super::{ResponseStream, allow};
 use crate::artifacts::{self, Piece};
+use crate::auth::{Need, Principal};
 use crate::context::Context;
 use crate::error::Error;
 use crate::models;
@@ -19,14 +20,16 @@ use crate::store::BLOB_CHUNK_BYTES;
 use fleetbench_common::artifact::CLIENT_KEY;
 
 /// Who is calling: the client id it sends (clients without one share "anonymous").
-fn owner<T>(request: &Request<T>) -> String {
-    request
+fn owner<T>(request: &Request<T>, who: &Principal) -> String {
+    // An upload belongs to the token that started it (and the client's key within it): no other
+    // token can continue or finish it.
+    let key = request
         .metadata()
         .get(CLIENT_KEY)
         .and_then(|v| v.to_str().ok())
         .filter(|s| !s.is_empty() && s.len() <= 128)
-        .unwrap_or("anonymous")
-        .to_string()
+        .unwrap_or("anonymous");
+    format!("{}/{key}", who.token_id)
 }
 
 fn status_of(s: artifacts::UploadStatus) -> pb::UploadStatus {
@@ -60,10 +63,12 @@ impl ModelService for ModelApi {
         &self,
         request: Request<Streaming<BlobChunk>>,
     ) -> Result<Response<BlobRef>, Status> {
+        let who = allow(&self.0, &request, Need::Submit).await?;
         let stream = request
             .into_inner()
             .map(|c| c.map(|c| (c.data, c.expected_sha256)).map_err(broken));
         let (sha256, size_bytes) = artifacts::store_blob(&self.0, stream).await?;
+        who.audit("push blob", &sha256);
         Ok(Response::new(BlobRef { sha256, size_bytes }))
     }
 
@@ -73,6 +78,7 @@ impl ModelService for ModelApi {
         &self,
         request: Request<DownloadBlobRequest>,
     ) -> Result<Response<Self::DownloadBlobStream>, Status> {
+        allow(&self.0, &request, Need::Download).await?;
         let DownloadBlobRequest { sha256, offset } = request.into_inner();
         let size = self
             .0
@@ -124,7 +130,8 @@ impl ModelService for ModelApi {
         &self,
         request: Request<pb::StartUploadRequest>,
     ) -> Result<Response<pb::UploadStatus>, Status> {
-        let owner = owner(&request);
+        let who = allow(&self.0, &request, Need::Submit).await?;
+        let owner = owner(&request, &who);
         let set = request
             .into_inner()
             .set
@@ -139,7 +146,8 @@ impl ModelService for ModelApi {
         &self,
         request: Request<Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadStatus>, Status> {
-        let owner = owner(&request);
+        let who = allow(&self.0, &request, Need::Submit).await?;
+        let owner = owner(&request, &who);
         let pieces = request.into_inner().map(|c| {
             c.map(|c| Piece {
                 upload_id: c.upload_id,
@@ -158,9 +166,11 @@ impl ModelService for ModelApi {
         &self,
         request: Request<pb::FinishUploadRequest>,
     ) -> Result<Response<pb::ArtifactSet>, Status> {
-        let owner = owner(&request);
+        let who = allow(&self.0, &request, Need::Submit).await?;
+        let owner = owner(&request, &who);
         let id = request.into_inner().upload_id;
-        let (_, set) = artifacts::finish(&self.0, &owner, &id).await?;
+        let (sha, set) = artifacts::finish(&self.0, &owner, &id).await?;
+        who.audit("push artifact set", &sha);
         Ok(Response::new((&set).into()))
     }
 
@@ -168,6 +178,7 @@ impl ModelService for ModelApi {
         &self,
         request: Request<pb::GetArtifactSetRequest>,
     ) -> Result<Response<pb::ArtifactSet>, Status> {
+        allow(&self.0, &request, Need::Download).await?;
         let sha = request.into_inner().sha256;
         let set = artifacts::get_set(&self.0, &sha).await?;
         let mut wire = pb::ArtifactSet::from(&set);
@@ -180,7 +191,12 @@ impl ModelService for ModelApi {
         &self,
         request: Request<RegisterVariantRequest>,
     ) -> Result<Response<ModelVariant>, Status> {
+        let who = allow(&self.0, &request, Need::Submit).await?;
         let variant = models::register_variant(&self.0, request.into_inner().into()).await?;
+        who.audit(
+            "push variant",
+            &format!("{}/{}", variant.model, variant.variant),
+        );
         Ok(Response::new((&variant).into()))
     }
 
@@ -188,6 +204,7 @@ impl ModelService for ModelApi {
         &self,
         request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
+        allow(&self.0, &request, Need::View).await?;
         let model = request.into_inner().model;
         let variants = self
             .0
@@ -204,7 +221,11 @@ impl ModelService for ModelApi {
         &self,
         request: Request<pb::DeleteVariantRequest>,
     ) -> Result<Response<pb::DeleteVariantResponse>, Status> {
+        let who = allow(&self.0, &request, Need::Admin).await?;
         let r = request.into_inner();
+        if !r.dry_run {
+            who.audit("delete variant", &format!("{}/{}", r.model, r.variant));
+        }
         let d = models::delete(
             &self.0,
             &r.model,

@@ -14,6 +14,7 @@ pub struct RankingApi(pub Arc<Context>);
 impl RankingService for RankingApi {
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
     async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
+        super::allow(&self.0, &request, crate::auth::Need::View).await?;
         let ranking = ranking::rank(&self.0, request.into_inner().into()).await?;
         Ok(Response::new((&ranking).into()))
     }

@@ -505,6 +505,54 @@ pub trait TelemetryStore: Send + Sync {
     async fn claim(&self, name: &str, holder: &str, now: i64, until: i64) -> Result<bool>;
 }
 
+/// A stored token: an API token, a join token or an agent's credential (see [`crate::auth`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TokenRecord {
+    /// Id, the middle part of the token.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// viewer, submitter, admin, agent-join or agent.
+    pub role: String,
+    /// Hex SHA-256 of the secret.
+    pub secret_sha256: String,
+    /// For an agent's credential, its agent.
+    pub agent_id: String,
+    /// For a join token, joins left; -1: no limit.
+    pub uses_left: i64,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms; 0: never.
+    pub expires_at: i64,
+    /// Unix ms; 0: not revoked.
+    pub revoked_at: i64,
+    /// Unix ms; 0: never (written at most once a minute).
+    pub last_used_at: i64,
+}
+
+/// Tokens and credentials.
+#[async_trait::async_trait]
+pub trait TokenStore: Send + Sync {
+    /// Adds a token; ALREADY_EXISTS when its name is taken.
+    async fn insert_token(&self, t: &TokenRecord) -> Result<()>;
+    /// A token by id.
+    async fn get_token(&self, id: &str) -> Result<Option<TokenRecord>>;
+    /// A token by name.
+    async fn token_by_name(&self, name: &str) -> Result<Option<TokenRecord>>;
+    /// Every token, by name.
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
+    /// Marks a token revoked (kept for the record).
+    async fn revoke_token(&self, id: &str, now: i64) -> Result<()>;
+    /// Replaces a token's secret hash (rotation).
+    async fn set_token_secret(&self, id: &str, secret_sha256: &str) -> Result<()>;
+    /// Records a use; with `consume`, takes one of a join token's uses, false when none is left.
+    async fn use_token(&self, id: &str, now: i64, consume: bool) -> Result<bool>;
+    /// Stores an agent's new credential in place of any earlier one.
+    async fn replace_agent_credential(&self, t: &TokenRecord) -> Result<()>;
+    /// Revokes an agent's credentials; returns how many.
+    async fn revoke_agent_credentials(&self, agent_id: &str, now: i64) -> Result<u64>;
+}
+
 /// Durable state of the coordinator: every aggregate.
 #[async_trait::async_trait]
 pub trait Store:
@@ -515,6 +563,7 @@ pub trait Store:
     + JobStore
     + LeaseStore
     + TelemetryStore
+    + TokenStore
     + 'static
 {
     /// Backend name: "sqlite" or "postgres".

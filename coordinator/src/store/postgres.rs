@@ -54,6 +54,11 @@ pub const MIGRATIONS: EmbeddedMigrations = &[
         "artifact sets",
         include_str!("../../../migrations/postgres/0008_artifact_sets.sql"),
     ),
+    (
+        9,
+        "tokens",
+        include_str!("../../../migrations/postgres/0009_tokens.sql"),
+    ),
 ];
 
 /// Connects to a `postgres://` URL and migrates the database.

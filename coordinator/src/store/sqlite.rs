@@ -53,6 +53,11 @@ pub const MIGRATIONS: EmbeddedMigrations = &[
         "artifact sets",
         include_str!("../../../migrations/sqlite/0008_artifact_sets.sql"),
     ),
+    (
+        9,
+        "tokens",
+        include_str!("../../../migrations/sqlite/0009_tokens.sql"),
+    ),
 ];
 
 /// Opens (creating when missing) a SQLite database from a `sqlite://PATH` URL and migrates it. Blob

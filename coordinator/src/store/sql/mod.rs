@@ -13,6 +13,7 @@ mod jobs;
 mod leases;
 pub(crate) mod migrate;
 mod telemetry;
+mod tokens;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
