@@ -16,6 +16,14 @@ fn quickstart_prints_a_ranking_of_both_platforms() {
         // must not reach the local one.
         .env("FLEETBENCH_CA_CERT", "/nonexistent/ca.pem")
         .env("FLEETBENCH_COORDINATOR", "https://coord.example.net:7700")
+        .env(
+            "FLEETBENCH_TOKEN",
+            "fbt1.0000000000000000.not-a-real-secret",
+        )
+        .env(
+            "FLEETBENCH_JOIN_TOKEN",
+            "fbjoin1::fbt1.0000000000000000.not-a-real-secret",
+        )
         .args(["quickstart", "--iterations", "500", "--dir"])
         .arg(dir.path())
         .output()
@@ -54,6 +62,29 @@ fn quickstart_prints_a_ranking_of_both_platforms() {
     // The agents were separate processes with their own logs, and the edge one was pinned.
     let edge_log = std::fs::read_to_string(dir.path().join("edge-1.log")).unwrap();
     assert!(edge_log.contains("Connected"), "{edge_log}");
+    // Secure as a real fleet: TLS, and tokens (the agents joined with the join token `init` made,
+    // and keep credentials of their own, readable by their owner only).
+    assert!(stderr.contains("listening on https://"), "{stderr}");
+    let coordinator_log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap();
+    assert!(coordinator_log.contains("tls=true"), "{coordinator_log}");
+    assert_eq!(
+        coordinator_log.matches("action=\"agent joined\"").count(),
+        2,
+        "{coordinator_log}"
+    );
+    for f in [
+        "edge-1/credential",
+        "cloud-1/credential",
+        "admin.token",
+        "join.token",
+    ] {
+        let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600,
+            "{f}"
+        );
+    }
 }
 
 #[test]

@@ -45,8 +45,101 @@ pub struct TestCoordinator {
     pub database: String,
     /// The CA certificate clients trust, when it serves TLS (then `url` is `https://`).
     pub ca_cert: Option<PathBuf>,
+    /// An admin token and an agent join token of its database.
+    pub tokens: Tokens,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<JoinHandle<fleetbench_coordinator::Result<()>>>,
+}
+
+/// Tokens a test uses, made in the coordinator's database as `fleetbench admin tokens create` would.
+#[derive(Debug, Clone, Default)]
+pub struct Tokens {
+    /// An admin token (`fbt1...`).
+    pub admin: String,
+    /// An agent join token (`fbjoin1:...`).
+    pub join: String,
+}
+
+impl Tokens {
+    /// A new admin token and join token in `store`, under fresh names.
+    pub async fn make(store: &dyn fleetbench_coordinator::store::Store) -> Tokens {
+        use fleetbench_coordinator::auth::{Role, create_token};
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let (_, admin) = create_token(store, "", &format!("test-admin-{tag}"), Role::Admin, 0, 0)
+            .await
+            .expect("make an admin token");
+        let (_, join) = create_token(
+            store,
+            "",
+            &format!("test-join-{tag}"),
+            Role::AgentJoin,
+            0,
+            0,
+        )
+        .await
+        .expect("make a join token");
+        Tokens {
+            admin: admin.expose().to_string(),
+            join: join.expose().to_string(),
+        }
+    }
+
+    /// Tokens made in the database at `database` (the schema is migrated first if need be).
+    pub async fn made_in(database: &str) -> Tokens {
+        let store = fleetbench_coordinator::store::open(database)
+            .await
+            .expect("open the database to make tokens");
+        Tokens::make(store.as_ref()).await
+    }
+
+    /// A CLI client of `url` with the admin token.
+    pub async fn client(&self, url: &str) -> Client {
+        Client::connect(url, Some(&self.admin))
+            .await
+            .expect("connect to the coordinator")
+    }
+}
+
+/// A raw agent-service client of `url` (plain http) whose calls carry `token`: a join token
+/// (`fbjoin1:...`, its inner token is sent) or an agent's credential.
+pub async fn agent_client(
+    url: &str,
+    token: &str,
+) -> fleetbench_proto::v1::agent_service_client::AgentServiceClient<fleetbench_proto::connect::Authed>
+{
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    agent_client_on(channel, token)
+}
+
+/// As [`agent_client`], on an open channel.
+pub fn agent_client_on(
+    channel: tonic::transport::Channel,
+    token: &str,
+) -> fleetbench_proto::v1::agent_service_client::AgentServiceClient<fleetbench_proto::connect::Authed>
+{
+    let token = match fleetbench_common::token::JoinToken::parse(token) {
+        Ok(j) => j.token.to_secret_string().expose().to_string(),
+        Err(_) => token.to_string(),
+    };
+    let bearer = fleetbench_proto::connect::Bearer::new(Some(&token)).expect("a token");
+    fleetbench_proto::v1::agent_service_client::AgentServiceClient::with_interceptor(
+        channel, bearer,
+    )
+}
+
+/// A well-formed join token no coordinator knows, for agents whose coordinator is a stand-in.
+pub fn unknown_join_token() -> String {
+    fleetbench_common::token::JoinToken {
+        ca_sha256: String::new(),
+        token: fleetbench_common::token::Token::mint(),
+    }
+    .to_secret_string()
+    .expose()
+    .to_string()
 }
 
 /// Settings suited to tests: short leases and ticks.
@@ -79,6 +172,14 @@ impl TestCoordinator {
     /// Serves `config` on `listener` (so a test can restart on the same port).
     pub async fn serve(config: CoordinatorConfig, listener: TcpListener) -> Self {
         init_logs();
+        let tokens = {
+            let data_dir = fleetbench_coordinator::tls::data_dir_of(&config);
+            let store =
+                fleetbench_coordinator::store::open_with(&config.database, data_dir.as_deref())
+                    .await
+                    .expect("open the database to make tokens");
+            Tokens::make(store.as_ref()).await
+        };
         let addr = listener.local_addr().expect("bound");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let database = config.database.clone();
@@ -96,6 +197,7 @@ impl TestCoordinator {
             addr,
             database,
             ca_cert,
+            tokens,
             stop: Some(tx),
             handle: Some(handle),
         }
@@ -135,11 +237,18 @@ impl TestCoordinator {
         .await
     }
 
-    /// A CLI client connected to it (over TLS when it serves TLS).
+    /// A CLI client connected to it (over TLS when it serves TLS), with the admin token.
     pub async fn client(&self) -> Client {
-        Client::connect_with(&self.url, self.ca_cert.as_deref())
+        Client::connect_with(&self.url, self.ca_cert.as_deref(), Some(&self.tokens.admin))
             .await
             .expect("connect to the test coordinator")
+    }
+
+    /// Settings for an in-process agent of this coordinator, with its join token (and CA).
+    pub fn agent(&self, name: &str, labels: &[&str], state_dir: &Path) -> AgentConfig {
+        let mut c = agent_config(&self.url, &self.tokens.join, name, labels, state_dir);
+        c.ca_cert = self.ca_cert.clone().unwrap_or_default();
+        c
     }
 }
 
@@ -159,10 +268,17 @@ pub struct TestAgent {
     handle: Option<JoinHandle<fleetbench_agent::Result<()>>>,
 }
 
-/// Settings for an in-process agent.
-pub fn agent_config(url: &str, name: &str, labels: &[&str], state_dir: &Path) -> AgentConfig {
+/// Settings for an in-process agent of the coordinator at `url`, joining with `join`.
+pub fn agent_config(
+    url: &str,
+    join: &str,
+    name: &str,
+    labels: &[&str],
+    state_dir: &Path,
+) -> AgentConfig {
     AgentConfig {
         coordinator: vec![url.to_string()],
+        join_token: fleetbench_common::token::Secret::new(join),
         name: name.to_string(),
         labels: labels.iter().map(|s| s.to_string()).collect(),
         state_dir: state_dir.join(name),
@@ -579,7 +695,7 @@ impl SoloFleet {
         let dir = tempfile::tempdir().expect("temporary folder");
         let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
         let client = coord.client().await;
-        let agent = TestAgent::start(agent_config(&coord.url, "solo", &[], dir.path()));
+        let agent = TestAgent::start(coord.agent("solo", &[], dir.path()));
         wait_online(&client, 1).await;
         SoloFleet {
             _agent: agent,
@@ -707,14 +823,16 @@ pub struct FakeAgent {
 
 impl FakeAgent {
     /// Registers `name` with `labels` on its own host and opens a session.
-    pub async fn connect(url: &str, name: &str, labels: &[(&str, &str)]) -> FakeAgent {
-        use fleetbench_proto::v1::agent_service_client::AgentServiceClient;
+    pub async fn connect(url: &str, join: &str, name: &str, labels: &[(&str, &str)]) -> FakeAgent {
         use fleetbench_proto::v1::{
             AgentMessage, Inventory, RegisterRequest, SessionHello, agent_message,
         };
-        let mut client = AgentServiceClient::connect(url.to_string())
+        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+            .expect("url")
+            .connect()
             .await
             .expect("connect");
+        let mut client = agent_client_on(channel.clone(), join);
         let reg = client
             .register(RegisterRequest {
                 name: name.into(),
@@ -735,6 +853,7 @@ impl FakeAgent {
             .await
             .expect("register")
             .into_inner();
+        let mut client = agent_client_on(channel, &reg.agent_credential);
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         tx.send(AgentMessage {
             body: Some(agent_message::Body::Hello(SessionHello {
@@ -1163,6 +1282,7 @@ impl TestCoordinator {
         let addr = listener.local_addr().expect("bound");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let database = config.database.clone();
+        let tokens = Tokens::make(store.as_ref()).await;
         let handle = tokio::spawn(fleetbench_coordinator::serve_with_store(
             config,
             store,
@@ -1176,6 +1296,7 @@ impl TestCoordinator {
             addr,
             database,
             ca_cert: None,
+            tokens,
             stop: Some(tx),
             handle: Some(handle),
         }

@@ -11,7 +11,6 @@ use fleetbench_cli::client::Client;
 use fleetbench_cli::commands::{jobs, models};
 use fleetbench_cli::jobspec::JobArgs;
 use fleetbench_proto::v1::agent_message::Body as Out;
-use fleetbench_proto::v1::agent_service_client::AgentServiceClient;
 use fleetbench_proto::v1::coordinator_message::Body as In;
 use fleetbench_proto::v1::*;
 use fleetbench_tests::*;
@@ -100,10 +99,9 @@ async fn thirty_and_more_bad_inputs_are_answered_clearly_and_change_nothing() {
     let not_npz = dir.join("inputs.npz");
     std::fs::write(&not_npz, b"PK\x03\x04 but not really a zip").unwrap();
     let agent_url = fleet.coord.url.clone();
-    let mut agents = AgentServiceClient::connect(agent_url.clone())
-        .await
-        .unwrap();
-    let mut fake = FakeAgent::connect(&agent_url, "fake-bad", &[("who", "fake")]).await;
+    let join = fleet.coord.tokens.join.clone();
+    let mut agents = agent_client(&agent_url, &join).await;
+    let mut fake = FakeAgent::connect(&agent_url, &join, "fake-bad", &[("who", "fake")]).await;
 
     let mut answers: Vec<(&str, &str, String)> = Vec::new();
     let mut ask = |what: &'static str, needle: &'static str, answer: String| {
@@ -476,7 +474,7 @@ async fn thirty_and_more_bad_inputs_are_answered_clearly_and_change_nothing() {
     let mut bad = fake_window(&task.run_id, 0, 3);
     bad.latency_histogram = vec![1, 2, 3];
     fake.send(Out::Window(bad)).await;
-    let mut other = FakeAgent::connect(&agent_url, "fake-other", &[("who", "other")]).await;
+    let mut other = FakeAgent::connect(&agent_url, &join, "fake-other", &[("who", "other")]).await;
     other
         .send(Out::Window(fake_window(&task.run_id, 1, 3)))
         .await;

@@ -44,20 +44,11 @@ async fn two_agents_benchmark_the_digits_model_end_to_end_on_postgres() {
 /// job, and assertions on what was stored and on the ranking.
 async fn benchmark_digits_end_to_end(coord: &TestCoordinator, dir: &std::path::Path) {
     let client = coord.client().await;
-    let mut edge = agent_config(
-        &coord.url,
-        "edge-1",
-        &["tier=edge", "cost_per_hour=0.05"],
-        dir,
-    );
+    let mut edge = coord.agent("edge-1", &["tier=edge", "cost_per_hour=0.05"], dir);
     edge.cpus = "0".into();
     let _edge = TestAgent::start(edge);
-    let _cloud = TestAgent::start(agent_config(
-        &coord.url,
-        "cloud-1",
-        &["tier=cloud", "cost_per_hour=0.2"],
-        dir,
-    ));
+    let _cloud =
+        TestAgent::start(coord.agent("cloud-1", &["tier=cloud", "cost_per_hour=0.2"], dir));
     wait_online(&client, 2).await;
     push_digits(&client).await;
 
@@ -183,7 +174,7 @@ async fn bad_input_gets_a_clear_error_and_nothing_stored_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
     let client = coord.client().await;
-    let _agent = TestAgent::start(agent_config(&coord.url, "solo", &["tier=edge"], dir.path()));
+    let _agent = TestAgent::start(coord.agent("solo", &["tier=edge"], dir.path()));
     wait_online(&client, 1).await;
 
     // A file that is not ONNX.
@@ -346,9 +337,9 @@ async fn a_silent_agents_task_returns_to_the_queue_and_a_peer_runs_it() {
     let coord = TestCoordinator::sqlite(dir.path(), |c| c.lease_timeout_ms = 1000).await;
     let client = coord.client().await;
     // Two agents of one platform on two hosts; "a" hangs on whatever it gets.
-    let mut a = agent_config(&coord.url, "a", &["tier=edge"], dir.path());
+    let mut a = coord.agent("a", &["tier=edge"], dir.path());
     a.host_id = "host-a".into();
-    let mut b = agent_config(&coord.url, "b", &["tier=edge"], dir.path());
+    let mut b = coord.agent("b", &["tier=edge"], dir.path());
     b.host_id = "host-b".into();
     let started = Arc::new(AtomicBool::new(false));
     let release = Arc::new(AtomicBool::new(false));
@@ -406,6 +397,7 @@ async fn a_coordinator_restart_loses_nothing() {
     let client = coord.client().await;
     let _agent = TestAgent::start(agent_config(
         &relay.url(),
+        &coord.tokens.join,
         "solo",
         &["tier=edge"],
         dir.path(),
@@ -461,7 +453,13 @@ async fn an_agent_retries_an_unreachable_coordinator_until_it_answers() {
     // behind a relay whose address the agent keeps.
     let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay = Relay::start(fake.local_addr().unwrap()).await;
-    let _agent = TestAgent::start(agent_config(&relay.url(), "patient", &[], dir.path()));
+    let _agent = TestAgent::start(agent_config(
+        &relay.url(),
+        &unknown_join_token(),
+        "patient",
+        &[],
+        dir.path(),
+    ));
     for _ in 0..2 {
         let (sock, _) = tokio::time::timeout(Duration::from_secs(30), fake.accept())
             .await

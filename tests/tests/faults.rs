@@ -95,10 +95,11 @@ async fn coordinator_killed_five_times(database: &str, dir: &Path, test: &str) {
     let mut rng = seed(test);
     let mut coord = CoordinatorProcess::start(database, dir, "coordinator-0");
     let relay = Relay::start(coord.addr()).await;
-    let client = Client::connect(&relay.url()).await.unwrap();
+    let tokens = Tokens::made_in(database).await;
+    let client = tokens.client(&relay.url()).await;
     let mut agents = Vec::new();
     for name in ["left", "right"] {
-        let mut c = agent_config(&relay.url(), name, &[], dir);
+        let mut c = agent_config(&relay.url(), &tokens.join, name, &[], dir);
         c.host_id = format!("host-{name}");
         agents.push(TestAgent::start(c));
     }
@@ -158,6 +159,7 @@ async fn an_agent_sigkilled_mid_task_is_replaced_by_a_peer_and_its_run_left_out(
     let spawn = |name: &str| {
         std::process::Command::new(agent_bin())
             .args(["--coordinator", &coord.url, "--name", name])
+            .env("FLEETBENCH_JOIN_TOKEN", &coord.tokens.join)
             .args(["--label", "pool=same"])
             .arg("--host-id")
             .arg(format!("host-{name}"))
@@ -255,7 +257,7 @@ async fn an_agent_cut_off_for_thirty_seconds_goes_on_and_its_backlog_is_acknowle
     let client = coord.client().await;
     let stats = Arc::new(UplinkStats::default());
     let _agent = TestAgent::start_with(
-        agent_config(&relay.url(), "remote", &[], dir.path()),
+        agent_config(&relay.url(), &coord.tokens.join, "remote", &[], dir.path()),
         None,
         stats.clone(),
     );
@@ -408,11 +410,7 @@ async fn postgres_stopped_and_started_mid_job_loses_nothing_and_service_resumes(
     .await;
     let client = coord.client().await;
     let stats = Arc::new(UplinkStats::default());
-    let _agent = TestAgent::start_with(
-        agent_config(&coord.url, "solo", &[], dir.path()),
-        None,
-        stats.clone(),
-    );
+    let _agent = TestAgent::start_with(coord.agent("solo", &[], dir.path()), None, stats.clone());
     wait_online(&client, 1).await;
     push_digits(&client).await;
     let id = jobs::submit(&client, &streaming_job(6.0)).await.unwrap();
@@ -479,10 +477,15 @@ async fn sqlite_on_a_full_disk_fails_clearly_loses_nothing_and_resumes_when_spac
     // What the coordinator sees as SMALL, seen from here.
     let inside = ns.inside(&small);
     let url = ns.url.clone();
-    let client = Client::connect(&url).await.unwrap();
+    let read = |f: &str| std::fs::read_to_string(inside.join(f)).unwrap();
+    let tokens = Tokens {
+        admin: read("admin.token"),
+        join: read("join.token"),
+    };
+    let client = tokens.client(&url).await;
     let stats = Arc::new(UplinkStats::default());
     let _agent = TestAgent::start_with(
-        agent_config(&url, "solo", &[], dir.path()),
+        agent_config(&url, &tokens.join, "solo", &[], dir.path()),
         None,
         stats.clone(),
     );

@@ -90,8 +90,8 @@ async fn run_job(client: &Client, model: &str, variants: &str) -> pb::JobDetail 
 }
 
 /// An in-process agent on a host of its own (so two run at once).
-fn agent(url: &str, name: &str, dir: &Path) -> fleetbench_agent::AgentConfig {
-    let mut c = agent_config(url, name, &[], dir);
+fn agent(coord: &TestCoordinator, name: &str, dir: &Path) -> fleetbench_agent::AgentConfig {
+    let mut c = coord.agent(name, &[], dir);
     c.host_id = format!("host-{name}");
     c
 }
@@ -104,8 +104,8 @@ async fn a_large_model_with_external_data_is_pushed_run_by_two_agents_quantized_
     assert!(local.set.files.len() > 2, "{:?}", local.set.files);
     let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
     let client = coord.client().await;
-    let _a = TestAgent::start(agent(&coord.url, "a", dir.path()));
-    let _b = TestAgent::start(agent(&coord.url, "b", dir.path()));
+    let _a = TestAgent::start(agent(&coord, "a", dir.path()));
+    let _b = TestAgent::start(agent(&coord, "b", dir.path()));
     wait_online(&client, 2).await;
 
     let v = models::push(&client, &model, "large", None, None, None, None)
@@ -254,6 +254,7 @@ async fn a_push_killed_mid_transfer_resumes_from_the_bytes_the_coordinator_holds
     let push = || {
         let mut cmd = std::process::Command::new(bin("fleetbench"));
         cmd.args(["--coordinator", &coord.url, "models", "push"])
+            .env("FLEETBENCH_TOKEN", &coord.tokens.admin)
             .arg(&model)
             .args(["--name", "large"])
             .env("FLEETBENCH_CLIENT_ID", "cli-resume-test")
@@ -336,6 +337,7 @@ async fn a_download_killed_mid_transfer_resumes_and_the_run_succeeds() {
     let spawn = |log: &Path| {
         std::process::Command::new(bin("fleetbench-agent"))
             .args(["--coordinator", &coord.url, "--name", "dl"])
+            .env("FLEETBENCH_JOIN_TOKEN", &coord.tokens.join)
             .arg("--state-dir")
             .arg(dir.path().join("dl"))
             .arg("--ort-lib")
@@ -673,7 +675,7 @@ async fn an_agent_refuses_what_its_cache_budget_or_its_runtime_cannot_take() {
     let model = large_model(&dir.path().join("model"), 64);
     let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
     let client = coord.client().await;
-    let mut small = agent(&coord.url, "small", dir.path());
+    let mut small = agent(&coord, "small", dir.path());
     small.cache_max_bytes = 16 << 20;
     let _agent = TestAgent::start(small);
     wait_online(&client, 1).await;
@@ -747,7 +749,8 @@ async fn a_push_that_fills_the_coordinators_disk_fails_clearly_and_changes_nothi
     );
     let ns = NamespacedCoordinator::start(&script, &addr_file, &pid_file, &log);
     let inside = ns.inside(&small);
-    let client = Client::connect(&ns.url).await.unwrap();
+    let database = format!("sqlite://{}", dir.path().join("fleet.db").display());
+    let client = Tokens::made_in(&database).await.client(&ns.url).await;
 
     // The push starts while there is room; then the disk fills up under it.
     let mut wire = pb::ArtifactSet::from(&local.set);
@@ -987,7 +990,7 @@ async fn identical_and_empty_files_and_shared_files_travel_and_stay() {
     let dir = tempfile::tempdir().unwrap();
     let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
     let client = coord.client().await;
-    let _agent = TestAgent::start(agent(&coord.url, "solo", dir.path()));
+    let _agent = TestAgent::start(agent(&coord, "solo", dir.path()));
     wait_online(&client, 1).await;
 
     // Two files with the same bytes (sent once, not by two racing streams) and an empty one.

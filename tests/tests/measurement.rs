@@ -36,12 +36,8 @@ async fn every_scenario_reports_its_figures_through_the_fleet() {
     let dir = tempfile::tempdir().unwrap();
     let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
     let client = coord.client().await;
-    let _agent = TestAgent::start(agent_config(
-        &coord.url,
-        "solo",
-        &["tier=edge", "cost_per_hour=0.1"],
-        dir.path(),
-    ));
+    let _agent =
+        TestAgent::start(coord.agent("solo", &["tier=edge", "cost_per_hour=0.1"], dir.path()));
     wait_online(&client, 1).await;
     push_digits(&client).await;
 
@@ -149,7 +145,7 @@ async fn sweeps_expand_and_rank_keeps_the_best_configuration() {
     let dir = tempfile::tempdir().unwrap();
     let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
     let client = coord.client().await;
-    let _agent = TestAgent::start(agent_config(&coord.url, "solo", &["tier=edge"], dir.path()));
+    let _agent = TestAgent::start(coord.agent("solo", &["tier=edge"], dir.path()));
     wait_online(&client, 1).await;
     push_digits(&client).await;
     let mut a = digits("single-stream");

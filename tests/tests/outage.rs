@@ -24,11 +24,7 @@ async fn postgres_going_away_mid_run_loses_nothing() {
     .await;
     let client = coord.client().await;
     let stats = Arc::new(UplinkStats::default());
-    let _agent = TestAgent::start_with(
-        agent_config(&coord.url, "solo", &[], dir.path()),
-        None,
-        stats.clone(),
-    );
+    let _agent = TestAgent::start_with(coord.agent("solo", &[], dir.path()), None, stats.clone());
     wait_online(&client, 1).await;
     push_digits(&client).await;
     // A run by duration, so that it outlasts the outage whatever the machine's speed: 100 ms windows for

@@ -7,13 +7,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use fleetbench_common::protocol::{OLDEST_COORDINATOR_PROTOCOL, PROTOCOL_VERSION};
-use fleetbench_proto::v1::agent_service_client::AgentServiceClient;
 use fleetbench_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use fleetbench_proto::v1::{
     AgentMessage, CoordinatorMessage, Inventory, ListAgentsRequest, RegisterRequest,
     RegisterResponse,
 };
-use fleetbench_tests::{TestCoordinator, ort_lib};
+use fleetbench_tests::{TestCoordinator, agent_client, ort_lib, unknown_join_token};
 use tonic::{Request, Response, Status, Streaming};
 
 fn request(protocol_version: u32) -> RegisterRequest {
@@ -33,9 +32,7 @@ fn request(protocol_version: u32) -> RegisterRequest {
 async fn a_coordinator_refuses_an_agent_of_another_protocol_naming_both_versions() {
     let dir = tempfile::tempdir().unwrap();
     let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
-    let mut agents = AgentServiceClient::connect(coord.url.clone())
-        .await
-        .unwrap();
+    let mut agents = agent_client(&coord.url, &coord.tokens.join).await;
     // An agent from before the version field sends none: protocol 1.
     let old = agents.register(request(0)).await.unwrap_err();
     assert_eq!(old.code(), tonic::Code::FailedPrecondition, "{old:?}");
@@ -96,6 +93,7 @@ impl AgentService for OldCoordinator {
             platform_name: "p".into(),
             heartbeat_interval_ms: 1000,
             protocol_version: OLDEST_COORDINATOR_PROTOCOL - 1,
+            ..Default::default()
         }))
     }
 
@@ -135,6 +133,7 @@ async fn an_agent_refuses_an_older_coordinator_and_its_log_names_both_versions()
         .arg("--coordinator")
         .arg(format!("http://{addr}"))
         .args(["--name", "new-agent"])
+        .env("FLEETBENCH_JOIN_TOKEN", unknown_join_token())
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         .arg("--ort-lib")

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetbench_cli::client::Client;
 use fleetbench_cli::commands::jobs;
 use fleetbench_cli::jobspec::JobArgs;
 use fleetbench_proto::v1::{CancelJobRequest, GetJobRequest};
@@ -24,13 +23,14 @@ fn long_job(iterations: i64) -> JobArgs {
 
 /// An agent on `host` that knows both replicas, trying `first` first.
 fn agent(
+    tokens: &Tokens,
     name: &str,
     host: &str,
     first: &str,
     second: &str,
     dir: &std::path::Path,
 ) -> fleetbench_agent::AgentConfig {
-    let mut c = agent_config(first, name, &["tier=edge"], dir);
+    let mut c = agent_config(first, &tokens.join, name, &["tier=edge"], dir);
     c.coordinator = vec![first.to_string(), second.to_string()];
     c.host_id = host.into();
     c.max_backoff_ms = 300;
@@ -57,16 +57,17 @@ async fn a_replica_dies_mid_job_and_every_task_still_runs_exactly_once() {
     let db = PgDb::create().await;
     let mut a = CoordinatorProcess::start(&db.url, dir.path(), "replica-a");
     let b = CoordinatorProcess::start(&db.url, dir.path(), "replica-b");
-    let via_a = Client::connect(&a.url).await.unwrap();
-    let via_b = Client::connect(&b.url).await.unwrap();
+    let tokens = Tokens::made_in(&db.url).await;
+    let via_a = tokens.client(&a.url).await;
+    let via_b = tokens.client(&b.url).await;
     // One agent starts on each replica.
     let stats = Arc::new(fleetbench_agent::uplink::UplinkStats::default());
     let _on_a = TestAgent::start_with(
-        agent("on-a", "host-a", &a.url, &b.url, dir.path()),
+        agent(&tokens, "on-a", "host-a", &a.url, &b.url, dir.path()),
         None,
         stats.clone(),
     );
-    let _on_b = TestAgent::start(agent("on-b", "host-b", &b.url, &a.url, dir.path()));
+    let _on_b = TestAgent::start(agent(&tokens, "on-b", "host-b", &b.url, &a.url, dir.path()));
     wait_online(&via_b, 2).await;
     push_digits(&via_a).await;
     let iterations = 40_000;
@@ -113,9 +114,10 @@ async fn jobs_are_watched_and_cancelled_from_any_replica() {
     let db = PgDb::create().await;
     let a = CoordinatorProcess::start(&db.url, dir.path(), "replica-a");
     let b = CoordinatorProcess::start(&db.url, dir.path(), "replica-b");
-    let via_a = Client::connect(&a.url).await.unwrap();
-    let via_b = Client::connect(&b.url).await.unwrap();
-    let _agent = TestAgent::start(agent("solo", "host-1", &a.url, &b.url, dir.path()));
+    let tokens = Tokens::made_in(&db.url).await;
+    let via_a = tokens.client(&a.url).await;
+    let via_b = tokens.client(&b.url).await;
+    let _agent = TestAgent::start(agent(&tokens, "solo", "host-1", &a.url, &b.url, dir.path()));
     wait_online(&via_b, 1).await;
     push_digits(&via_b).await;
     let mut args = long_job(0);

@@ -51,14 +51,14 @@ async fn the_cli_and_an_agent_work_over_tls_and_wrong_trust_is_refused_clearly()
     assert_eq!(list(&client).await, Ok(0));
 
     // Plaintext to a TLS port.
-    let plain = Client::connect(&format!("http://{}", coord.addr))
+    let plain = Client::connect(&format!("http://{}", coord.addr), Some(&coord.tokens.admin))
         .await
         .unwrap();
     let e = list(&plain).await.unwrap_err();
     assert!(e.contains("https://"), "{e}");
     println!("plaintext to TLS: {e}");
     // https:// without the CA.
-    let e = Client::connect_with(&coord.url, None)
+    let e = Client::connect_with(&coord.url, None, Some(&coord.tokens.admin))
         .await
         .err()
         .unwrap()
@@ -69,14 +69,18 @@ async fn the_cli_and_an_agent_work_over_tls_and_wrong_trust_is_refused_clearly()
     let other = tempfile::tempdir().unwrap();
     let files = fleetbench_coordinator::tls::TlsFiles::under(other.path());
     fleetbench_coordinator::tls::init(&files, &[]).unwrap();
-    let wrong = Client::connect_with(&coord.url, Some(&files.ca_cert()))
-        .await
-        .unwrap();
+    let wrong = Client::connect_with(
+        &coord.url,
+        Some(&files.ca_cert()),
+        Some(&coord.tokens.admin),
+    )
+    .await
+    .unwrap();
     let e = list(&wrong).await.unwrap_err();
     assert!(e.to_lowercase().contains("certificate"), "{e}");
     println!("another CA: {e}");
     // A file that is not a certificate.
-    let e = Client::connect_with(&coord.url, Some(&files.ca_key()))
+    let e = Client::connect_with(&coord.url, Some(&files.ca_key()), Some(&coord.tokens.admin))
         .await
         .err()
         .unwrap()
@@ -84,7 +88,7 @@ async fn the_cli_and_an_agent_work_over_tls_and_wrong_trust_is_refused_clearly()
     assert!(e.contains("not a PEM certificate"), "{e}");
 
     // An agent verifying the coordinator runs a job end to end.
-    let mut config = agent_config(&coord.url, "tls-agent", &[], dir.path());
+    let mut config = coord.agent("tls-agent", &[], dir.path());
     config.ca_cert = ca.clone();
     let _agent = TestAgent::start(config);
     wait_online(&client, 1).await;

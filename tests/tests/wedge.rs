@@ -47,7 +47,7 @@ async fn a_runner_that_panics_fails_its_run_with_the_reason_and_frees_the_agent(
     let dir = tempfile::tempdir().unwrap();
     let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
     let client = coord.client().await;
-    let config = agent_config(&coord.url, "solo", &[], dir.path());
+    let config = coord.agent("solo", &[], dir.path());
     let runtime = fleetbench_runtime::load(Some(&config.ort_lib)).unwrap();
     let _agent = TestAgent::start_with_runner(
         config,
@@ -181,8 +181,10 @@ mod protocol {
         let dir = tempfile::tempdir().unwrap();
         let coord = TestCoordinator::sqlite(dir.path(), |c| c.lease_timeout_ms = 10_000).await;
         let client = coord.client().await;
-        let mut a = FakeAgent::connect(&coord.url, "fake-a", &[("who", "a")]).await;
-        let mut b = FakeAgent::connect(&coord.url, "fake-b", &[("who", "b")]).await;
+        let mut a =
+            FakeAgent::connect(&coord.url, &coord.tokens.join, "fake-a", &[("who", "a")]).await;
+        let mut b =
+            FakeAgent::connect(&coord.url, &coord.tokens.join, "fake-b", &[("who", "b")]).await;
         wait_online(&client, 2).await;
         push_digits(&client).await;
         let job = JobArgs {
@@ -269,7 +271,7 @@ mod protocol {
         let coord = TestCoordinator::sqlite(dir.path(), |c| c.lease_timeout_ms = 1000).await;
         let client = coord.client().await;
         // A half-open agent: connected, but it never heartbeats nor answers.
-        let mut ghost = FakeAgent::connect(&coord.url, "ghost", &[]).await;
+        let mut ghost = FakeAgent::connect(&coord.url, &coord.tokens.join, "ghost", &[]).await;
         wait_online(&client, 1).await;
         push_digits(&client).await;
         let id = jobs::submit(&client, &digits(100)).await.unwrap();
@@ -317,6 +319,7 @@ async fn an_agent_stopped_by_sigterm_hands_its_task_back_at_once() {
     let log = dir.path().join("leaving.log");
     let mut leaving = std::process::Command::new(agent_bin())
         .args(["--coordinator", &coord.url, "--name", "leaving"])
+        .env("FLEETBENCH_JOIN_TOKEN", &coord.tokens.join)
         .args(["--label", "pool=shared", "--host-id", "host-leaving"])
         .arg("--state-dir")
         .arg(dir.path().join("leaving"))
@@ -361,7 +364,7 @@ async fn an_agent_stopped_by_sigterm_hands_its_task_back_at_once() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     // A peer takes it and runs it to the end.
-    let mut peer = agent_config(&coord.url, "peer", &["pool=shared"], dir.path());
+    let mut peer = coord.agent("peer", &["pool=shared"], dir.path());
     peer.host_id = "host-peer".into();
     let _peer = TestAgent::start(peer);
     let s = wait_job(&client, &id, Duration::from_secs(60)).await;
@@ -390,7 +393,13 @@ async fn a_database_read_error_while_an_agent_reconnects_does_not_cancel_its_run
     .await;
     let relay = Relay::start(coord.addr).await;
     let client = coord.client().await;
-    let _agent = TestAgent::start(agent_config(&relay.url(), "solo", &[], dir.path()));
+    let _agent = TestAgent::start(agent_config(
+        &relay.url(),
+        &coord.tokens.join,
+        "solo",
+        &[],
+        dir.path(),
+    ));
     wait_online(&client, 1).await;
     push_digits(&client).await;
     let id = jobs::submit(
@@ -458,7 +467,7 @@ async fn a_heartbeat_recorded_after_its_agent_left_does_not_bring_it_back_online
     )
     .await;
     let client = coord.client().await;
-    let fake = FakeAgent::connect(&coord.url, "leaving", &[]).await;
+    let fake = FakeAgent::connect(&coord.url, &coord.tokens.join, "leaving", &[]).await;
     wait_online(&client, 1).await;
 
     let mut calls = store.heartbeat_calls.subscribe();

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use fleetbench_common::hist;
 use fleetbench_proto::onnx as pb;
@@ -67,6 +67,12 @@ struct Args {
     /// CA certificate of an https:// --coordinator.
     #[arg(long)]
     ca_cert: Option<std::path::PathBuf>,
+    /// Admin (or submitter) token of --coordinator, to push the model and submit the job.
+    #[arg(long, env = "FLEETBENCH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Join token of --coordinator, for the simulated agents.
+    #[arg(long, env = "FLEETBENCH_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
 }
 
 struct Stats {
@@ -193,11 +199,17 @@ impl Drop for Spawned {
     }
 }
 
-/// Starts a coordinator; returns its URL, the process, and its CA certificate when it serves TLS.
-fn spawn_coordinator(
-    database: Option<&str>,
-    tls: bool,
-) -> Result<(String, Spawned, Option<std::path::PathBuf>)> {
+/// What the harness connects with.
+struct Target {
+    url: String,
+    ca: Option<std::path::PathBuf>,
+    token: Option<String>,
+    join: Option<String>,
+}
+
+/// Starts a coordinator; returns how to reach it and the process. It makes its first admin and join
+/// tokens in its data directory, which the harness reads.
+fn spawn_coordinator(database: Option<&str>, tls: bool) -> Result<(Target, Spawned)> {
     let dir = tempfile::tempdir()?;
     let exe = std::env::current_exe()?;
     let bin = exe
@@ -255,7 +267,18 @@ fn spawn_coordinator(
             && !a.trim().is_empty()
         {
             let scheme = if ca.is_some() { "https" } else { "http" };
-            return Ok((format!("{scheme}://{}", a.trim()), spawned, ca));
+            let read = |f: &str| {
+                std::fs::read_to_string(spawned._dir.path().join(f))
+                    .map(|s| s.trim().to_string())
+                    .with_context(|| format!("the coordinator did not write {f}"))
+            };
+            let target = Target {
+                url: format!("{scheme}://{}", a.trim()),
+                ca,
+                token: Some(read("admin.token")?),
+                join: Some(read("join.token")?),
+            };
+            return Ok((target, spawned));
         }
         if Instant::now() > deadline {
             bail!(
@@ -272,6 +295,7 @@ async fn agent(
     i: usize,
     url: String,
     ca_pem: Option<Arc<String>>,
+    join: Arc<String>,
     stats: Arc<Stats>,
     histograms: Arc<Vec<Vec<u8>>>,
     rate: f64,
@@ -287,7 +311,9 @@ async fn agent(
         .tcp_nodelay(true)
         .connect()
         .await?;
-    let mut client = AgentServiceClient::new(channel);
+    let bearer =
+        |t: &str| fleetbench_proto::connect::Bearer::new(Some(t)).map_err(anyhow::Error::msg);
+    let mut client = AgentServiceClient::with_interceptor(channel.clone(), bearer(&join)?);
     let reg = client
         .register(RegisterRequest {
             protocol_version: fleetbench_common::protocol::PROTOCOL_VERSION,
@@ -308,6 +334,7 @@ async fn agent(
         })
         .await?
         .into_inner();
+    let mut client = AgentServiceClient::with_interceptor(channel, bearer(&reg.agent_credential)?);
     let (tx, rx) = tokio::sync::mpsc::channel::<AgentMessage>(1024);
     let msg = |b| AgentMessage { body: Some(b) };
     tx.send(msg(agent_message::Body::Hello(SessionHello {
@@ -442,15 +469,36 @@ async fn main() -> Result<()> {
         bail!("--agents, --rate and --duration-s must be > 0");
     }
     raise_nofile();
-    let (url, spawned, ca) = match &a.coordinator {
-        Some(u) => (u.clone(), None, a.ca_cert.clone()),
+    let (target, spawned) = match &a.coordinator {
+        Some(u) => (
+            Target {
+                url: u.clone(),
+                ca: a.ca_cert.clone(),
+                token: a.token.clone(),
+                join: a.join_token.clone(),
+            },
+            None,
+        ),
         None => {
-            let (u, s, ca) = spawn_coordinator(a.database.as_deref(), a.tls)?;
-            (u, Some(s), ca)
+            let (t, s) = spawn_coordinator(a.database.as_deref(), a.tls)?;
+            (t, Some(s))
         }
     };
+    let Target {
+        url,
+        ca,
+        token,
+        join,
+    } = target;
+    let join = fleetbench_common::token::JoinToken::parse(
+        join.as_deref()
+            .context("--join-token (or FLEETBENCH_JOIN_TOKEN) is needed with --coordinator")?,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let join = Arc::new(join.token.to_secret_string().expose().to_string());
     let pid = a.coordinator_pid.or(spawned.as_ref().map(|s| s.child.id()));
-    let client = fleetbench_cli::client::Client::connect_with(&url, ca.as_deref()).await?;
+    let client =
+        fleetbench_cli::client::Client::connect_with(&url, ca.as_deref(), token.as_deref()).await?;
     let ca_pem = ca
         .as_deref()
         .map(fleetbench_proto::connect::read_ca)
@@ -503,6 +551,7 @@ async fn main() -> Result<()> {
             i,
             url,
             ca_pem.clone(),
+            join.clone(),
             stats,
             histograms,
             rate,
