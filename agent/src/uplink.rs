@@ -296,7 +296,7 @@ async fn session(
             )));
         }
     };
-    let bearer = Bearer::new(Some(token.expose())).map_err(AgentError::Config)?;
+    let mut bearer = Bearer::new(Some(token.expose())).map_err(AgentError::Config)?;
     let mut client = AgentServiceClient::with_interceptor(channel.clone(), bearer.clone());
     let mut register = tonic::Request::new(RegisterRequest {
         agent_id: state.agent_id.clone().unwrap_or_default(),
@@ -344,6 +344,9 @@ async fn session(
         let credential = Secret::new(reg.agent_credential.clone());
         save_credential(&identity.state_dir, &credential)?;
         info!(agent_id = %reg.agent_id, "Joined the fleet; this agent's credential is kept in its state directory.");
+        // The session and downloads go with the agent's own credential, never the join token.
+        bearer = Bearer::new(Some(credential.expose())).map_err(AgentError::Config)?;
+        client = AgentServiceClient::with_interceptor(channel.clone(), bearer.clone());
         state.credential = Some(credential);
     }
     if state.agent_id.as_deref() != Some(reg.agent_id.as_str()) {

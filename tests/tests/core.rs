@@ -453,9 +453,12 @@ async fn an_agent_retries_an_unreachable_coordinator_until_it_answers() {
     // behind a relay whose address the agent keeps.
     let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay = Relay::start(fake.local_addr().unwrap()).await;
+    // The join token is made in the database the coordinator will serve.
+    let database = format!("sqlite://{}", dir.path().join("fleet.db").display());
+    let tokens = Tokens::made_in(&database).await;
     let _agent = TestAgent::start(agent_config(
         &relay.url(),
-        &unknown_join_token(),
+        &tokens.join,
         "patient",
         &[],
         dir.path(),
@@ -468,10 +471,7 @@ async fn an_agent_retries_an_unreachable_coordinator_until_it_answers() {
         drop(sock);
     }
     let coord = TestCoordinator::serve(
-        test_config(&format!(
-            "sqlite://{}",
-            dir.path().join("fleet.db").display()
-        )),
+        test_config(&database),
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
     )
     .await;

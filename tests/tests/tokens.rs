@@ -1,0 +1,441 @@
+//! Tokens and roles through the real server: no token, the wrong role, expired, revoked and rotated
+//! tokens are refused on the next call; an agent id copied from the fleet list opens nothing; a
+//! revoked agent is cut off and its task runs on a peer.
+
+use std::time::Duration;
+
+use fleetbench_cli::client::Client;
+use fleetbench_cli::commands::jobs;
+use fleetbench_cli::jobspec::JobArgs;
+use fleetbench_proto::v1::{
+    AgentMessage, CancelJobRequest, CreateTokenRequest, DeleteJobRequest, DownloadBlobRequest,
+    Inventory, ListAgentsRequest, ListJobsRequest, ListModelsRequest, ListTokensRequest,
+    RankRequest, RegisterRequest, RevokeAgentRequest, SessionHello, SubmitJobRequest, TokenName,
+    agent_message,
+};
+use fleetbench_tests::*;
+use tonic::Code;
+
+/// The code of a call's outcome (Ok when it succeeded).
+fn code<T>(r: Result<T, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+/// A client of `coord` carrying `token` (none: no token at all).
+async fn as_token(coord: &TestCoordinator, token: Option<&str>) -> Client {
+    Client::connect(&coord.url, token).await.unwrap()
+}
+
+/// The codes of one call of each kind: view, download, push, submit, cancel, delete, admin.
+async fn answers(c: &Client) -> Vec<(&'static str, Code)> {
+    let stream = futures::stream::iter(vec![fleetbench_proto::v1::BlobChunk {
+        data: b"x".to_vec(),
+        expected_sha256: String::new(),
+    }]);
+    vec![
+        (
+            "list agents",
+            code(c.fleet().list_agents(ListAgentsRequest {}).await),
+        ),
+        (
+            "list jobs",
+            code(c.jobs().list_jobs(ListJobsRequest { limit: 1 }).await),
+        ),
+        (
+            "list models",
+            code(c.models().list_models(ListModelsRequest::default()).await),
+        ),
+        (
+            "rank",
+            code(
+                c.rankings()
+                    .rank(RankRequest {
+                        model: "none".into(),
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "download",
+            code(
+                c.models()
+                    .download_blob(DownloadBlobRequest {
+                        sha256: "ab".repeat(32),
+                        offset: 0,
+                    })
+                    .await,
+            ),
+        ),
+        ("push", code(c.models().upload_blob(stream).await)),
+        (
+            "submit",
+            code(c.jobs().submit_job(SubmitJobRequest { spec: None }).await),
+        ),
+        (
+            "cancel",
+            code(
+                c.jobs()
+                    .cancel_job(CancelJobRequest {
+                        job_id: "nope".into(),
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "delete",
+            code(
+                c.jobs()
+                    .delete_job(DeleteJobRequest {
+                        job_id: "nope".into(),
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "admin",
+            code(c.admin().list_tokens(ListTokensRequest {}).await),
+        ),
+    ]
+}
+
+async fn create(client: &Client, name: &str, role: &str, ttl_ms: u64) -> String {
+    client
+        .admin()
+        .create_token(CreateTokenRequest {
+            name: name.into(),
+            role: role.into(),
+            ttl_ms,
+            uses: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_need_a_token_and_a_role_that_allows_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
+    let admin = coord.client().await;
+    let viewer = create(&admin, "dashboards", "viewer", 0).await;
+    let submitter = create(&admin, "ci", "submitter", 0).await;
+
+    let denied =
+        |what: &str| -> bool { matches!(what, "push" | "submit" | "cancel" | "delete" | "admin") };
+    // No token, a malformed one, one nobody issued: UNAUTHENTICATED on every call.
+    let forged = fleetbench_common::token::Token::mint()
+        .to_secret_string()
+        .expose()
+        .to_string();
+    for token in [None, Some("let me in"), Some(forged.as_str())] {
+        for (what, c) in answers(&as_token(&coord, token).await).await {
+            assert_eq!(c, Code::Unauthenticated, "{what} with {token:?}");
+        }
+    }
+    // A viewer reads; pushing, submitting, cancelling, deleting and administering are denied.
+    for (what, c) in answers(&as_token(&coord, Some(&viewer)).await).await {
+        if denied(what) {
+            assert_eq!(c, Code::PermissionDenied, "viewer: {what}");
+        } else {
+            assert!(
+                !matches!(c, Code::PermissionDenied | Code::Unauthenticated),
+                "viewer: {what}: {c:?}"
+            );
+        }
+    }
+    // A submitter also pushes, submits and cancels; deletes and administration stay the admin's.
+    for (what, c) in answers(&as_token(&coord, Some(&submitter)).await).await {
+        if matches!(what, "delete" | "admin") {
+            assert_eq!(c, Code::PermissionDenied, "submitter: {what}");
+        } else {
+            assert!(
+                !matches!(c, Code::PermissionDenied | Code::Unauthenticated),
+                "submitter: {what}: {c:?}"
+            );
+        }
+    }
+    // The admin does everything.
+    for (what, c) in answers(&admin).await {
+        assert!(
+            !matches!(c, Code::PermissionDenied | Code::Unauthenticated),
+            "admin: {what}: {c:?}"
+        );
+    }
+    // A viewer's refusal names the token, its role and what it may not do.
+    let e = as_token(&coord, Some(&viewer))
+        .await
+        .jobs()
+        .submit_job(SubmitJobRequest { spec: None })
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("'dashboards'") && e.message().contains("viewer"),
+        "{e:?}"
+    );
+
+    // Revoked: refused on the next call.
+    let v = as_token(&coord, Some(&viewer)).await;
+    assert_eq!(
+        code(v.fleet().list_agents(ListAgentsRequest {}).await),
+        Code::Ok
+    );
+    admin
+        .admin()
+        .revoke_token(TokenName {
+            name: "dashboards".into(),
+        })
+        .await
+        .unwrap();
+    let e = v
+        .fleet()
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("revoked"), "{e:?}");
+
+    // Rotated: the old secret fails on its next call, the new one works.
+    let s = as_token(&coord, Some(&submitter)).await;
+    let rotated = admin
+        .admin()
+        .rotate_token(TokenName { name: "ci".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    assert_ne!(rotated, submitter);
+    assert_eq!(
+        code(s.fleet().list_agents(ListAgentsRequest {}).await),
+        Code::Unauthenticated
+    );
+    let s = as_token(&coord, Some(&rotated)).await;
+    assert_eq!(
+        code(s.fleet().list_agents(ListAgentsRequest {}).await),
+        Code::Ok
+    );
+
+    // Expired: refused once its time is up.
+    let brief = create(&admin, "brief", "viewer", 50).await;
+    let b = as_token(&coord, Some(&brief)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        match b.fleet().list_agents(ListAgentsRequest {}).await {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(tokio::time::Instant::now() < deadline, "never expired");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("expired"), "{e:?}");
+
+    // The list shows names, roles and states, never a secret.
+    let listed = admin
+        .admin()
+        .list_tokens(ListTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    let text = format!("{listed:?}");
+    for secret in [&viewer, &submitter, &rotated, &brief, &coord.tokens.admin] {
+        let part = secret.rsplit('.').next().unwrap();
+        assert!(!text.contains(part), "a secret in the token list: {text}");
+    }
+    let by_name = |n: &str| listed.iter().find(|t| t.name == n).unwrap().clone();
+    assert!(by_name("dashboards").revoked_at_ms > 0);
+    assert_eq!(by_name("ci").role, "submitter");
+    assert!(by_name("brief").expires_at_ms > 0);
+    // Bad requests are named.
+    let e = admin
+        .admin()
+        .create_token(CreateTokenRequest {
+            name: "ci".into(),
+            role: "viewer".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let e = admin
+        .admin()
+        .create_token(CreateTokenRequest {
+            name: "root".into(),
+            role: "root".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("role"), "{e:?}");
+}
+
+fn registration(name: &str, agent_id: &str) -> RegisterRequest {
+    RegisterRequest {
+        agent_id: agent_id.into(),
+        name: name.into(),
+        inventory: Some(Inventory {
+            hostname: name.into(),
+            host_id: format!("host-of-{name}"),
+            cpu_brand: "Fake CPU".into(),
+            cpu_set: vec![0],
+            ..Default::default()
+        }),
+        protocol_version: fleetbench_common::protocol::PROTOCOL_VERSION,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_id_copied_from_the_fleet_list_opens_nothing() {
+    let fleet = SoloFleet::start().await;
+    let coord = &fleet.coord;
+    let victim = fleet
+        .client
+        .fleet()
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+        .remove(0);
+    // Without a token: nothing.
+    let mut anon = agent_client(&coord.url, "").await;
+    assert_eq!(
+        code(anon.register(registration("solo", &victim.agent_id)).await),
+        Code::Unauthenticated
+    );
+    // With a join token, under the victim's name: refused, the name belongs to an agent with a
+    // credential.
+    let mut joining = agent_client(&coord.url, &coord.tokens.join).await;
+    let e = joining
+        .register(registration("solo", &victim.agent_id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    // Under another name: a new agent with an id of its own, whatever id it asked for.
+    let mine = joining
+        .register(registration("intruder", &victim.agent_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(mine.agent_id, victim.agent_id);
+    assert!(!mine.agent_credential.is_empty());
+    // Its own credential opens neither a registration nor a session as the victim.
+    let mut intruder = agent_client(&coord.url, &mine.agent_credential).await;
+    let e = intruder
+        .register(registration("solo", &victim.agent_id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(AgentMessage {
+        body: Some(agent_message::Body::Hello(SessionHello {
+            agent_id: victim.agent_id.clone(),
+            current_run_id: String::new(),
+        })),
+    })
+    .await
+    .unwrap();
+    let e = intruder
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // A join token does not open a session at all; an admin token is not an agent's credential.
+    let mut admin_as_agent = agent_client(&coord.url, &coord.tokens.admin).await;
+    assert_eq!(
+        code(admin_as_agent.register(registration("x", "")).await),
+        Code::PermissionDenied
+    );
+    // The victim is still the one online agent named solo.
+    let agents = fleet
+        .client
+        .fleet()
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let solo: Vec<_> = agents.iter().filter(|a| a.name == "solo").collect();
+    assert_eq!(solo.len(), 1);
+    assert_eq!(solo[0].agent_id, victim.agent_id);
+    assert!(solo[0].online);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_agent_is_cut_off_and_its_task_runs_on_a_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = TestCoordinator::sqlite(dir.path(), |c| c.lease_timeout_ms = 60_000).await;
+    let client = coord.client().await;
+    let mut agents = Vec::new();
+    for name in ["first", "second"] {
+        let mut c = coord.agent(name, &["pool=shared"], dir.path());
+        c.host_id = format!("host-{name}");
+        agents.push(TestAgent::start(c));
+    }
+    wait_online(&client, 2).await;
+    push_digits(&client).await;
+    let id = jobs::submit(
+        &client,
+        &JobArgs {
+            model: Some("digits".into()),
+            variants: vec!["fp32".into()],
+            duration_s: Some(3.0),
+            min_duration_s: Some(3.0),
+            warmup: Some(5),
+            skip_accuracy: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // The agent holding the task.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let holder = loop {
+        let detail = job_detail(&client, &id).await;
+        if let Some(t) = detail.tasks.iter().find(|t| t.state == "running") {
+            break t.agent.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{detail:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let revoked = client
+        .admin()
+        .revoke_agent(RevokeAgentRequest {
+            agent: holder.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.name, holder);
+    assert!(!revoked.requeued_run_id.is_empty(), "{revoked:?}");
+    let s = wait_job(&client, &id, Duration::from_secs(60)).await;
+    assert_eq!(s.state, "succeeded");
+    let detail = job_detail(&client, &id).await;
+    let run = detail.tasks[0].run.clone().unwrap();
+    assert_ne!(run.agent, holder, "the peer ran the task");
+    // The revoked agent stays out: its credential no longer opens a session.
+    let listed = client
+        .fleet()
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let gone = listed.iter().find(|a| a.name == holder).unwrap();
+    assert!(!gone.online, "{gone:?}");
+    let credential = std::fs::read_to_string(dir.path().join(&holder).join("credential")).unwrap();
+    let mut as_revoked = agent_client(&coord.url, credential.trim()).await;
+    let e = as_revoked
+        .register(registration(&holder, &gone.agent_id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("revoked"), "{e:?}");
+}
