@@ -131,6 +131,22 @@ pub fn agent_client_on(
     )
 }
 
+/// A binary built beside the tests (`fleetbench`, `fleetbench-agent`, `fleetbench-coordinator`).
+pub fn built_bin(name: &str) -> PathBuf {
+    let path = std::env::current_exe()
+        .expect("test binary path")
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join(name))
+        .expect("target dir");
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (cargo build --release --bins, or scripts/dev.sh test)",
+        path.display()
+    );
+    path
+}
+
 /// A well-formed join token no coordinator knows, for agents whose coordinator is a stand-in.
 pub fn unknown_join_token() -> String {
     fleetbench_common::token::JoinToken {
@@ -555,17 +571,7 @@ impl CoordinatorProcess {
     // The child moves into Self, whose Drop kills and waits for it.
     #[allow(clippy::zombie_processes)]
     pub fn start(database: &str, dir: &Path, name: &str) -> Self {
-        let exe = std::env::current_exe().expect("test binary path");
-        let bin = exe
-            .parent()
-            .and_then(|d| d.parent())
-            .map(|d| d.join("fleetbench-coordinator"))
-            .expect("target dir");
-        assert!(
-            bin.exists(),
-            "{} is missing: build the binaries first (cargo build --release --bins, or scripts/dev.sh test)",
-            bin.display()
-        );
+        let bin = built_bin("fleetbench-coordinator");
         let addr_file = dir.join(format!("{name}.addr"));
         let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
         let mut child = std::process::Command::new(bin)

@@ -140,16 +140,6 @@ async fn the_coordinator_sigkilled_five_times_on_postgres_loses_nothing() {
     coordinator_killed_five_times(&pg.url, dir.path(), "postgres coordinator kills").await;
 }
 
-/// The agent binary, next to the test's deps folder.
-fn agent_bin() -> std::path::PathBuf {
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("fleetbench-agent"))
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_sigkilled_mid_task_is_replaced_by_a_peer_and_its_run_left_out() {
     let mut rng = seed("agent kill");
@@ -157,7 +147,7 @@ async fn an_agent_sigkilled_mid_task_is_replaced_by_a_peer_and_its_run_left_out(
     let coord = TestCoordinator::sqlite(dir.path(), |c| c.lease_timeout_ms = 1500).await;
     let client = coord.client().await;
     let spawn = |name: &str| {
-        std::process::Command::new(agent_bin())
+        std::process::Command::new(built_bin("fleetbench-agent"))
             .args(["--coordinator", &coord.url, "--name", name])
             .env("FLEETBENCH_JOIN_TOKEN", &coord.tokens.join)
             .args(["--label", "pool=same"])
@@ -457,7 +447,7 @@ async fn sqlite_on_a_full_disk_fails_clearly_loses_nothing_and_resumes_when_spac
     std::fs::create_dir_all(&small).unwrap();
     let addr_file = dir.path().join("addr");
     let log_path = dir.path().join("coordinator.log");
-    let bin = agent_bin().with_file_name("fleetbench-coordinator");
+    let bin = built_bin("fleetbench-coordinator");
     // The coordinator in a mount namespace of its own, its database on a 12 MiB tmpfs. When it stops,
     // the shell copies the database out (the tmpfs goes with the namespace).
     let out = dir.path().join("out");

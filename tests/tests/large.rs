@@ -35,16 +35,6 @@ fn large_model(dir: &Path, mib: u64) -> PathBuf {
     dir.join("model.onnx")
 }
 
-/// A binary built beside the tests (`fleetbench`, `fleetbench-agent`).
-fn bin(name: &str) -> PathBuf {
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join(name))
-        .unwrap()
-}
-
 /// Files under `dir` (recursively), with their sizes.
 fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
     let mut out = Vec::new();
@@ -252,7 +242,7 @@ async fn a_push_killed_mid_transfer_resumes_from_the_bytes_the_coordinator_holds
     let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
     let client = coord.client().await;
     let push = || {
-        let mut cmd = std::process::Command::new(bin("fleetbench"));
+        let mut cmd = std::process::Command::new(built_bin("fleetbench"));
         cmd.args(["--coordinator", &coord.url, "models", "push"])
             .env("FLEETBENCH_TOKEN", &coord.tokens.admin)
             .arg(&model)
@@ -335,7 +325,7 @@ async fn a_download_killed_mid_transfer_resumes_and_the_run_succeeds() {
     let client = coord.client().await;
     let log = dir.path().join("agent.log");
     let spawn = |log: &Path| {
-        std::process::Command::new(bin("fleetbench-agent"))
+        std::process::Command::new(built_bin("fleetbench-agent"))
             .args(["--coordinator", &coord.url, "--name", "dl"])
             .env("FLEETBENCH_JOIN_TOKEN", &coord.tokens.join)
             .arg("--state-dir")
@@ -742,7 +732,7 @@ async fn a_push_that_fills_the_coordinators_disk_fails_clearly_and_changes_nothi
          {bin} --listen 127.0.0.1:0 --database sqlite://{db} --data-dir {small} --addr-file {addr} & \
          echo $! > {pid}; wait",
         small = small.display(),
-        bin = bin("fleetbench-coordinator").display(),
+        bin = built_bin("fleetbench-coordinator").display(),
         db = dir.path().join("fleet.db").display(),
         addr = addr_file.display(),
         pid = pid_file.display(),

@@ -439,3 +439,151 @@ async fn a_revoked_agent_is_cut_off_and_its_task_runs_on_a_peer() {
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("revoked"), "{e:?}");
 }
+
+/// Waits for a file to hold something (a process writes it once it is up).
+fn wait_for(path: &std::path::Path, child: &mut std::process::Child) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && !s.trim().is_empty()
+        {
+            return s.trim().to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_secret_reaches_any_log_even_at_debug_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let debug = "debug,h2=trace,tonic=trace,hyper=trace,sqlx=debug";
+    let init = std::process::Command::new(built_bin("fleetbench-coordinator"))
+        .args(["init", "--data-dir"])
+        .arg(d)
+        .arg("--database")
+        .arg(format!("sqlite://{}", d.join("fleet.db").display()))
+        .env("RUST_LOG", debug)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    let init_out = String::from_utf8_lossy(&init.stdout).to_string();
+    let admin = std::fs::read_to_string(d.join("admin.token")).unwrap();
+    let join = std::fs::read_to_string(d.join("join.token")).unwrap();
+    assert!(
+        init_out.contains(admin.trim()),
+        "init prints the admin token"
+    );
+    let mut coordinator = std::process::Command::new(built_bin("fleetbench-coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(d)
+        .arg("--database")
+        .arg(format!("sqlite://{}", d.join("fleet.db").display()))
+        .arg("--addr-file")
+        .arg(d.join("addr"))
+        .env("RUST_LOG", debug)
+        .stderr(std::fs::File::create(d.join("coordinator.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let addr = wait_for(&d.join("addr"), &mut coordinator);
+    let url = format!("https://{addr}");
+    let ca = d.join("tls").join("ca.pem");
+    let mut agent = std::process::Command::new(built_bin("fleetbench-agent"))
+        .args(["--coordinator", &url, "--name", "logged"])
+        .arg("--ca-cert")
+        .arg(&ca)
+        .arg("--state-dir")
+        .arg(d.join("agent"))
+        .arg("--ort-lib")
+        .arg(ort_lib())
+        .env("FLEETBENCH_JOIN_TOKEN", join.trim())
+        .env("RUST_LOG", debug)
+        .stderr(std::fs::File::create(d.join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let credential = wait_for(&d.join("agent").join("credential"), &mut agent);
+    let client = Client::connect_with(&url, Some(&ca), Some(admin.trim()))
+        .await
+        .unwrap();
+    wait_online(&client, 1).await;
+    // The CLI at debug level too: a push, a token made and listed.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(built_bin("fleetbench"))
+            .args(["--coordinator", &url])
+            .args(args)
+            .env("FLEETBENCH_CA_CERT", &ca)
+            .env("FLEETBENCH_TOKEN", admin.trim())
+            .env("RUST_LOG", debug)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        out
+    };
+    let made = cli(&[
+        "admin", "tokens", "create", "--role", "viewer", "--name", "v",
+    ]);
+    let viewer = String::from_utf8_lossy(&made.stdout).trim().to_string();
+    assert!(viewer.starts_with("fbt1."), "{viewer}");
+    let listed = cli(&["admin", "tokens", "list"]);
+    let help = std::process::Command::new(built_bin("fleetbench"))
+        .arg("--help")
+        .env("FLEETBENCH_TOKEN", admin.trim())
+        .output()
+        .unwrap();
+    let mut seen = vec![
+        (
+            "fleetbench admin tokens list",
+            String::from_utf8_lossy(&listed.stdout).to_string()
+                + &String::from_utf8_lossy(&listed.stderr),
+        ),
+        (
+            "fleetbench --help",
+            String::from_utf8_lossy(&help.stdout).to_string(),
+        ),
+        (
+            "fleetbench admin tokens create (stderr)",
+            String::from_utf8_lossy(&made.stderr).to_string(),
+        ),
+    ];
+    let _ = agent.kill();
+    let _ = agent.wait();
+    unsafe { libc::kill(coordinator.id() as i32, libc::SIGTERM) };
+    let _ = coordinator.wait();
+    for f in ["coordinator.log", "agent.log"] {
+        seen.push((f, std::fs::read_to_string(d.join(f)).unwrap()));
+    }
+    let logged: usize = seen.iter().map(|(_, t)| t.len()).sum();
+    assert!(logged > 10_000, "debug logs were written: {logged} bytes");
+    for (name, secret) in [
+        ("admin", admin.trim()),
+        ("join", join.trim()),
+        ("credential", credential.as_str()),
+        ("viewer", viewer.as_str()),
+    ] {
+        // The secret part: what follows the token's last '.'.
+        let part = secret.rsplit('.').next().unwrap();
+        assert_eq!(part.len(), 64, "{name}");
+        for (what, text) in &seen {
+            assert!(!text.contains(part), "the {name} secret appears in {what}");
+        }
+    }
+    for f in [
+        "admin.token",
+        "join.token",
+        "agent/credential",
+        "tls/ca.key",
+        "tls/server.key",
+    ] {
+        let mode = std::fs::metadata(d.join(f)).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600,
+            "{f}"
+        );
+    }
+}

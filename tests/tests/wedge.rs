@@ -300,16 +300,6 @@ mod protocol {
     }
 }
 
-/// The agent binary, next to the test's deps folder.
-fn agent_bin() -> std::path::PathBuf {
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("fleetbench-agent"))
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_stopped_by_sigterm_hands_its_task_back_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -317,7 +307,7 @@ async fn an_agent_stopped_by_sigterm_hands_its_task_back_at_once() {
     let coord = TestCoordinator::sqlite(dir.path(), |c| c.lease_timeout_ms = 120_000).await;
     let client = coord.client().await;
     let log = dir.path().join("leaving.log");
-    let mut leaving = std::process::Command::new(agent_bin())
+    let mut leaving = std::process::Command::new(built_bin("fleetbench-agent"))
         .args(["--coordinator", &coord.url, "--name", "leaving"])
         .env("FLEETBENCH_JOIN_TOKEN", &coord.tokens.join)
         .args(["--label", "pool=shared", "--host-id", "host-leaving"])
