@@ -176,19 +176,44 @@ async fn route(ctx: &Context, queues: &Queues, s: &Opened, message: AgentMessage
     }
 }
 
-/// Serves an opened session until the agent hangs up or the coordinator stops, then detaches it.
+/// How often an open session checks that the agent's credential still stands (a revocation made
+/// through another replica closes it within this).
+pub const CREDENTIAL_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// True unless the credential `token_id` was revoked or removed (a database error keeps the session:
+/// an outage must not drop the fleet).
+async fn credential_stands(ctx: &Context, token_id: &str) -> bool {
+    match ctx.store.get_token(token_id).await {
+        Ok(Some(t)) => t.revoked_at == 0,
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
+/// Serves an opened session until the agent hangs up, the coordinator stops or the agent's
+/// credential (`token_id`) is revoked, then detaches it.
 pub async fn serve(
     ctx: Arc<Context>,
     queues: Queues,
     session: Opened,
+    token_id: String,
     mut inbound: tonic::Streaming<AgentMessage>,
 ) {
     let mut stopping = ctx.stopping.clone();
+    let mut check = tokio::time::interval(CREDENTIAL_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
             m = inbound.message() => m,
             _ = stopped(&mut stopping) => break,
             _ = session.link.closed() => break,
+            _ = check.tick() => {
+                if credential_stands(&ctx, &token_id).await {
+                    continue;
+                }
+                info!(agent = %session.agent.name, "The agent's credential was revoked; closing its session.");
+                break;
+            }
         };
         let message = match next {
             Ok(Some(m)) => m,

@@ -587,3 +587,42 @@ async fn no_secret_reaches_any_log_even_at_debug_level() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_revoked_through_another_replica_loses_its_session_there_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = PgDb::create().await;
+    let listen = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let a = TestCoordinator::serve(test_config(&db.url), listen().await.unwrap()).await;
+    let b = TestCoordinator::serve(test_config(&db.url), listen().await.unwrap()).await;
+    // The agent knows replica A only.
+    let _agent = TestAgent::start(a.agent("only-a", &[], dir.path()));
+    let via_b = b.client().await;
+    wait_online(&via_b, 1).await;
+    via_b
+        .admin()
+        .revoke_agent(RevokeAgentRequest {
+            agent: "only-a".into(),
+        })
+        .await
+        .unwrap();
+    // A closes the session on its next check of the credential; the agent, refused, stays out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let agents = via_b
+            .fleet()
+            .list_agents(ListAgentsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .agents;
+        if agents.iter().all(|x| !x.online) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replica A kept the revoked agent's session: {agents:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

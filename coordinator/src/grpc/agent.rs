@@ -65,6 +65,7 @@ impl AgentService for AgentApi {
             self.ctx.clone(),
             self.queues.clone(),
             opened,
+            who.token_id,
             inbound,
         ));
         Ok(Response::new(Box::pin(outbound.into_stream().map(Ok))))

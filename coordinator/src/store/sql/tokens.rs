@@ -53,7 +53,7 @@ impl TokenStore for SqlStore {
             .await?;
         if taken.is_some() {
             return Err(Error::AlreadyExists(format!(
-                "a token named '{}' exists; revoke it first or pick another name",
+                "a token named '{}' exists (revoked tokens keep their names, for the record); pick another name",
                 t.name
             )));
         }
