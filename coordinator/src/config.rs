@@ -74,6 +74,11 @@ pub struct CoordinatorConfig {
     pub max_queries_outstanding: u32,
     /// Most values one input tensor of one query may hold (batch times the other dimensions).
     pub max_input_elements: u64,
+    /// Submit and push requests (submit, start an upload, upload a blob, register a variant) one token
+    /// may make per second, with bursts of twice that; 0: no limit. Counted per coordinator process.
+    pub max_requests_per_second_per_token: u32,
+    /// Uploads one token may stream at once; 0: no limit. Counted per coordinator process.
+    pub max_uploads_per_token: u32,
     /// HTTP/2 keepalive: how often the server pings a quiet connection, milliseconds.
     pub keepalive_interval_ms: u64,
     /// HTTP/2 keepalive: how long a ping may go unanswered before the connection (and its session) is
@@ -110,6 +115,8 @@ impl Default for CoordinatorConfig {
             max_target_qps: 1_000_000.0,
             max_queries_outstanding: 1_000_000,
             max_input_elements: 1 << 28,
+            max_requests_per_second_per_token: 20,
+            max_uploads_per_token: 16,
             keepalive_interval_ms: 10_000,
             keepalive_timeout_ms: 20_000,
         }
@@ -192,7 +199,7 @@ impl CoordinatorConfig {
 
 /// Environment keys read (FLEETBENCH_ + upper case); others, such as FLEETBENCH_COORDINATOR for the CLI,
 /// belong to other programs.
-const ENV_KEYS: [&str; 29] = [
+const ENV_KEYS: [&str; 31] = [
     "listen",
     "database",
     "heartbeat_interval_ms",
@@ -220,6 +227,8 @@ const ENV_KEYS: [&str; 29] = [
     "max_target_qps",
     "max_queries_outstanding",
     "max_input_elements",
+    "max_requests_per_second_per_token",
+    "max_uploads_per_token",
     "keepalive_interval_ms",
     "keepalive_timeout_ms",
 ];

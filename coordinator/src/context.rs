@@ -38,6 +38,8 @@ pub struct Context {
     pub replica_id: String,
     /// Hash states of uploads in progress.
     pub uploads: crate::artifacts::Hashers,
+    /// Limits per token.
+    pub quotas: crate::quota::Quotas,
     /// Bumped when something changes that any watcher may care about (rare: sessions, expiries).
     changes: watch::Sender<u64>,
     /// Bumped when one job's tasks or runs change, for that job's watchers only.
@@ -67,6 +69,7 @@ impl Context {
     ) -> Self {
         Self {
             store,
+            quotas: crate::quota::Quotas::new(&config),
             config: Arc::new(config),
             registry: Registry::default(),
             stopping,

@@ -31,6 +31,7 @@ pub mod limits;
 pub mod maintenance;
 pub mod models;
 pub mod pooling;
+pub mod quota;
 pub mod ranking;
 pub mod registry;
 pub mod scheduler;

@@ -626,3 +626,96 @@ async fn an_agent_revoked_through_another_replica_loses_its_session_there_too() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn limits_per_token_refuse_clearly_and_count_each_token_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = TestCoordinator::sqlite(dir.path(), |c| {
+        c.max_requests_per_second_per_token = 2;
+        c.max_uploads_per_token = 1;
+    })
+    .await;
+    let admin = coord.client().await;
+    let ci = as_token(&coord, Some(&create(&admin, "ci", "submitter", 0).await)).await;
+    let other = as_token(&coord, Some(&create(&admin, "other", "submitter", 0).await)).await;
+    // A burst of twice the rate passes the limit (the submits fail for what they are), then the
+    // limit answers, naming itself.
+    let submit = |c: Client| async move {
+        c.jobs()
+            .submit_job(SubmitJobRequest { spec: None })
+            .await
+            .unwrap_err()
+    };
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(submit(ci.clone()).await);
+    }
+    let limited: Vec<_> = codes
+        .iter()
+        .filter(|s| s.code() == Code::ResourceExhausted)
+        .collect();
+    assert!(!limited.is_empty(), "{codes:?}");
+    assert!(
+        limited[0].message().contains("'ci'")
+            && limited[0]
+                .message()
+                .contains("max_requests_per_second_per_token"),
+        "{:?}",
+        limited[0]
+    );
+    assert_eq!(codes[0].code(), Code::InvalidArgument, "{codes:?}");
+    // Another token has its own allowance.
+    assert_eq!(submit(other.clone()).await.code(), Code::InvalidArgument);
+
+    // One upload at a time per token: a second stream is refused while the first is open.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(fleetbench_proto::v1::BlobChunk {
+        data: vec![1; 1024],
+        expected_sha256: String::new(),
+    })
+    .await
+    .unwrap();
+    let mut models = other.models();
+    let open = tokio::spawn(async move {
+        models
+            .upload_blob(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let one = futures::stream::iter(vec![fleetbench_proto::v1::BlobChunk {
+            data: vec![2; 16],
+            expected_sha256: String::new(),
+        }]);
+        match other.models().upload_blob(one).await {
+            Err(e) if e.message().contains("max_uploads_per_token") => break e,
+            // The first stream may not have reached the coordinator yet (or the request rate
+            // limit answered first).
+            _ => {
+                assert!(tokio::time::Instant::now() < deadline, "never refused");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert!(
+        refused.message().contains("max_uploads_per_token"),
+        "{refused:?}"
+    );
+    // The first upload finishes; the slot is free again (once the request rate allows).
+    drop(tx);
+    open.await.unwrap().unwrap();
+    loop {
+        let one = futures::stream::iter(vec![fleetbench_proto::v1::BlobChunk {
+            data: vec![3; 16],
+            expected_sha256: String::new(),
+        }]);
+        match other.models().upload_blob(one).await {
+            Ok(_) => break,
+            Err(e) if e.message().contains("max_requests_per_second_per_token") => {
+                assert!(tokio::time::Instant::now() < deadline, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the freed slot was not given back: {e:?}"),
+        }
+    }
+}

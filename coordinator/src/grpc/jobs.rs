@@ -26,6 +26,7 @@ impl JobService for JobApi {
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
         let who = allow(&self.0, &request, Need::Submit).await?;
+        self.0.quotas.request(&who)?;
         let spec = required("spec", request.into_inner().spec).map_err(invalid)?;
         let spec = JobSpec::try_from(spec).map_err(invalid)?;
         let (job_id, task_count) = jobs::submit(&self.0, spec).await?;

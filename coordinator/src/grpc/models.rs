@@ -64,6 +64,8 @@ impl ModelService for ModelApi {
         request: Request<Streaming<BlobChunk>>,
     ) -> Result<Response<BlobRef>, Status> {
         let who = allow(&self.0, &request, Need::Submit).await?;
+        self.0.quotas.request(&who)?;
+        let _slot = self.0.quotas.upload(&who)?;
         let stream = request
             .into_inner()
             .map(|c| c.map(|c| (c.data, c.expected_sha256)).map_err(broken));
@@ -131,6 +133,7 @@ impl ModelService for ModelApi {
         request: Request<pb::StartUploadRequest>,
     ) -> Result<Response<pb::UploadStatus>, Status> {
         let who = allow(&self.0, &request, Need::Submit).await?;
+        self.0.quotas.request(&who)?;
         let owner = owner(&request, &who);
         let set = request
             .into_inner()
@@ -147,6 +150,7 @@ impl ModelService for ModelApi {
         request: Request<Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadStatus>, Status> {
         let who = allow(&self.0, &request, Need::Submit).await?;
+        let _slot = self.0.quotas.upload(&who)?;
         let owner = owner(&request, &who);
         let pieces = request.into_inner().map(|c| {
             c.map(|c| Piece {
@@ -192,6 +196,7 @@ impl ModelService for ModelApi {
         request: Request<RegisterVariantRequest>,
     ) -> Result<Response<ModelVariant>, Status> {
         let who = allow(&self.0, &request, Need::Submit).await?;
+        self.0.quotas.request(&who)?;
         let variant = models::register_variant(&self.0, request.into_inner().into()).await?;
         who.audit(
             "push variant",
