@@ -10,16 +10,20 @@
 //! Versions: 2 added the version itself; 3 moves models as artifact sets (a model and its external
 //! data, fetched with GetArtifactSet and resumable downloads). An agent of protocol 2 would fetch a
 //! set's manifest as if it were the model, so a coordinator of protocol 3 refuses it (upgrade it), and
-//! an agent of protocol 3 needs GetArtifactSet, which coordinators of protocol 2 lack.
+//! an agent of protocol 3 needs GetArtifactSet, which coordinators of protocol 2 lack. 4 adds tokens:
+//! agents join with a join token and then call with a credential of their own (RegisterResponse's
+//! `agent_credential`); an agent of protocol 3 sends no token, and a coordinator of protocol 4 tells
+//! it to upgrade rather than only "unauthenticated"; an agent of protocol 4 refuses a coordinator of
+//! protocol 3, which would let anyone register.
 
 /// The protocol this build speaks.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The oldest agent protocol a coordinator of this build serves.
-pub const OLDEST_AGENT_PROTOCOL: u32 = 3;
+pub const OLDEST_AGENT_PROTOCOL: u32 = 4;
 
 /// The oldest coordinator protocol an agent of this build works with.
-pub const OLDEST_COORDINATOR_PROTOCOL: u32 = 3;
+pub const OLDEST_COORDINATOR_PROTOCOL: u32 = 4;
 
 /// The version a peer stated; an absent (0) version is protocol 1.
 pub fn stated(v: u32) -> u32 {

@@ -16,6 +16,17 @@ pub fn is_online(coord: &Context, a: &AgentRecord, now: i64) -> bool {
     a.connected && a.last_seen_at > now - coord.config.lease_timeout_ms as i64
 }
 
+/// Refuses an agent whose protocol this coordinator cannot serve, naming both versions.
+pub fn check_protocol(version: u32, name: &str) -> Result<()> {
+    match protocol::refuse_agent(version) {
+        Some(why) => {
+            tracing::warn!(name = %name, agent_protocol = version, "Refused an agent of another protocol.");
+            Err(Error::FailedPrecondition(why))
+        }
+        None => Ok(()),
+    }
+}
+
 /// Registers an agent and pools it into its platform. An agent whose protocol this coordinator
 /// cannot serve is refused, with both versions named.
 ///
@@ -26,10 +37,7 @@ pub async fn register(
     who: &Principal,
     mut req: Registration,
 ) -> Result<Registered> {
-    if let Some(why) = protocol::refuse_agent(req.protocol_version) {
-        tracing::warn!(name = %req.name, agent_protocol = req.protocol_version, "Refused an agent of another protocol.");
-        return Err(Error::FailedPrecondition(why));
-    }
+    check_protocol(req.protocol_version, &req.name)?;
     let name = req.name.trim().to_string();
     if name.is_empty() || name.len() > 64 {
         return Err(Error::InvalidArgument(

@@ -44,6 +44,20 @@ async fn a_coordinator_refuses_an_agent_of_another_protocol_naming_both_versions
             && old.message().contains("upgrade the agent"),
         "{old:?}"
     );
+    // An agent of protocol 3 knew no tokens and sends none: it is told to upgrade, not only that it
+    // is unauthenticated.
+    let mut tokenless = agent_client(&coord.url, "").await;
+    let before_tokens = tokenless.register(request(3)).await.unwrap_err();
+    assert_eq!(
+        before_tokens.code(),
+        tonic::Code::FailedPrecondition,
+        "{before_tokens:?}"
+    );
+    assert!(
+        before_tokens.message().contains("agent protocol 3")
+            && before_tokens.message().contains("upgrade the agent"),
+        "{before_tokens:?}"
+    );
     let newer = agents
         .register(request(PROTOCOL_VERSION + 1))
         .await

@@ -29,6 +29,8 @@ impl AgentService for AgentApi {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        // An agent of an older protocol sends no token: tell it to upgrade, before asking for one.
+        fleet::check_protocol(request.get_ref().protocol_version, &request.get_ref().name)?;
         let who = allow(&self.ctx, &request, Need::Register).await?;
         let reg = Registration::try_from(request.into_inner()).map_err(invalid)?;
         let registered = fleet::register(&self.ctx, &who, reg).await?;
