@@ -124,18 +124,16 @@ impl AgentConfig {
             }
         }
         let ca = self.ca_pem()?;
-        if let Some(join) = self.join()? {
-            if let Some(pem) = &ca {
-                let have = fleetbench_common::token::ca_fingerprint(pem)
-                    .map_err(|e| AgentError::Config(format!("ca_cert: {e}")))?;
-                if !join.ca_sha256.is_empty() && have != join.ca_sha256 {
-                    return Err(AgentError::Config(format!(
-                        "join_token: it pins the CA certificate with SHA-256 {}, but ca_cert {} has \
-                         {have}: one of the two belongs to another coordinator",
-                        join.ca_sha256,
-                        self.ca_cert.display()
-                    )));
-                }
+        if let (Some(join), Some(pem)) = (self.join()?, &ca) {
+            let have = fleetbench_common::token::ca_fingerprint(pem)
+                .map_err(|e| AgentError::Config(format!("ca_cert: {e}")))?;
+            if !join.ca_sha256.is_empty() && have != join.ca_sha256 {
+                return Err(AgentError::Config(format!(
+                    "join_token: it pins the CA certificate with SHA-256 {}, but ca_cert {} has \
+                     {have}: one of the two belongs to another coordinator",
+                    join.ca_sha256,
+                    self.ca_cert.display()
+                )));
             }
         }
         if self.name.trim().is_empty() {

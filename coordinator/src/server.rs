@@ -78,16 +78,13 @@ pub async fn serve_with_store(
         .transpose()?
         .unwrap_or_default();
     match &data_dir {
-        Some(d) => {
-            if auth::bootstrap(store.as_ref(), d, &ca).await?.is_some() {
-                info!(
-                    admin = %d.join(auth::ADMIN_TOKEN_FILE).display(),
-                    join = %d.join(auth::JOIN_TOKEN_FILE).display(),
-                    "The database held no admin token: made an admin token and an agent join \
-                     token, written to these files (mode 0600)."
-                );
-            }
-        }
+        Some(d) if auth::bootstrap(store.as_ref(), d, &ca).await?.is_some() => info!(
+            admin = %d.join(auth::ADMIN_TOKEN_FILE).display(),
+            join = %d.join(auth::JOIN_TOKEN_FILE).display(),
+            "The database held no admin token: made an admin token and an agent join token, \
+             written to these files (mode 0600)."
+        ),
+        Some(_) => {}
         None if !auth::has_admin(store.as_ref()).await? => warn!(
             "The database holds no admin token, and there is no data directory to write one to: \
              give --data-dir, or run `fleetbench-coordinator init` against this database."

@@ -725,3 +725,50 @@ async fn limits_per_token_refuse_clearly_and_count_each_token_apart() {
     }]);
     other.models().upload_blob(one).await.unwrap();
 }
+
+#[test]
+fn an_agent_whose_join_token_pins_another_ca_refuses_to_start_and_says_why() {
+    use fleetbench_coordinator::tls;
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
+    let ours = tls::init(&tls::TlsFiles::under(&ours), &[]).unwrap();
+    let theirs = tls::init(&tls::TlsFiles::under(&theirs), &[]).unwrap();
+    let token = |ca: &str| {
+        fleetbench_common::token::JoinToken {
+            ca_sha256: ca.to_string(),
+            token: fleetbench_common::token::Token::mint(),
+        }
+        .to_secret_string()
+        .expose()
+        .to_string()
+    };
+    let run = |join: &str| {
+        std::process::Command::new(built_bin("fleetbench-agent"))
+            .args(["--coordinator", "https://127.0.0.1:9", "--name", "pinned"])
+            .arg("--ca-cert")
+            .arg(ours.files.ca_cert())
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("FLEETBENCH_JOIN_TOKEN", join)
+            .output()
+            .unwrap()
+    };
+    let out = run(&token(&theirs.ca_fingerprint));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("pins the CA certificate") && stderr.contains(&theirs.ca_fingerprint),
+        "{stderr}"
+    );
+    // The right pin passes the check (the agent then fails to reach the closed port, later).
+    let mut config = fleetbench_agent::AgentConfig {
+        coordinator: vec!["https://127.0.0.1:9".into()],
+        ca_cert: ours.files.ca_cert(),
+        join_token: fleetbench_common::token::Secret::new(token(&ours.ca_fingerprint)),
+        ..Default::default()
+    };
+    config.validate().unwrap();
+    config.join_token = fleetbench_common::token::Secret::new("fbjoin1:zz:nope");
+    let e = config.validate().unwrap_err().to_string();
+    assert!(e.contains("join_token"), "{e}");
+}
