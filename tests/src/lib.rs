@@ -147,6 +147,34 @@ pub fn built_bin(name: &str) -> PathBuf {
     path
 }
 
+/// The registration of a fake agent `name` on a host of its own, asking for `agent_id` (empty: none).
+pub fn fake_registration(name: &str, agent_id: &str) -> fleetbench_proto::v1::RegisterRequest {
+    fleetbench_proto::v1::RegisterRequest {
+        agent_id: agent_id.into(),
+        name: name.into(),
+        inventory: Some(fleetbench_proto::v1::Inventory {
+            hostname: name.into(),
+            host_id: format!("host-of-{name}"),
+            cpu_brand: "Fake CPU".into(),
+            cpu_set: vec![0],
+            ..Default::default()
+        }),
+        protocol_version: fleetbench_common::protocol::PROTOCOL_VERSION,
+        ..Default::default()
+    }
+}
+
+/// The fleet as `agents list` shows it.
+pub async fn list_agents(client: &Client) -> Vec<fleetbench_proto::v1::AgentInfo> {
+    client
+        .fleet()
+        .list_agents(ListAgentsRequest {})
+        .await
+        .expect("list agents")
+        .into_inner()
+        .agents
+}
+
 /// A well-formed join token no coordinator knows, for agents whose coordinator is a stand-in.
 pub fn unknown_join_token() -> String {
     fleetbench_common::token::JoinToken {
@@ -833,32 +861,20 @@ pub struct FakeAgent {
 impl FakeAgent {
     /// Registers `name` with `labels` on its own host and opens a session.
     pub async fn connect(url: &str, join: &str, name: &str, labels: &[(&str, &str)]) -> FakeAgent {
-        use fleetbench_proto::v1::{
-            AgentMessage, Inventory, RegisterRequest, SessionHello, agent_message,
-        };
+        use fleetbench_proto::v1::{AgentMessage, SessionHello, agent_message};
         let channel = tonic::transport::Endpoint::from_shared(url.to_string())
             .expect("url")
             .connect()
             .await
             .expect("connect");
         let mut client = agent_client_on(channel.clone(), join);
+        let mut registration = fake_registration(name, "");
+        registration.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let reg = client
-            .register(RegisterRequest {
-                name: name.into(),
-                labels: labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                inventory: Some(Inventory {
-                    hostname: name.into(),
-                    host_id: format!("host-of-{name}"),
-                    cpu_brand: "Fake CPU".into(),
-                    cpu_set: vec![0],
-                    ..Default::default()
-                }),
-                protocol_version: fleetbench_common::protocol::PROTOCOL_VERSION,
-                ..Default::default()
-            })
+            .register(registration)
             .await
             .expect("register")
             .into_inner();

@@ -9,9 +9,8 @@ use fleetbench_cli::commands::jobs;
 use fleetbench_cli::jobspec::JobArgs;
 use fleetbench_proto::v1::{
     AgentMessage, CancelJobRequest, CreateTokenRequest, DeleteJobRequest, DownloadBlobRequest,
-    Inventory, ListAgentsRequest, ListJobsRequest, ListModelsRequest, ListTokensRequest,
-    RankRequest, RegisterRequest, RevokeAgentRequest, SessionHello, SubmitJobRequest, TokenName,
-    agent_message,
+    ListAgentsRequest, ListJobsRequest, ListModelsRequest, ListTokensRequest, RankRequest,
+    RevokeAgentRequest, SessionHello, SubmitJobRequest, TokenName, agent_message,
 };
 use fleetbench_tests::*;
 use tonic::Code;
@@ -275,52 +274,31 @@ async fn calls_need_a_token_and_a_role_that_allows_them() {
     assert!(e.message().contains("role"), "{e:?}");
 }
 
-fn registration(name: &str, agent_id: &str) -> RegisterRequest {
-    RegisterRequest {
-        agent_id: agent_id.into(),
-        name: name.into(),
-        inventory: Some(Inventory {
-            hostname: name.into(),
-            host_id: format!("host-of-{name}"),
-            cpu_brand: "Fake CPU".into(),
-            cpu_set: vec![0],
-            ..Default::default()
-        }),
-        protocol_version: fleetbench_common::protocol::PROTOCOL_VERSION,
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_id_copied_from_the_fleet_list_opens_nothing() {
     let fleet = SoloFleet::start().await;
     let coord = &fleet.coord;
-    let victim = fleet
-        .client
-        .fleet()
-        .list_agents(ListAgentsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .agents
-        .remove(0);
+    let victim = list_agents(&fleet.client).await.remove(0);
     // Without a token: nothing.
     let mut anon = agent_client(&coord.url, "").await;
     assert_eq!(
-        code(anon.register(registration("solo", &victim.agent_id)).await),
+        code(
+            anon.register(fake_registration("solo", &victim.agent_id))
+                .await
+        ),
         Code::Unauthenticated
     );
     // With a join token, under the victim's name: refused, the name belongs to an agent with a
     // credential.
     let mut joining = agent_client(&coord.url, &coord.tokens.join).await;
     let e = joining
-        .register(registration("solo", &victim.agent_id))
+        .register(fake_registration("solo", &victim.agent_id))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
     // Under another name: a new agent with an id of its own, whatever id it asked for.
     let mine = joining
-        .register(registration("intruder", &victim.agent_id))
+        .register(fake_registration("intruder", &victim.agent_id))
         .await
         .unwrap()
         .into_inner();
@@ -329,7 +307,7 @@ async fn an_agent_id_copied_from_the_fleet_list_opens_nothing() {
     // Its own credential opens neither a registration nor a session as the victim.
     let mut intruder = agent_client(&coord.url, &mine.agent_credential).await;
     let e = intruder
-        .register(registration("solo", &victim.agent_id))
+        .register(fake_registration("solo", &victim.agent_id))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
@@ -350,18 +328,11 @@ async fn an_agent_id_copied_from_the_fleet_list_opens_nothing() {
     // A join token does not open a session at all; an admin token is not an agent's credential.
     let mut admin_as_agent = agent_client(&coord.url, &coord.tokens.admin).await;
     assert_eq!(
-        code(admin_as_agent.register(registration("x", "")).await),
+        code(admin_as_agent.register(fake_registration("x", "")).await),
         Code::PermissionDenied
     );
     // The victim is still the one online agent named solo.
-    let agents = fleet
-        .client
-        .fleet()
-        .list_agents(ListAgentsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .agents;
+    let agents = list_agents(&fleet.client).await;
     let solo: Vec<_> = agents.iter().filter(|a| a.name == "solo").collect();
     assert_eq!(solo.len(), 1);
     assert_eq!(solo[0].agent_id, victim.agent_id);
@@ -421,19 +392,13 @@ async fn a_revoked_agent_is_cut_off_and_its_task_runs_on_a_peer() {
     let run = detail.tasks[0].run.clone().unwrap();
     assert_ne!(run.agent, holder, "the peer ran the task");
     // The revoked agent stays out: its credential no longer opens a session.
-    let listed = client
-        .fleet()
-        .list_agents(ListAgentsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .agents;
+    let listed = list_agents(&client).await;
     let gone = listed.iter().find(|a| a.name == holder).unwrap();
     assert!(!gone.online, "{gone:?}");
     let credential = std::fs::read_to_string(dir.path().join(&holder).join("credential")).unwrap();
     let mut as_revoked = agent_client(&coord.url, credential.trim()).await;
     let e = as_revoked
-        .register(registration(&holder, &gone.agent_id))
+        .register(fake_registration(&holder, &gone.agent_id))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
@@ -609,13 +574,7 @@ async fn an_agent_revoked_through_another_replica_loses_its_session_there_too() 
     // A closes the session on its next check of the credential; the agent, refused, stays out.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let agents = via_b
-            .fleet()
-            .list_agents(ListAgentsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .agents;
+        let agents = list_agents(&via_b).await;
         if agents.iter().all(|x| !x.online) {
             break;
         }
