@@ -1297,6 +1297,20 @@ mod faulty {
 }
 
 impl TestCoordinator {
+    /// Serves `config` on 127.0.0.1:0 over its database wrapped in a [`FaultyStore`], which the test
+    /// drives.
+    pub async fn faulty(config: CoordinatorConfig) -> (Self, Arc<FaultyStore>) {
+        let real = fleetbench_coordinator::store::open(&config.database)
+            .await
+            .expect("open the database");
+        let store = Arc::new(FaultyStore::over(real));
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let coord = Self::serve_store(config, store.clone(), listener).await;
+        (coord, store)
+    }
+
     /// Serves `config` with a given store (a double) on `listener`.
     pub async fn serve_store(
         config: CoordinatorConfig,

@@ -871,16 +871,7 @@ async fn an_upload_the_store_fails_under_ends_with_its_error_instead_of_hanging(
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
     let database = format!("sqlite://{}", dir.path().join("fleet.db").display());
-    let real = fleetbench_coordinator::store::open(&database)
-        .await
-        .unwrap();
-    let store = std::sync::Arc::new(FaultyStore::over(real));
-    let coord = TestCoordinator::serve_store(
-        test_config(&database),
-        store.clone(),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await;
+    let (coord, store) = TestCoordinator::faulty(test_config(&database)).await;
     let client = coord.client().await;
     // A file of many chunks, more than the receiver keeps in flight.
     let bytes: Vec<u8> = (0..(16u32 << 20)).map(|i| (i % 253) as u8).collect();

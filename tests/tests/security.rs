@@ -130,16 +130,7 @@ async fn health_and_reflection_answer_generic_clients_and_health_follows_the_dat
         dir.path().join("fleet.db").display()
     ));
     config.data_dir = dir.path().display().to_string();
-    let real = fleetbench_coordinator::store::open(&config.database)
-        .await
-        .unwrap();
-    let store = std::sync::Arc::new(FaultyStore::over(real));
-    let coord = TestCoordinator::serve_store(
-        config,
-        store.clone(),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await;
+    let (coord, store) = TestCoordinator::faulty(config).await;
     let ca = files.ca_cert();
     let addr = coord.addr;
     let ask = move |args: Vec<&'static str>| {

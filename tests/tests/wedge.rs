@@ -371,16 +371,7 @@ async fn a_database_read_error_while_an_agent_reconnects_does_not_cancel_its_run
         dir.path().join("fleet.db").display()
     ));
     config.lease_timeout_ms = 30_000;
-    let real = fleetbench_coordinator::store::open(&config.database)
-        .await
-        .unwrap();
-    let store = Arc::new(FaultyStore::over(real));
-    let coord = TestCoordinator::serve_store(
-        config,
-        store.clone(),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await;
+    let (coord, store) = TestCoordinator::faulty(config).await;
     let relay = Relay::start(coord.addr).await;
     let client = coord.client().await;
     let _agent = TestAgent::start(agent_config(
@@ -446,16 +437,7 @@ async fn a_heartbeat_recorded_after_its_agent_left_does_not_bring_it_back_online
         "sqlite://{}",
         dir.path().join("fleet.db").display()
     ));
-    let real = fleetbench_coordinator::store::open(&config.database)
-        .await
-        .unwrap();
-    let store = Arc::new(FaultyStore::over(real));
-    let coord = TestCoordinator::serve_store(
-        config,
-        store.clone(),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await;
+    let (coord, store) = TestCoordinator::faulty(config).await;
     let client = coord.client().await;
     let fake = FakeAgent::connect(&coord.url, &coord.tokens.join, "leaving", &[]).await;
     wait_online(&client, 1).await;
