@@ -548,6 +548,40 @@ pub async fn get_set(coord: &Context, sha256: &str) -> Result<ArtifactSet> {
     }
 }
 
+/// Whether agent `agent_id` may read artifact set or blob `sha256`: only what the task it is running
+/// needs (its variant's artifact set and files, the base variant's for fidelity, the eval set in
+/// effect and the job's input data). A stolen or curious agent credential reads nothing else.
+pub async fn agent_may_read(coord: &Context, agent_id: &str, sha256: &str) -> Result<bool> {
+    let Some(lease) = coord.store.active_lease_of_agent(agent_id).await? else {
+        return Ok(false);
+    };
+    if lease.config.input_data_sha256 == sha256 {
+        return Ok(true);
+    }
+    let variants = coord.store.list_variants(Some(&lease.model)).await?;
+    let Some(variant) = variants.iter().find(|v| v.variant == lease.variant) else {
+        return Ok(false);
+    };
+    if variant.eval_inputs_sha256 == sha256 || variant.eval_labels_sha256 == sha256 {
+        return Ok(true);
+    }
+    let mut sets = vec![variant.artifact_sha256.clone()];
+    if let Some(root) = crate::scheduler::lineage_root(&variants, variant) {
+        sets.push(root.artifact_sha256.clone());
+    }
+    for set in sets {
+        if set == sha256 {
+            return Ok(true);
+        }
+        if let Some(stored) = coord.store.get_set(&set).await?
+            && stored.files.iter().any(|f| f.sha256 == sha256)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Stores one small blob from a stream (eval sets, input data), verified against `expected` when
 /// given; returns its hash and size. The upload limit applies.
 pub async fn store_blob(

@@ -83,7 +83,10 @@ async fn expire(ctx: &Context, now: i64) -> Result<bool> {
 
 /// The root of a variant's lineage, when it is not the variant itself (its artifact is what the
 /// variant's fidelity is measured against).
-fn lineage_root<'a>(variants: &'a [Variant], variant: &'a Variant) -> Option<&'a Variant> {
+pub(crate) fn lineage_root<'a>(
+    variants: &'a [Variant],
+    variant: &'a Variant,
+) -> Option<&'a Variant> {
     let mut root = variant;
     for _ in 0..variants.len() {
         match variants

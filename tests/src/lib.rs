@@ -853,6 +853,8 @@ impl Relay {
 pub struct FakeAgent {
     /// Its id.
     pub id: String,
+    /// The credential it was issued when it joined.
+    pub credential: String,
     tx: tokio::sync::mpsc::Sender<fleetbench_proto::v1::AgentMessage>,
     /// What the coordinator sends it.
     pub inbound: tonic::Streaming<fleetbench_proto::v1::CoordinatorMessage>,
@@ -879,6 +881,7 @@ impl FakeAgent {
             .expect("register")
             .into_inner();
         let mut client = agent_client_on(channel, &reg.agent_credential);
+        let credential = reg.agent_credential.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         tx.send(AgentMessage {
             body: Some(agent_message::Body::Hello(SessionHello {
@@ -895,6 +898,7 @@ impl FakeAgent {
             .into_inner();
         FakeAgent {
             id: reg.agent_id,
+            credential,
             tx,
             inbound,
         }
@@ -1162,6 +1166,9 @@ mod faulty {
     impl LeaseStore for FaultyStore {
         async fn lease_task(&self, req: &LeaseRequest, now: i64) -> Result<Option<Lease>> {
             self.inner.lease_task(req, now).await
+        }
+        async fn active_lease_of_agent(&self, agent_id: &str) -> Result<Option<Lease>> {
+            self.inner.active_lease_of_agent(agent_id).await
         }
         async fn active_run_of_agent(&self, agent_id: &str) -> Result<Option<String>> {
             if self

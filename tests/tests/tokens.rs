@@ -9,8 +9,9 @@ use fleetbench_cli::commands::jobs;
 use fleetbench_cli::jobspec::JobArgs;
 use fleetbench_proto::v1::{
     AgentMessage, CancelJobRequest, CreateTokenRequest, DeleteJobRequest, DownloadBlobRequest,
-    ListAgentsRequest, ListJobsRequest, ListModelsRequest, ListTokensRequest, RankRequest,
-    RevokeAgentRequest, SessionHello, SubmitJobRequest, TokenName, agent_message,
+    GetArtifactSetRequest, ListAgentsRequest, ListJobsRequest, ListModelsRequest,
+    ListTokensRequest, RankRequest, RevokeAgentRequest, SessionHello, SubmitJobRequest, TokenName,
+    agent_message,
 };
 use fleetbench_tests::*;
 use tonic::Code;
@@ -730,4 +731,100 @@ fn an_agent_whose_join_token_pins_another_ca_refuses_to_start_and_says_why() {
     config.join_token = fleetbench_common::token::Secret::new("fbjoin1:zz:nope");
     let e = config.validate().unwrap_err().to_string();
     assert!(e.contains("join_token"), "{e}");
+}
+
+/// Reads a whole blob, or says why not.
+async fn read_blob(c: &Client, sha256: &str) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = c
+        .models()
+        .download_blob(DownloadBlobRequest {
+            sha256: sha256.to_string(),
+            offset: 0,
+        })
+        .await?
+        .into_inner();
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        data.extend(chunk.data);
+    }
+    Ok(data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_downloads_the_artifacts_of_its_own_task_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = TestCoordinator::sqlite(dir.path(), |c| c.lease_timeout_ms = 60_000).await;
+    let client = coord.client().await;
+    push_digits(&client).await;
+    let mut busy =
+        FakeAgent::connect(&coord.url, &coord.tokens.join, "busy", &[("pool", "a")]).await;
+    let idle = FakeAgent::connect(&coord.url, &coord.tokens.join, "idle", &[("pool", "b")]).await;
+    jobs::submit(
+        &client,
+        &JobArgs {
+            model: Some("digits".into()),
+            variants: vec!["fp32".into()],
+            selector: vec!["pool=a".into()],
+            iterations: Some(10),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let task = busy.assignment().await;
+    let _lease = busy.keep_lease(&task.run_id);
+    let fp32 = task.variant.clone().unwrap();
+    let variants = list_variants(&client, "digits").await;
+    let int8 = variants.iter().find(|v| v.variant == "int8").unwrap();
+    assert_ne!(int8.artifact_sha256, fp32.artifact_sha256);
+
+    let as_busy = Client::connect(&coord.url, Some(&busy.credential))
+        .await
+        .unwrap();
+    let as_idle = Client::connect(&coord.url, Some(&idle.credential))
+        .await
+        .unwrap();
+    // Its own task: the artifact set, each of its files and the eval set.
+    let set = as_busy
+        .models()
+        .get_artifact_set(GetArtifactSetRequest {
+            sha256: fp32.artifact_sha256.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!set.files.is_empty());
+    for f in &set.files {
+        let data = read_blob(&as_busy, &f.sha256).await.unwrap();
+        assert_eq!(data.len() as u64, f.size_bytes, "{}", f.path);
+    }
+    for eval in [&fp32.eval_inputs_sha256, &fp32.eval_labels_sha256] {
+        assert!(!eval.is_empty());
+        read_blob(&as_busy, eval).await.unwrap();
+    }
+    // Another variant's artifact: refused, naming why.
+    let e = as_busy
+        .models()
+        .get_artifact_set(GetArtifactSetRequest {
+            sha256: int8.artifact_sha256.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("task it runs"), "{e:?}");
+    let e = read_blob(&as_busy, &int8.artifact_sha256)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // An agent with no task reads nothing, not even what its peer may.
+    for sha in [
+        &fp32.artifact_sha256,
+        &set.files[0].sha256,
+        &fp32.eval_inputs_sha256,
+    ] {
+        let e = read_blob(&as_idle, sha).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    }
+    // People's tokens still read everything.
+    read_blob(&client, &int8.artifact_sha256).await.unwrap();
 }

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{ResponseStream, allow};
 use crate::artifacts::{self, Piece};
-use crate::auth::{Need, Principal};
+use crate::auth::{Need, Principal, Role};
 use crate::context::Context;
 use crate::error::Error;
 use crate::models;
@@ -30,6 +30,17 @@ fn owner<T>(request: &Request<T>, who: &Principal) -> String {
         .filter(|s| !s.is_empty() && s.len() <= 128)
         .unwrap_or("anonymous");
     format!("{}/{key}", who.token_id)
+}
+
+/// For an agent's credential, PERMISSION_DENIED unless `sha256` belongs to the task it runs.
+async fn agent_may_read(ctx: &Context, who: &Principal, sha256: &str) -> Result<(), Status> {
+    if who.role != Role::Agent || artifacts::agent_may_read(ctx, &who.agent_id, sha256).await? {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "agent {} may download only the artifacts of the task it runs, and {sha256} is not one of them",
+        who.agent_id
+    )))
 }
 
 fn status_of(s: artifacts::UploadStatus) -> pb::UploadStatus {
@@ -80,8 +91,9 @@ impl ModelService for ModelApi {
         &self,
         request: Request<DownloadBlobRequest>,
     ) -> Result<Response<Self::DownloadBlobStream>, Status> {
-        allow(&self.0, &request, Need::Download).await?;
+        let who = allow(&self.0, &request, Need::Download).await?;
         let DownloadBlobRequest { sha256, offset } = request.into_inner();
+        agent_may_read(&self.0, &who, &sha256).await?;
         let size = self
             .0
             .store
@@ -182,8 +194,9 @@ impl ModelService for ModelApi {
         &self,
         request: Request<pb::GetArtifactSetRequest>,
     ) -> Result<Response<pb::ArtifactSet>, Status> {
-        allow(&self.0, &request, Need::Download).await?;
+        let who = allow(&self.0, &request, Need::Download).await?;
         let sha = request.into_inner().sha256;
+        agent_may_read(&self.0, &who, &sha).await?;
         let set = artifacts::get_set(&self.0, &sha).await?;
         let mut wire = pb::ArtifactSet::from(&set);
         wire.sha256 = sha;

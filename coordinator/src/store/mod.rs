@@ -447,6 +447,8 @@ pub trait LeaseStore: Send + Sync {
     async fn lease_task(&self, req: &LeaseRequest, now: i64) -> Result<Option<Lease>>;
     /// The run an agent holds a live lease on, if any.
     async fn active_run_of_agent(&self, agent_id: &str) -> Result<Option<String>>;
+    /// The lease of the task an agent is running, if any.
+    async fn active_lease_of_agent(&self, agent_id: &str) -> Result<Option<Lease>>;
     /// Records that `replica` reached the database at `now`, and when it last had trouble with it.
     async fn replica_seen(&self, replica: &str, now: i64, trouble_at: i64) -> Result<()>;
     /// Puts tasks whose lease ran out back in the queue (or fails them after `max_attempts`). A lease

@@ -188,6 +188,26 @@ impl LeaseStore for SqlStore {
         Ok(Some(lease))
     }
 
+    async fn active_lease_of_agent(&self, agent_id: &str) -> Result<Option<Lease>> {
+        let row = sqlx::query(
+            "SELECT id, job_id, attempt, model, variant, config_json, run_id FROM tasks \
+             WHERE agent_id = $1 AND state = 'running' LIMIT 1",
+        )
+        .bind(agent_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(Lease {
+            task_id: row.try_get(0)?,
+            job_id: row.try_get(1)?,
+            attempt: row.try_get::<i64, _>(2)? as u32,
+            model: row.try_get(3)?,
+            variant: row.try_get(4)?,
+            config: from_json("tasks.config_json", &row.try_get::<String, _>(5)?)?,
+            run_id: row.try_get(6)?,
+        }))
+    }
+
     async fn active_run_of_agent(&self, agent_id: &str) -> Result<Option<String>> {
         let row = sqlx::query(
             "SELECT run_id FROM tasks WHERE agent_id = $1 AND state = 'running' LIMIT 1",
