@@ -116,10 +116,13 @@ impl AgentConfig {
                     "coordinator: '{c}' must start with http:// or https://"
                 )));
             }
-            if c.starts_with("https://") && self.ca_cert.as_os_str().is_empty() {
+            let pinned = self.join()?.is_some_and(|j| !j.ca_sha256.is_empty())
+                || crate::uplink::pinned_ca_file(&self.state_dir).exists();
+            if c.starts_with("https://") && self.ca_cert.as_os_str().is_empty() && !pinned {
                 return Err(AgentError::Config(format!(
                     "ca_cert: '{c}' is served with TLS; give the coordinator's CA certificate \
-                     (--ca-cert, or FLEETBENCH_CA_CERT; ca.pem in its data directory)"
+                     (--ca-cert, or FLEETBENCH_CA_CERT; ca.pem in its data directory), or a join \
+                     token that pins it (fbjoin1:<CA SHA-256>:...)"
                 )));
             }
         }

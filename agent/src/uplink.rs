@@ -75,6 +75,8 @@ struct State {
     agent_id: Option<String>,
     /// This agent's own credential, once it has joined (kept in the state directory).
     credential: Option<Secret>,
+    /// The coordinator's CA certificate as the join token's pin found it (kept in the state directory).
+    pinned_ca: Option<String>,
     current: Option<Current>,
     unacked: BTreeMap<(String, u64), TelemetryWindow>,
     result: Option<RunResult>,
@@ -134,6 +136,48 @@ fn credential_file(state_dir: &Path) -> PathBuf {
     state_dir.join("credential")
 }
 
+/// The coordinator's CA certificate found through the join token's pin.
+pub fn pinned_ca_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("ca.pem")
+}
+
+/// The CA certificate to verify an `https://` coordinator against: the one configured, else the one
+/// the join token's pin found earlier, else the one the coordinator presents whose SHA-256 the join
+/// token pins (then kept in the state directory for later starts).
+async fn coordinator_ca(
+    endpoint: &str,
+    identity: &Identity,
+    state: &mut State,
+) -> Result<Option<String>> {
+    if !endpoint.starts_with("https://") {
+        return Ok(None);
+    }
+    if let Some(pem) = identity.ca_pem.as_ref().or(state.pinned_ca.as_ref()) {
+        return Ok(Some(pem.clone()));
+    }
+    let pin = identity
+        .join_token
+        .as_ref()
+        .map(|j| j.ca_sha256.clone())
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| {
+            AgentError::Config(format!(
+                "ca_cert: {endpoint} is served with TLS; give the coordinator's CA certificate \
+                 (--ca-cert), or a join token that pins it"
+            ))
+        })?;
+    let der = fleetbench_proto::connect::fetch_pinned_ca(endpoint, &pin)
+        .await
+        .map_err(AgentError::Refused)?;
+    let pem = fleetbench_common::token::certificate_pem(&der);
+    let path = pinned_ca_file(&identity.state_dir);
+    std::fs::write(&path, &pem)
+        .map_err(|e| AgentError::Io(format!("cannot save {}: {e}", path.display())))?;
+    info!(coordinator = %endpoint, ca_sha256 = %pin, file = %path.display(), "Found the CA certificate the join token pins; the coordinator is verified against it from now on.");
+    state.pinned_ca = Some(pem.clone());
+    Ok(Some(pem))
+}
+
 /// Writes the agent's credential, readable by its owner only, replacing any earlier one atomically.
 fn save_credential(state_dir: &Path, credential: &Secret) -> Result<()> {
     use std::io::Write as _;
@@ -155,6 +199,28 @@ fn save_credential(state_dir: &Path, credential: &Secret) -> Result<()> {
                 path.display()
             ))
         })
+}
+
+/// The CA certificate an earlier start found through the join token's pin, if any; refused when the
+/// join token now pins another one.
+fn pinned_ca(identity: &Identity) -> Result<Option<String>> {
+    let path = pinned_ca_file(&identity.state_dir);
+    let Ok(pem) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let have = fleetbench_common::token::ca_fingerprint(&pem)
+        .map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))?;
+    match &identity.join_token {
+        Some(j) if !j.ca_sha256.is_empty() && j.ca_sha256 != have => {
+            Err(AgentError::Config(format!(
+                "join_token: it pins the CA certificate with SHA-256 {}, but {} (found through an \
+             earlier join token) has {have}: remove it if this agent now joins another coordinator",
+                j.ca_sha256,
+                path.display()
+            )))
+        }
+        _ => Ok(Some(pem)),
+    }
 }
 
 /// Why a session ended.
@@ -190,6 +256,7 @@ pub async fn run(
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .map(Secret::new),
+        pinned_ca: pinned_ca(&identity)?,
         current: None,
         unacked: BTreeMap::new(),
         result: None,
@@ -281,7 +348,8 @@ async fn session(
     cache: &Cache,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<SessionEnd> {
-    let channel = connect(endpoint, identity.ca_pem.as_deref()).await?;
+    let ca = coordinator_ca(endpoint, identity, state).await?;
+    let channel = connect(endpoint, ca.as_deref()).await?;
     // Its own credential once it has one; the join token only before. A refused credential never
     // falls back to the join token: that would undo an operator's revocation.
     let joining = state.credential.is_none();

@@ -126,6 +126,11 @@ pub fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
+/// A DER certificate as PEM text.
+pub fn certificate_pem(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
 /// Hex SHA-256 of the DER of the first certificate in a PEM text: what join tokens pin, and what
 /// `fleetbench-coordinator init` prints as the CA fingerprint.
 pub fn ca_fingerprint(pem_text: &str) -> Result<String, String> {

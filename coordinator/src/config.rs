@@ -55,6 +55,10 @@ pub struct CoordinatorConfig {
     pub tls_cert: String,
     /// The server certificate's private key (PEM).
     pub tls_key: String,
+    /// How often the coordinator looks at its certificate files, milliseconds: a changed file (a
+    /// certificate your own tooling renewed) is served from the next connection on, and a certificate
+    /// `init` made is renewed from the CA when less than a third of its validity is left. No restart.
+    pub tls_reload_interval_ms: u64,
     /// Serve without TLS on an address other machines can reach. Without it, the coordinator refuses
     /// to start on a non-loopback address unless it has a certificate. Only on a network you trust.
     pub insecure: bool,
@@ -106,6 +110,7 @@ impl Default for CoordinatorConfig {
             addr_file: String::new(),
             tls_cert: String::new(),
             tls_key: String::new(),
+            tls_reload_interval_ms: 60_000,
             insecure: false,
             max_concurrency: 256,
             max_batch_size: 4096,
@@ -199,7 +204,7 @@ impl CoordinatorConfig {
 
 /// Environment keys read (FLEETBENCH_ + upper case); others, such as FLEETBENCH_COORDINATOR for the CLI,
 /// belong to other programs.
-const ENV_KEYS: [&str; 31] = [
+const ENV_KEYS: [&str; 32] = [
     "listen",
     "database",
     "heartbeat_interval_ms",
@@ -218,6 +223,7 @@ const ENV_KEYS: [&str; 31] = [
     "addr_file",
     "tls_cert",
     "tls_key",
+    "tls_reload_interval_ms",
     "insecure",
     "max_concurrency",
     "max_batch_size",

@@ -47,8 +47,8 @@ pub async fn serve_with_store(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(format!("listener address: {e}")))?;
-    let identity = tls::server_identity(&config)?;
-    if identity.is_none() && !addr.ip().is_loopback() && !config.insecure {
+    let certs = tls::ServerCerts::load(&config)?;
+    if certs.is_none() && !addr.ip().is_loopback() && !config.insecure {
         return Err(Error::FailedPrecondition(format!(
             "refusing to serve on {addr}, which other machines can reach, without TLS: run \
              `fleetbench-coordinator init --data-dir DIR --san HOST` and start with --data-dir DIR \
@@ -101,13 +101,19 @@ pub async fn serve_with_store(
         ingest: ingest_tx,
         heartbeats: hb_tx,
     };
-    let background = [
+    let mut background = vec![
         tokio::spawn(scheduler::run(ctx.clone(), stop_rx.clone())),
         tokio::spawn(ingest::run_writer(ctx.clone(), ingest_rx, stop_rx.clone())),
         tokio::spawn(heartbeat::run(ctx.clone(), hb_rx)),
         tokio::spawn(maintenance::run(ctx.clone(), stop_rx.clone())),
         tokio::spawn(health::run(ctx.clone(), health_reporter)),
     ];
+    if let Some(certs) = &certs {
+        background.push(tokio::spawn(certs.clone().keep_fresh(
+            std::time::Duration::from_millis(ctx.config.tls_reload_interval_ms.max(100)),
+            stop_rx.clone(),
+        )));
+    }
     if !ctx.config.addr_file.is_empty() {
         std::fs::write(&ctx.config.addr_file, addr.to_string()).map_err(|e| {
             Error::Internal(format!(
@@ -116,9 +122,8 @@ pub async fn serve_with_store(
             ))
         })?;
     }
-    info!(%addr, tls = identity.is_some(), "Coordinator listening.");
+    info!(%addr, tls = certs.is_some(), "Coordinator listening.");
 
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // Graceful shutdown waits for open streams, so agent sessions and job watches are ended first.
     let shutdown = {
         let stop_tx = stop_tx.clone();
@@ -130,16 +135,7 @@ pub async fn serve_with_store(
             ctx.registry.close_all();
         }
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some((cert, key)) = identity {
-        builder = builder
-            .tls_config(
-                tonic::transport::ServerTlsConfig::new()
-                    .identity(tonic::transport::Identity::from_pem(cert, key)),
-            )
-            .map_err(|e| Error::InvalidArgument(format!("TLS certificate or key: {e}")))?;
-    }
-    let result = builder
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_millis(
             ctx.config.keepalive_interval_ms,
         )))
@@ -166,14 +162,76 @@ pub async fn serve_with_store(
         .add_service(AdminServiceServer::new(AdminApi(ctx.clone())))
         .add_service(health_service)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| Error::Internal(format!("gRPC server: {e}")));
+        .add_service(reflection_v1alpha);
+    let result = match &certs {
+        Some(certs) => {
+            let (incoming, acceptor) = tls_incoming(listener, certs.server_config()?);
+            background.push(acceptor);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    }
+    .map_err(|e| Error::Internal(format!("gRPC server: {e}")));
     let _ = stop_tx.send(true);
     for task in background {
         task.abort();
     }
     info!("Coordinator stopped.");
     result
+}
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// TLS connections accepted on `listener`, each handshake in a task of its own (a slow or silent client
+/// holds up no one), served with `config`, whose certificate can change between connections. The
+/// task accepting them is returned, to be stopped with the server.
+fn tls_incoming(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+) -> (
+    tokio_stream::wrappers::ReceiverStream<
+        std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    >,
+    tokio::task::JoinHandle<()>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    warn!(error = %e, "Could not accept a connection.");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            if tx.is_closed() {
+                return;
+            }
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed.");
+                    }
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out."),
+                }
+            });
+        }
+    });
+    (tokio_stream::wrappers::ReceiverStream::new(rx), task)
 }

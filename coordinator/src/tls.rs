@@ -12,6 +12,9 @@
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::sign::CertifiedKey;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -142,9 +145,7 @@ pub fn init(files: &TlsFiles, names: &[String]) -> Result<Initialised> {
     // The fingerprint of a new CA comes from the DER rcgen made, that of a kept one from its PEM file:
     // the test that both agree checks the PEM reading.
     let (ca_key, new_ca, ca_fingerprint) = if files.ca_key().exists() && files.ca_cert().exists() {
-        let pem = std::fs::read_to_string(files.ca_key())
-            .map_err(|e| io("cannot read", &files.ca_key(), e))?;
-        let key = KeyPair::from_pem(&pem).map_err(|e| rc("the CA key", e))?;
+        let key = read_ca_key(files)?;
         let cert = std::fs::read_to_string(files.ca_cert())
             .map_err(|e| io("cannot read", &files.ca_cert(), e))?;
         (key, false, fingerprint(&cert)?)
@@ -158,6 +159,23 @@ pub fn init(files: &TlsFiles, names: &[String]) -> Result<Initialised> {
         let fp = hex::encode(Sha256::digest(cert.der()));
         (key, true, fp)
     };
+    let all = names_with_local(names)?;
+    issue_server_with(
+        files,
+        &ca_key,
+        &all,
+        time::Duration::days(SERVER_VALID_DAYS),
+    )?;
+    Ok(Initialised {
+        files: files.clone(),
+        new_ca,
+        ca_fingerprint,
+        names: all,
+    })
+}
+
+/// `names` checked, after the local names every certificate holds.
+fn names_with_local(names: &[String]) -> Result<Vec<String>> {
     let mut all: Vec<String> = LOCAL_NAMES.iter().map(|s| s.to_string()).collect();
     for n in names {
         let n = n.trim();
@@ -170,8 +188,29 @@ pub fn init(files: &TlsFiles, names: &[String]) -> Result<Initialised> {
             all.push(n.to_string());
         }
     }
+    Ok(all)
+}
+
+fn read_ca_key(files: &TlsFiles) -> Result<KeyPair> {
+    let pem = std::fs::read_to_string(files.ca_key())
+        .map_err(|e| io("cannot read", &files.ca_key(), e))?;
+    KeyPair::from_pem(&pem).map_err(|e| rc("the CA key", e))
+}
+
+/// Issues a server certificate for `names` (all of them, as given) signed by the CA in `files`, valid
+/// from an hour ago for `valid`, and writes it with a new key over the old files.
+pub fn issue_server(files: &TlsFiles, names: &[String], valid: time::Duration) -> Result<()> {
+    issue_server_with(files, &read_ca_key(files)?, names, valid)
+}
+
+fn issue_server_with(
+    files: &TlsFiles,
+    ca_key: &KeyPair,
+    names: &[String],
+    valid: time::Duration,
+) -> Result<()> {
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| rc("server", e))?;
-    params.subject_alt_names = all
+    params.subject_alt_names = names
         .iter()
         .map(|n| match n.parse::<IpAddr>() {
             Ok(ip) => Ok(SanType::IpAddress(ip)),
@@ -187,20 +226,249 @@ pub fn init(files: &TlsFiles, names: &[String]) -> Result<Initialised> {
         .push(DnType::CommonName, "fleetbench coordinator");
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    valid_for(&mut params, SERVER_VALID_DAYS);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + valid;
     let key = KeyPair::generate().map_err(|e| rc("a server key", e))?;
-    let issuer = Issuer::new(ca_params()?, &ca_key);
+    let issuer = Issuer::new(ca_params()?, ca_key);
     let cert = params
         .signed_by(&key, &issuer)
         .map_err(|e| rc("the server certificate", e))?;
     write_file(&files.server_key(), &key.serialize_pem(), true)?;
-    write_file(&files.server_cert(), &cert.pem(), false)?;
-    Ok(Initialised {
-        files: files.clone(),
-        new_ca,
-        ca_fingerprint,
-        names: all,
+    write_file(&files.server_cert(), &cert.pem(), false)
+}
+
+/// What a certificate says of itself: its names and validity (seconds since the epoch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// DNS names and IP addresses.
+    pub names: Vec<String>,
+    /// Start of validity.
+    pub not_before: i64,
+    /// End of validity.
+    pub not_after: i64,
+}
+
+/// Reads the names and validity of a DER certificate.
+pub fn cert_info(der: &[u8]) -> Result<CertInfo> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error::InvalidArgument(format!("not an X.509 certificate: {e}")))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => names.push(d.to_string()),
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => names.push(
+                        IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default()).to_string(),
+                    ),
+                    16 => names.push(
+                        IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default()).to_string(),
+                    ),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok(CertInfo {
+        names,
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
     })
+}
+
+/// Whether a certificate valid over `info` is due for renewal at `now` (seconds): a third of its
+/// validity or less is left.
+pub fn renewal_due(info: &CertInfo, now: i64) -> bool {
+    let life = (info.not_after - info.not_before).max(0);
+    info.not_after - now <= life / 3
+}
+
+/// Where the served certificate comes from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// Made by `init` from the CA in the data directory: renewed here before it expires, and sent
+    /// with the CA certificate, so an agent holding only a join token finds the CA it pins.
+    Own(TlsFiles),
+    /// The operator's own (`tls_cert`, `tls_key`): read again when the files change.
+    Given { cert: PathBuf, key: PathBuf },
+}
+
+/// The coordinator's server certificate, swapped in place when it is renewed or its files change:
+/// new connections get the new one, open ones keep theirs.
+#[derive(Debug)]
+pub struct ServerCerts {
+    source: Source,
+    current: std::sync::RwLock<Arc<CertifiedKey>>,
+    /// The file contents `current` was made from.
+    loaded: std::sync::Mutex<(String, String)>,
+}
+
+fn parse_key(cert_pem: &str, key_pem: &str, ca_pem: Option<&str>) -> Result<CertifiedKey> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad =
+        |what: &str, e: &dyn std::fmt::Display| Error::InvalidArgument(format!("TLS {what}: {e}"));
+    let mut chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bad("certificate", &e))?;
+    if chain.is_empty() {
+        return Err(Error::InvalidArgument(
+            "TLS certificate: the file holds no PEM certificate".into(),
+        ));
+    }
+    if let Some(ca) = ca_pem {
+        for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            let c = c.map_err(|e| bad("CA certificate", &e))?;
+            if !chain.contains(&c) {
+                chain.push(c);
+            }
+        }
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad("key", &e))?;
+    let signer =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| bad("key", &e))?;
+    Ok(CertifiedKey::new(chain, signer))
+}
+
+impl ServerCerts {
+    /// The certificate to serve with: `tls_cert`/`tls_key` when set, else the files `init` made in the
+    /// data directory; None when there are none.
+    pub fn load(config: &CoordinatorConfig) -> Result<Option<Arc<Self>>> {
+        let source = match (config.tls_cert.is_empty(), config.tls_key.is_empty()) {
+            (false, false) => Source::Given {
+                cert: PathBuf::from(&config.tls_cert),
+                key: PathBuf::from(&config.tls_key),
+            },
+            (true, true) => match data_dir_of(config).map(|d| TlsFiles::under(&d)) {
+                Some(f) if f.server_cert().exists() => Source::Own(f),
+                _ => return Ok(None),
+            },
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "tls_cert, tls_key: give both or neither".into(),
+                ));
+            }
+        };
+        let (cert, key, ca) = Self::read(&source)?;
+        let current = parse_key(&cert, &key, ca.as_deref())?;
+        Ok(Some(Arc::new(Self {
+            source,
+            current: std::sync::RwLock::new(Arc::new(current)),
+            loaded: std::sync::Mutex::new((cert, key)),
+        })))
+    }
+
+    fn paths(source: &Source) -> (PathBuf, PathBuf) {
+        match source {
+            Source::Own(f) => (f.server_cert(), f.server_key()),
+            Source::Given { cert, key } => (cert.clone(), key.clone()),
+        }
+    }
+
+    fn read(source: &Source) -> Result<(String, String, Option<String>)> {
+        let (cert, key) = Self::paths(source);
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| io("cannot read", p, e));
+        let ca = match source {
+            Source::Own(f) => std::fs::read_to_string(f.ca_cert()).ok(),
+            Source::Given { .. } => None,
+        };
+        Ok((read(&cert)?, read(&key)?, ca))
+    }
+
+    /// The certificate served now (leaf first).
+    pub fn chain(&self) -> Vec<Vec<u8>> {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        current.cert.iter().map(|c| c.to_vec()).collect()
+    }
+
+    /// Renews a certificate `init` made when it is due (the CA key must be in the data directory),
+    /// then serves the files as they are now if they changed. Returns what it did, for the log.
+    pub fn refresh(&self) -> Result<Option<String>> {
+        let mut what = None;
+        if let Source::Own(files) = &self.source
+            && files.ca_key().exists()
+        {
+            let (cert, _, _) = Self::read(&self.source)?;
+            let der = pem::parse(&cert)
+                .map_err(|e| Error::InvalidArgument(format!("TLS certificate: {e}")))?;
+            let info = cert_info(der.contents())?;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if renewal_due(&info, now) {
+                issue_server(files, &info.names, time::Duration::days(SERVER_VALID_DAYS))?;
+                what = Some(format!(
+                    "renewed the server certificate (it expired or was to expire at {}; the new one is valid for {SERVER_VALID_DAYS} days)",
+                    info.not_after
+                ));
+            }
+        }
+        let (cert, key, ca) = Self::read(&self.source)?;
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if (cert.as_str(), key.as_str()) != (loaded.0.as_str(), loaded.1.as_str()) {
+            // A certificate half written by other tooling fails to parse: the old one stays served and
+            // the next look tries again.
+            let fresh = parse_key(&cert, &key, ca.as_deref())?;
+            *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+            *loaded = (cert, key);
+            what.get_or_insert_with(|| "serving the changed certificate files".to_string());
+        }
+        Ok(what)
+    }
+
+    /// Looks at the certificate every `every` until `stop`.
+    pub async fn keep_fresh(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let me = self.clone();
+            match tokio::task::spawn_blocking(move || me.refresh()).await {
+                Ok(Ok(Some(what))) => tracing::info!("TLS: {what}."),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "TLS: could not refresh the server certificate; the current one stays.")
+                }
+                Err(e) => tracing::warn!(error = %e, "TLS: the certificate refresh failed."),
+            }
+        }
+    }
+
+    /// A rustls server configuration serving this certificate (HTTP/2 only, as gRPC needs).
+    pub fn server_config(self: &Arc<Self>) -> Result<rustls::ServerConfig> {
+        let provider = fleetbench_proto::connect::ring_provider();
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Internal(format!("TLS: {e}")))?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCerts {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
 }
 
 /// The data directory the TLS files live in: `data_dir`, else the SQLite file's folder.
@@ -217,28 +485,6 @@ pub fn data_dir_of(config: &CoordinatorConfig) -> Option<PathBuf> {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(".")),
     )
-}
-
-/// The server certificate and key (PEM) to serve with: `tls_cert`/`tls_key` when set, else the files
-/// `init` made in the data directory; None when there are none.
-pub fn server_identity(config: &CoordinatorConfig) -> Result<Option<(String, String)>> {
-    let (cert, key) = match (config.tls_cert.is_empty(), config.tls_key.is_empty()) {
-        (false, false) => (
-            PathBuf::from(&config.tls_cert),
-            PathBuf::from(&config.tls_key),
-        ),
-        (true, true) => match data_dir_of(config).map(|d| TlsFiles::under(&d)) {
-            Some(f) if f.server_cert().exists() => (f.server_cert(), f.server_key()),
-            _ => return Ok(None),
-        },
-        _ => {
-            return Err(Error::InvalidArgument(
-                "tls_cert, tls_key: give both or neither".into(),
-            ));
-        }
-    };
-    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| io("cannot read", p, e));
-    Ok(Some((read(&cert)?, read(&key)?)))
 }
 
 /// Whether `listen` (IP:port) is reachable from this machine only.
@@ -293,6 +539,84 @@ mod tests {
             let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", key.display());
         }
+    }
+
+    fn leaf(files: &TlsFiles) -> Vec<u8> {
+        let pem = std::fs::read_to_string(files.server_cert()).unwrap();
+        pem::parse(pem).unwrap().contents().to_vec()
+    }
+
+    #[test]
+    fn a_certificate_is_due_for_renewal_in_the_last_third_of_its_validity() {
+        let info = |nb, na| CertInfo {
+            names: vec![],
+            not_before: nb,
+            not_after: na,
+        };
+        assert!(!renewal_due(&info(0, 300), 199));
+        assert!(renewal_due(&info(0, 300), 200));
+        assert!(renewal_due(&info(0, 300), 400));
+    }
+
+    #[test]
+    fn a_certificate_init_made_is_renewed_for_the_same_names_and_served_with_its_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles::under(dir.path());
+        init(&files, &["coord.example.net".into(), "10.0.0.5".into()]).unwrap();
+        let config = CoordinatorConfig {
+            data_dir: dir.path().display().to_string(),
+            ..Default::default()
+        };
+        let certs = ServerCerts::load(&config).unwrap().unwrap();
+        // Served with the CA after the leaf, so a join token's pin finds it.
+        let ca = std::fs::read_to_string(files.ca_cert()).unwrap();
+        let ca_der = pem::parse(&ca).unwrap().contents().to_vec();
+        assert_eq!(certs.chain(), vec![leaf(&files), ca_der.clone()]);
+        // A year left of a year: nothing to do.
+        assert_eq!(certs.refresh().unwrap(), None);
+        // Ten minutes left of seventy: renewed, same names, a year's validity, served at once.
+        let names = cert_info(&leaf(&files)).unwrap().names;
+        issue_server(&files, &names, time::Duration::minutes(10)).unwrap();
+        let short = leaf(&files);
+        let what = certs.refresh().unwrap().unwrap();
+        assert!(what.contains("renewed"), "{what}");
+        let renewed = cert_info(&leaf(&files)).unwrap();
+        assert_ne!(leaf(&files), short);
+        assert_eq!(renewed.names, names);
+        assert!(
+            names.contains(&"10.0.0.5".to_string())
+                && names.contains(&"coord.example.net".to_string())
+        );
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        assert!(renewed.not_after - now > 300 * 86_400, "{renewed:?}");
+        assert_eq!(certs.chain(), vec![leaf(&files), ca_der]);
+    }
+
+    #[test]
+    fn certificate_files_of_your_own_are_served_again_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles::under(dir.path());
+        init(&files, &[]).unwrap();
+        let (cert, key) = (dir.path().join("mine.pem"), dir.path().join("mine.key"));
+        std::fs::copy(files.server_cert(), &cert).unwrap();
+        std::fs::copy(files.server_key(), &key).unwrap();
+        let config = CoordinatorConfig {
+            tls_cert: cert.display().to_string(),
+            tls_key: key.display().to_string(),
+            ..Default::default()
+        };
+        let certs = ServerCerts::load(&config).unwrap().unwrap();
+        assert_eq!(certs.chain(), vec![leaf(&files)]);
+        assert_eq!(certs.refresh().unwrap(), None);
+        // Your tooling renews them (here: init again); a half-written key is not served.
+        init(&files, &[]).unwrap();
+        std::fs::copy(files.server_cert(), &cert).unwrap();
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\ntrunc").unwrap();
+        assert!(certs.refresh().is_err());
+        assert_ne!(certs.chain(), vec![leaf(&files)]);
+        std::fs::copy(files.server_key(), &key).unwrap();
+        assert!(certs.refresh().unwrap().is_some());
+        assert_eq!(certs.chain(), vec![leaf(&files)]);
     }
 
     #[test]

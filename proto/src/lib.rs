@@ -89,6 +89,125 @@ pub mod connect {
         }
     }
 
+    /// The workspace's one TLS crypto provider: rustls on `ring` (no second crypto library). rustls
+    /// marks it deprecated only because `ring` offers no post-quantum key exchange.
+    pub fn ring_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+        #[allow(deprecated)]
+        std::sync::Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// Records the certificates a server presents and accepts them: only for reading what a server
+    /// presents, never for a connection that carries anything.
+    #[derive(Debug)]
+    struct Capture {
+        seen: std::sync::Mutex<Vec<Vec<u8>>>,
+        algs: rustls::crypto::WebPkiSupportedAlgorithms,
+    }
+
+    impl rustls::client::danger::ServerCertVerifier for Capture {
+        fn verify_server_cert(
+            &self,
+            end_entity: &rustls::pki_types::CertificateDer<'_>,
+            intermediates: &[rustls::pki_types::CertificateDer<'_>],
+            _server_name: &rustls::pki_types::ServerName<'_>,
+            _ocsp_response: &[u8],
+            _now: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            seen.push(end_entity.to_vec());
+            seen.extend(intermediates.iter().map(|c| c.to_vec()));
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.algs.supported_schemes()
+        }
+    }
+
+    /// The certificates the TLS server at `url` (`https://HOST:PORT`) presents, leaf first, read
+    /// without trusting them: nothing is sent over that connection.
+    pub async fn presented_chain(url: &str) -> Result<Vec<Vec<u8>>, String> {
+        let uri: tonic::codegen::http::Uri = url
+            .parse()
+            .map_err(|e| format!("coordinator address '{url}' is not a valid URL: {e}"))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("coordinator address '{url}' names no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(443);
+        let provider = ring_provider();
+        let capture = std::sync::Arc::new(Capture {
+            seen: Default::default(),
+            algs: provider.signature_verification_algorithms,
+        });
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .dangerous()
+            .with_custom_certificate_verifier(capture.clone())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| format!("coordinator address '{url}': {e}"))?;
+        let timeout = std::time::Duration::from_secs(10);
+        let handshake = async {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|e| format!("cannot reach {url}: {e}"))?;
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("no TLS handshake with {url} (is it served with TLS?): {e}"))
+        };
+        tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| format!("no TLS handshake with {url} within {timeout:?}"))??;
+        let seen = std::mem::take(&mut *capture.seen.lock().unwrap_or_else(|e| e.into_inner()));
+        Ok(seen)
+    }
+
+    /// The CA certificate (DER) whose SHA-256 is `pin`, as the coordinator at `url` presents it beside
+    /// its own certificate: how an agent holding only a join token finds the CA it then verifies the
+    /// coordinator against (as k3s agents do with the CA hash in their token). The error says what the
+    /// server presented instead.
+    pub async fn fetch_pinned_ca(url: &str, pin: &str) -> Result<Vec<u8>, String> {
+        use sha2::{Digest, Sha256};
+        let chain = presented_chain(url).await?;
+        let hashes: Vec<String> = chain
+            .iter()
+            .map(|c| hex::encode(Sha256::digest(c)))
+            .collect();
+        match hashes.iter().position(|h| h.eq_ignore_ascii_case(pin)) {
+            Some(i) => Ok(chain[i].clone()),
+            None => Err(format!(
+                "the server at {url} did not present the CA certificate the join token pins \
+                 (SHA-256 {pin}); it presented certificates with SHA-256 {}: it is another \
+                 coordinator, or something between us is not the coordinator",
+                hashes.join(", ")
+            )),
+        }
+    }
+
     /// Reads a CA certificate file (PEM), naming the file when it cannot.
     pub fn read_ca(path: &std::path::Path) -> Result<String, String> {
         let text = std::fs::read_to_string(path)

@@ -178,3 +178,119 @@ async fn health_and_reflection_answer_generic_clients_and_health_follows_the_dat
         .store(false, std::sync::atomic::Ordering::SeqCst);
     wait_for("SERVING", "").await;
 }
+
+/// SHA-256 of a DER certificate, hex.
+fn sha256_hex(der: &[u8]) -> String {
+    fleetbench_common::sha256_hex(der)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_holding_only_a_join_token_finds_the_ca_it_pins_and_a_wrong_pin_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = TestCoordinator::sqlite_tls(dir.path(), |_| {}).await;
+    let client = coord.client().await;
+    let ca_pem = std::fs::read_to_string(coord.ca_cert.as_ref().unwrap()).unwrap();
+    let fingerprint = fleetbench_common::token::ca_fingerprint(&ca_pem).unwrap();
+    let mut join = fleetbench_common::token::JoinToken::parse(&coord.tokens.join).unwrap();
+    join.ca_sha256 = fingerprint.clone();
+    let pinned = join.to_secret_string().expose().to_string();
+
+    // The coordinator presents its CA beside its own certificate; a pin of another CA finds nothing
+    // and the error says what was presented.
+    let chain = fleetbench_proto::connect::presented_chain(&coord.url)
+        .await
+        .unwrap();
+    assert_eq!(chain.len(), 2);
+    assert_eq!(sha256_hex(&chain[1]), fingerprint);
+    let other = "ab".repeat(32);
+    let e = fleetbench_proto::connect::fetch_pinned_ca(&coord.url, &other)
+        .await
+        .unwrap_err();
+    assert!(e.contains(&other) && e.contains(&fingerprint), "{e}");
+    println!("a wrong pin: {e}");
+    // Plain TCP that is not TLS: a clear error, not a hang.
+    let e = fleetbench_proto::connect::presented_chain(&format!(
+        "https://{}",
+        not_tls_listener().await
+    ))
+    .await
+    .unwrap_err();
+    assert!(e.contains("TLS"), "{e}");
+
+    // An agent with the pinned join token and no --ca-cert joins over verified TLS and keeps the CA.
+    let config = agent_config(&coord.url, &pinned, "pinned", &[], dir.path());
+    let state = config.state_dir.clone();
+    assert!(config.ca_cert.as_os_str().is_empty());
+    config.validate().unwrap();
+    let _agent = TestAgent::start(config);
+    wait_online(&client, 1).await;
+    let kept = std::fs::read_to_string(fleetbench_agent::uplink::pinned_ca_file(&state)).unwrap();
+    assert_eq!(
+        fleetbench_common::token::ca_fingerprint(&kept).unwrap(),
+        fingerprint
+    );
+    // Later starts go by the kept CA; a join token pinning another CA is refused at start.
+    join.ca_sha256 = other;
+    let config = agent_config(
+        &coord.url,
+        join.to_secret_string().expose(),
+        "pinned",
+        &[],
+        dir.path(),
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let e = fleetbench_agent::run(config, rx)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pins the CA certificate"), "{e}");
+}
+
+/// An address where something listens that is not a TLS server (it accepts and closes).
+async fn not_tls_listener() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            drop(s);
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_server_certificate_is_renewed_before_it_expires_without_a_restart() {
+    use fleetbench_coordinator::tls;
+    let dir = tempfile::tempdir().unwrap();
+    let files = tls::TlsFiles::under(dir.path());
+    tls::init(&files, &[]).unwrap();
+    // A certificate with ten minutes left of its seventy.
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    tls::issue_server(&files, &names, time::Duration::minutes(10)).unwrap();
+    let coord = TestCoordinator::sqlite(dir.path(), |c| {
+        c.data_dir = dir.path().display().to_string();
+        c.tls_reload_interval_ms = 100;
+    })
+    .await;
+    let client = coord.client().await;
+    let now = || time::OffsetDateTime::now_utc().unix_timestamp();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let renewed = loop {
+        let chain = fleetbench_proto::connect::presented_chain(&coord.url)
+            .await
+            .unwrap();
+        let info = tls::cert_info(&chain[0]).unwrap();
+        if info.not_after - now() > 300 * 86_400 {
+            break info;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never renewed: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(renewed.names, names);
+    // The client that connected before still works, and a new one verifies the new certificate.
+    assert_eq!(list(&client).await, Ok(0));
+    assert_eq!(list(&coord.client().await).await, Ok(0));
+}
