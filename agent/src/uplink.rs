@@ -411,7 +411,11 @@ async fn session(
     if !reg.agent_credential.is_empty() {
         let credential = Secret::new(reg.agent_credential.clone());
         save_credential(&identity.state_dir, &credential)?;
-        info!(agent_id = %reg.agent_id, "Joined the fleet; this agent's credential is kept in its state directory.");
+        if joining {
+            info!(agent_id = %reg.agent_id, "Joined the fleet; this agent's credential is kept in its state directory.");
+        } else {
+            info!(agent_id = %reg.agent_id, "Renewed this agent's credential (kept in its state directory).");
+        }
         // The session and downloads go with the agent's own credential, never the join token.
         bearer = Bearer::new(Some(credential.expose())).map_err(AgentError::Config)?;
         client = AgentServiceClient::with_interceptor(channel.clone(), bearer.clone());

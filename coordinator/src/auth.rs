@@ -156,10 +156,26 @@ pub async fn authenticate(ctx: &Context, bearer: Option<&str>) -> Result<Princip
         return Err(invalid());
     };
     let given = token.secret_hash();
-    if !bool::from(given.as_bytes().ct_eq(row.secret_sha256.as_bytes())) {
-        return Err(invalid());
-    }
     let now = now_ms();
+    let mut row = row;
+    if !bool::from(given.as_bytes().ct_eq(row.secret_sha256.as_bytes())) {
+        // An agent's first call with the credential it was offered in renewal makes it its only one.
+        let offered = !row.next_secret_sha256.is_empty()
+            && bool::from(given.as_bytes().ct_eq(row.next_secret_sha256.as_bytes()));
+        if !offered || row.role != Role::Agent.as_str() || row.revoked_at > 0 {
+            return Err(invalid());
+        }
+        let expires_at = credential_expiry(ctx.config.agent_credential_ttl_ms, now);
+        if !ctx
+            .store
+            .promote_token_secret(&row.id, &given, expires_at)
+            .await?
+        {
+            return Err(invalid());
+        }
+        tracing::info!(agent = %row.agent_id, "The agent's renewed credential is in use; its old one no longer works.");
+        row.expires_at = expires_at;
+    }
     if row.revoked_at > 0 {
         return Err(Error::Unauthenticated(format!(
             "token '{}' was revoked",
@@ -229,6 +245,7 @@ fn mint(name: &str, role: Role, ttl_ms: u64, uses: u64, agent_id: &str) -> (Toke
         expires_at: if ttl_ms == 0 { 0 } else { now + ttl_ms as i64 },
         revoked_at: 0,
         last_used_at: 0,
+        next_secret_sha256: String::new(),
     };
     (row, token)
 }
@@ -322,10 +339,45 @@ pub fn agent_token_name(agent_id: &str) -> String {
     format!("agent:{agent_id}")
 }
 
-/// Issues a new credential for `agent_id` (any earlier one stops working).
-pub async fn issue_agent_credential(store: &dyn Store, agent_id: &str) -> Result<Secret> {
-    let (row, token) = mint(&agent_token_name(agent_id), Role::Agent, 0, 0, agent_id);
+/// Issues a new credential for `agent_id`, valid for `ttl_ms` (0: until revoked); any earlier one
+/// stops working.
+pub async fn issue_agent_credential(
+    store: &dyn Store,
+    agent_id: &str,
+    ttl_ms: u64,
+) -> Result<Secret> {
+    let (row, token) = mint(
+        &agent_token_name(agent_id),
+        Role::Agent,
+        ttl_ms,
+        0,
+        agent_id,
+    );
     store.replace_agent_credential(&row).await?;
+    Ok(token.to_secret_string())
+}
+
+/// When a credential made or renewed at `now` expires (0: never).
+fn credential_expiry(ttl_ms: u64, now: i64) -> i64 {
+    if ttl_ms == 0 { 0 } else { now + ttl_ms as i64 }
+}
+
+/// Whether an agent's credential is due for renewal at `now`: in the second half of its validity, or
+/// made without an expiry while credentials now have one.
+pub fn renewal_due(row: &TokenRecord, ttl_ms: u64, now: i64) -> bool {
+    ttl_ms > 0 && (row.expires_at == 0 || row.expires_at - now <= ttl_ms as i64 / 2)
+}
+
+/// Offers agent credential `row` a new secret, which becomes its only one when first used (the old
+/// one works until then, so an answer lost on the way costs nothing). Returns the new credential.
+pub async fn renew_agent_credential(store: &dyn Store, row: &TokenRecord) -> Result<Secret> {
+    let token = Token {
+        id: row.id.clone(),
+        ..Token::mint()
+    };
+    store
+        .offer_token_secret(&row.id, &token.secret_hash())
+        .await?;
     Ok(token.to_secret_string())
 }
 

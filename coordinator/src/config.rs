@@ -59,6 +59,10 @@ pub struct CoordinatorConfig {
     /// certificate your own tooling renewed) is served from the next connection on, and a certificate
     /// `init` made is renewed from the CA when less than a third of its validity is left. No restart.
     pub tls_reload_interval_ms: u64,
+    /// How long an agent's credential is valid, milliseconds (0: until revoked). An agent registering
+    /// in the second half of that time is given a new one, and an agent whose session outlives that
+    /// half is asked to reconnect for it: agents renew without a new join.
+    pub agent_credential_ttl_ms: u64,
     /// Serve without TLS on an address other machines can reach. Without it, the coordinator refuses
     /// to start on a non-loopback address unless it has a certificate. Only on a network you trust.
     pub insecure: bool,
@@ -111,6 +115,7 @@ impl Default for CoordinatorConfig {
             tls_cert: String::new(),
             tls_key: String::new(),
             tls_reload_interval_ms: 60_000,
+            agent_credential_ttl_ms: 30 * 24 * 3600 * 1000,
             insecure: false,
             max_concurrency: 256,
             max_batch_size: 4096,
@@ -178,6 +183,13 @@ impl CoordinatorConfig {
                 "max_tasks_per_job: must be > 0".into(),
             ));
         }
+        if self.agent_credential_ttl_ms != 0 && self.agent_credential_ttl_ms < 2_000 {
+            return Err(Error::InvalidArgument(format!(
+                "agent_credential_ttl_ms: {} is too short for agents to renew in time; give at least \
+                 2000, or 0 for credentials that last until revoked",
+                self.agent_credential_ttl_ms
+            )));
+        }
         if self.keepalive_interval_ms == 0 || self.keepalive_timeout_ms == 0 {
             return Err(Error::InvalidArgument(
                 "keepalive_interval_ms, keepalive_timeout_ms: must be > 0".into(),
@@ -204,7 +216,7 @@ impl CoordinatorConfig {
 
 /// Environment keys read (FLEETBENCH_ + upper case); others, such as FLEETBENCH_COORDINATOR for the CLI,
 /// belong to other programs.
-const ENV_KEYS: [&str; 32] = [
+const ENV_KEYS: [&str; 33] = [
     "listen",
     "database",
     "heartbeat_interval_ms",
@@ -224,6 +236,7 @@ const ENV_KEYS: [&str; 32] = [
     "tls_cert",
     "tls_key",
     "tls_reload_interval_ms",
+    "agent_credential_ttl_ms",
     "insecure",
     "max_concurrency",
     "max_batch_size",

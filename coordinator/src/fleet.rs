@@ -115,11 +115,18 @@ pub async fn register(
     };
     let agent_id = coord.store.register_agent(&reg, now).await?;
     tracing::info!(agent = %agent_id, name = %reg.name, platform = %pname, "Agent registered.");
+    let ttl = coord.config.agent_credential_ttl_ms;
     let agent_credential = if joining {
         who.audit("agent joined", &format!("{} ({agent_id})", reg.name));
-        auth::issue_agent_credential(coord.store.as_ref(), &agent_id).await?
+        auth::issue_agent_credential(coord.store.as_ref(), &agent_id, ttl).await?
     } else {
-        Default::default()
+        match coord.store.get_token(&who.token_id).await? {
+            Some(row) if auth::renewal_due(&row, ttl, now) => {
+                tracing::info!(agent = %agent_id, name = %reg.name, "Renewing the agent's credential.");
+                auth::renew_agent_credential(coord.store.as_ref(), &row).await?
+            }
+            _ => Default::default(),
+        }
     };
     Ok(Registered {
         agent_id,

@@ -11,6 +11,7 @@ use fleetbench_common::now_ms;
 use fleetbench_proto::v1::{AgentMessage, SessionHello, agent_message::Body as In};
 use tracing::{debug, info, warn};
 
+use crate::auth;
 use crate::context::{Context, stopped};
 use crate::domain::{RunResult, Window};
 use crate::error::{Error, Result};
@@ -180,13 +181,29 @@ async fn route(ctx: &Context, queues: &Queues, s: &Opened, message: AgentMessage
 /// through another replica closes it within this).
 pub const CREDENTIAL_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// True unless the credential `token_id` was revoked or removed (a database error keeps the session:
-/// an outage must not drop the fleet).
-async fn credential_stands(ctx: &Context, token_id: &str) -> bool {
+/// Why an agent's credential no longer holds its session, if it does not.
+async fn credential_ends_session(ctx: &Context, token_id: &str) -> Option<&'static str> {
+    let now = now_ms();
     match ctx.store.get_token(token_id).await {
-        Ok(Some(t)) => t.revoked_at == 0,
-        Ok(None) => false,
-        Err(_) => true,
+        Ok(Some(t)) if t.revoked_at > 0 => {
+            Some("The agent's credential was revoked; closing its session.")
+        }
+        Ok(Some(t)) if t.expires_at > 0 && now >= t.expires_at => {
+            Some("The agent's credential expired; closing its session.")
+        }
+        // The agent renews when it registers: it reconnects at once and resumes its run.
+        Ok(Some(t))
+            if t.next_secret_sha256.is_empty()
+                && auth::renewal_due(&t, ctx.config.agent_credential_ttl_ms, now) =>
+        {
+            Some(
+                "The agent's credential is due for renewal; closing its session so it reconnects and renews.",
+            )
+        }
+        Ok(Some(_)) => None,
+        Ok(None) => Some("The agent's credential was removed; closing its session."),
+        // A database error keeps the session: an outage must not drop the fleet.
+        Err(_) => None,
     }
 }
 
@@ -208,10 +225,10 @@ pub async fn serve(
             _ = stopped(&mut stopping) => break,
             _ = session.link.closed() => break,
             _ = check.tick() => {
-                if credential_stands(&ctx, &token_id).await {
+                let Some(why) = credential_ends_session(&ctx, &token_id).await else {
                     continue;
-                }
-                info!(agent = %session.agent.name, "The agent's credential was revoked; closing its session.");
+                };
+                info!(agent = %session.agent.name, "{why}");
                 break;
             }
         };

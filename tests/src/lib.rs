@@ -1282,6 +1282,19 @@ mod faulty {
         async fn replace_agent_credential(&self, t: &TokenRecord) -> Result<()> {
             self.inner.replace_agent_credential(t).await
         }
+        async fn offer_token_secret(&self, id: &str, next_sha256: &str) -> Result<()> {
+            self.inner.offer_token_secret(id, next_sha256).await
+        }
+        async fn promote_token_secret(
+            &self,
+            id: &str,
+            next_sha256: &str,
+            expires_at: i64,
+        ) -> Result<bool> {
+            self.inner
+                .promote_token_secret(id, next_sha256, expires_at)
+                .await
+        }
         async fn revoke_agent_credentials(&self, agent_id: &str, now: i64) -> Result<u64> {
             self.inner.revoke_agent_credentials(agent_id, now).await
         }

@@ -383,6 +383,62 @@ async fn contract(s: Arc<dyn Store>) {
             .unwrap()
             .is_none()
     );
+
+    tokens(s.as_ref(), now).await;
+}
+
+/// Agent credentials: replaced whole, renewed by an offered secret that becomes the only one once
+/// promoted, and only while it is the one on offer.
+async fn tokens(s: &dyn Store, now: i64) {
+    let row = store::TokenRecord {
+        id: "0123456789abcdef".into(),
+        name: "agent:a1".into(),
+        role: "agent".into(),
+        secret_sha256: "old".into(),
+        agent_id: "a1".into(),
+        uses_left: -1,
+        created_at: now,
+        expires_at: now + 1000,
+        revoked_at: 0,
+        last_used_at: 0,
+        next_secret_sha256: String::new(),
+    };
+    s.replace_agent_credential(&row).await.unwrap();
+    s.offer_token_secret(&row.id, "new").await.unwrap();
+    let offered = s.get_token(&row.id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            offered.secret_sha256.as_str(),
+            offered.next_secret_sha256.as_str()
+        ),
+        ("old", "new")
+    );
+    assert!(
+        !s.promote_token_secret(&row.id, "other", now + 5000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.promote_token_secret(&row.id, "new", now + 5000)
+            .await
+            .unwrap()
+    );
+    let renewed = s.get_token(&row.id).await.unwrap().unwrap();
+    assert_eq!(renewed.secret_sha256, "new");
+    assert_eq!(renewed.next_secret_sha256, "");
+    assert_eq!(renewed.expires_at, now + 5000);
+    // Promoting twice, or an empty offer, does nothing.
+    assert!(
+        !s.promote_token_secret(&row.id, "new", now + 9000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.promote_token_secret(&row.id, "", now + 9000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.revoke_agent_credentials("a1", now).await.unwrap(), 1);
 }
 
 /// Many agents leasing at once: no task is leased twice, and no host runs two tasks.

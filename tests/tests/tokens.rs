@@ -828,3 +828,66 @@ async fn an_agent_downloads_the_artifacts_of_its_own_task_and_nothing_else() {
     // People's tokens still read everything.
     read_blob(&client, &int8.artifact_sha256).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_renews_its_credential_before_it_expires_without_a_new_join_even_mid_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = TestCoordinator::sqlite(dir.path(), |c| {
+        c.lease_timeout_ms = 60_000;
+        c.agent_credential_ttl_ms = 4_000;
+    })
+    .await;
+    let client = coord.client().await;
+    let config = coord.agent("renewing", &[], dir.path());
+    let file = config.state_dir.join("credential");
+    let _agent = TestAgent::start(config);
+    wait_online(&client, 1).await;
+    let joined = list_agents(&client).await.remove(0);
+    push_digits(&client).await;
+    // A run longer than the credential's validity.
+    let id = jobs::submit(
+        &client,
+        &JobArgs {
+            model: Some("digits".into()),
+            variants: vec!["fp32".into()],
+            duration_s: Some(9.0),
+            min_duration_s: Some(9.0),
+            warmup: Some(5),
+            skip_accuracy: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Three credentials in turn: when the third is offered, the agent had used the second, so the
+    // first is gone for good.
+    let read = || std::fs::read_to_string(&file).unwrap_or_default();
+    let mut seen = vec![read()];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while seen.len() < 3 {
+        let now = read();
+        if !now.is_empty() && !seen.contains(&now) {
+            seen.push(now);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "renewed {} times",
+            seen.len() - 1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut with_first = agent_client(&coord.url, seen[0].trim()).await;
+    let e = with_first
+        .register(fake_registration("renewing", &joined.agent_id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // The run went through the renewals; the agent is the same one, never re-joined.
+    let s = wait_job(&client, &id, Duration::from_secs(60)).await;
+    assert_eq!(s.state, "succeeded", "{s:?}");
+    let agents = list_agents(&client).await;
+    assert_eq!(agents.len(), 1);
+    assert_eq!(agents[0].agent_id, joined.agent_id);
+    let run = job_detail(&client, &id).await.tasks[0].run.clone().unwrap();
+    assert_eq!(run.agent, "renewing");
+}

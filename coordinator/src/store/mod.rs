@@ -530,6 +530,9 @@ pub struct TokenRecord {
     pub revoked_at: i64,
     /// Unix ms; 0: never (written at most once a minute).
     pub last_used_at: i64,
+    /// For an agent's credential being renewed, the hex SHA-256 of the new secret it was offered;
+    /// empty otherwise.
+    pub next_secret_sha256: String,
 }
 
 /// Tokens and credentials.
@@ -551,6 +554,16 @@ pub trait TokenStore: Send + Sync {
     async fn use_token(&self, id: &str, now: i64, consume: bool) -> Result<bool>;
     /// Stores an agent's new credential in place of any earlier one.
     async fn replace_agent_credential(&self, t: &TokenRecord) -> Result<()>;
+    /// Offers a token a new secret (by hash), which works alongside the current one until used.
+    async fn offer_token_secret(&self, id: &str, next_sha256: &str) -> Result<()>;
+    /// Makes the offered secret `next_sha256` the token's only one, valid until `expires_at`; false
+    /// when it is no longer the one on offer.
+    async fn promote_token_secret(
+        &self,
+        id: &str,
+        next_sha256: &str,
+        expires_at: i64,
+    ) -> Result<bool>;
     /// Revokes an agent's credentials; returns how many.
     async fn revoke_agent_credentials(&self, agent_id: &str, now: i64) -> Result<u64>;
 }

@@ -59,6 +59,11 @@ pub const MIGRATIONS: EmbeddedMigrations = &[
         "tokens",
         include_str!("../../../migrations/postgres/0009_tokens.sql"),
     ),
+    (
+        10,
+        "credential renewal",
+        include_str!("../../../migrations/postgres/0010_credential_renewal.sql"),
+    ),
 ];
 
 /// Connects to a `postgres://` URL and migrates the database.

@@ -58,6 +58,11 @@ pub const MIGRATIONS: EmbeddedMigrations = &[
         "tokens",
         include_str!("../../../migrations/sqlite/0009_tokens.sql"),
     ),
+    (
+        10,
+        "credential renewal",
+        include_str!("../../../migrations/sqlite/0010_credential_renewal.sql"),
+    ),
 ];
 
 /// Opens (creating when missing) a SQLite database from a `sqlite://PATH` URL and migrates it. Blob

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::store::{TokenRecord, TokenStore};
 
 const TOKEN_SELECT: &str = "SELECT id, name, role, secret_sha256, agent_id, uses_left, created_at, \
-     expires_at, revoked_at, last_used_at FROM tokens";
+     expires_at, revoked_at, last_used_at, next_secret_sha256 FROM tokens";
 
 fn token_record(row: &AnyRow) -> Result<TokenRecord> {
     Ok(TokenRecord {
@@ -23,6 +23,7 @@ fn token_record(row: &AnyRow) -> Result<TokenRecord> {
         expires_at: row.try_get(7)?,
         revoked_at: row.try_get(8)?,
         last_used_at: row.try_get(9)?,
+        next_secret_sha256: row.try_get(10)?,
     })
 }
 
@@ -132,6 +133,35 @@ impl TokenStore for SqlStore {
         insert(t).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn offer_token_secret(&self, id: &str, next_sha256: &str) -> Result<()> {
+        let _writer = self.writer().await;
+        sqlx::query("UPDATE tokens SET next_secret_sha256 = $1 WHERE id = $2")
+            .bind(next_sha256)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn promote_token_secret(
+        &self,
+        id: &str,
+        next_sha256: &str,
+        expires_at: i64,
+    ) -> Result<bool> {
+        let _writer = self.writer().await;
+        let done = sqlx::query(
+            "UPDATE tokens SET secret_sha256 = next_secret_sha256, next_secret_sha256 = '', \
+             expires_at = $1 WHERE id = $2 AND next_secret_sha256 = $3 AND next_secret_sha256 <> ''",
+        )
+        .bind(expires_at)
+        .bind(id)
+        .bind(next_sha256)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn revoke_agent_credentials(&self, agent_id: &str, now: i64) -> Result<u64> {
