@@ -178,3 +178,72 @@ async fn jobs_are_watched_and_cancelled_from_any_replica() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_holding_only_the_join_token_fails_over_between_tls_replicas_of_one_ca() {
+    use fleetbench_coordinator::tls;
+    let dir = tempfile::tempdir().unwrap();
+    let db = PgDb::create().await;
+    // The first replica's CA, copied to the second, whose `init` keeps it (README: Replicas).
+    let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
+    let first = tls::init(&tls::TlsFiles::under(&dir_a), &[]).unwrap();
+    let (files_a, files_b) = (tls::TlsFiles::under(&dir_a), tls::TlsFiles::under(&dir_b));
+    std::fs::create_dir_all(&files_b.dir).unwrap();
+    std::fs::copy(files_a.ca_cert(), files_b.ca_cert()).unwrap();
+    std::fs::copy(files_a.ca_key(), files_b.ca_key()).unwrap();
+    let second = tls::init(&files_b, &[]).unwrap();
+    assert!(!second.new_ca);
+    assert_eq!(second.ca_fingerprint, first.ca_fingerprint);
+    let replica = |d: &std::path::Path| {
+        let mut c = test_config(&db.url);
+        c.data_dir = d.display().to_string();
+        c.lease_timeout_ms = 4_000;
+        c
+    };
+    let bind = || async { tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap() };
+    let a = TestCoordinator::serve(replica(&dir_a), bind().await).await;
+    let b = TestCoordinator::serve(replica(&dir_b), bind().await).await;
+    assert!(a.url.starts_with("https://") && b.url.starts_with("https://"));
+
+    // The agent has no CA file: only the join token, pinning the CA by its hash.
+    let mut join = fleetbench_common::token::JoinToken::parse(&a.tokens.join).unwrap();
+    join.ca_sha256 = first.ca_fingerprint.clone();
+    let mut config = agent_config(
+        &a.url,
+        join.to_secret_string().expose(),
+        "roamer",
+        &[],
+        dir.path(),
+    );
+    config.coordinator = vec![a.url.clone(), b.url.clone()];
+    config.max_backoff_ms = 300;
+    let stats = Arc::new(fleetbench_agent::uplink::UplinkStats::default());
+    let _agent = TestAgent::start_with(config, None, stats.clone());
+    let via_a = a.client().await;
+    wait_online(&via_a, 1).await;
+    push_digits(&via_a).await;
+
+    // A goes away; the agent verifies B against the same CA and carries on there.
+    a.stop().await;
+    wait_until("the agent opened a session on replica B", || {
+        let stats = stats.clone();
+        async move { stats.sessions.load(std::sync::atomic::Ordering::Relaxed) >= 2 }
+    })
+    .await;
+    let via_b = b.client().await;
+    let id = jobs::submit(
+        &via_b,
+        &JobArgs {
+            model: Some("digits".into()),
+            variants: vec!["fp32".into()],
+            iterations: Some(50),
+            warmup: Some(5),
+            skip_accuracy: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let s = wait_job(&via_b, &id, Duration::from_secs(60)).await;
+    assert_eq!(s.state, "succeeded", "{:?}", job_detail(&via_b, &id).await);
+}
