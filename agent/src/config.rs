@@ -110,6 +110,18 @@ impl AgentConfig {
                 "coordinator: at least one coordinator address is needed".into(),
             ));
         }
+        let tls = self
+            .coordinator
+            .iter()
+            .filter(|c| c.starts_with("https://"))
+            .count();
+        if tls > 0 && tls < self.coordinator.len() {
+            return Err(AgentError::Config(format!(
+                "coordinator: {} mixes https:// and http:// addresses; replicas of one fleet are \
+                 reached the same way, and an agent that verifies one must not talk in clear to another",
+                self.coordinator.join(", ")
+            )));
+        }
         for c in &self.coordinator {
             if !(c.starts_with("http://") || c.starts_with("https://")) {
                 return Err(AgentError::Config(format!(
@@ -180,5 +192,24 @@ impl AgentConfig {
         crate::inventory::parse_cpu_list(&self.cpus)
             .map(Some)
             .map_err(AgentError::Config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_reached_in_clear_and_over_tls_at_once_are_refused() {
+        let config = AgentConfig {
+            coordinator: vec![
+                "https://a.example.net:7700".into(),
+                "http://b.example.net:7700".into(),
+            ],
+            ca_cert: "/etc/fleetbench/ca.pem".into(),
+            ..Default::default()
+        };
+        let e = config.validate().unwrap_err().to_string();
+        assert!(e.contains("mixes https:// and http://"), "{e}");
     }
 }

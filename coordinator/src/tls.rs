@@ -184,6 +184,13 @@ fn names_with_local(names: &[String]) -> Result<Vec<String>> {
                 "san: '{n}' is not a host name or IP address"
             )));
         }
+        // A port has no place in a certificate's names (IPv6 addresses hold colons of their own).
+        if n.contains(':') && n.parse::<IpAddr>().is_err() {
+            return Err(Error::InvalidArgument(format!(
+                "san: '{n}' looks like HOST:PORT; give the name or address alone (the port is not \
+                 part of a certificate's names)"
+            )));
+        }
         if !all.iter().any(|a| a == n) {
             all.push(n.to_string());
         }
@@ -519,6 +526,10 @@ mod tests {
             server1
         );
         assert!(init(&files, &["two words".into()]).is_err());
+        let e = init(&files, &["coord.example.net:7700".into()]).unwrap_err();
+        assert!(e.to_string().contains("HOST:PORT"), "{e}");
+        assert!(init(&files, &["10.0.0.5:7700".into()]).is_err());
+        assert!(init(&files, &["fd00::5".into()]).is_ok());
     }
 
     #[test]
