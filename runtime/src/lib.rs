@@ -2,11 +2,13 @@
 //! [`load`] finds and loads the runtime library (`load-dynamic`: each machine brings its own build) and
 //! reports its version and providers; [`inputs`] builds a session's input tensors from its own
 //! metadata; [`data`] reads .npy/.npz files; [`batches`] cuts a data set into batches and reads outputs
-//! back as numbers.
+//! back as numbers; [`decoder`] detects decoder-only language models and generates tokens with their KV
+//! cache.
 
 pub mod batches;
 pub mod compat;
 pub mod data;
+pub mod decoder;
 pub mod inputs;
 pub mod load;
 

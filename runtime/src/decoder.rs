@@ -1,0 +1,474 @@
+//! Decoder-only language models: detecting their inputs and outputs, and generating tokens.
+//!
+//! The convention is the one Hugging Face Optimum and onnxruntime-genai export: `input_ids`, optional
+//! `attention_mask` and `position_ids`, and `past_key_values.{i}.key` / `.value` of shape
+//! `[batch, heads, past, head_dim]` in; `logits` `[batch, seq, vocab]` and `present.{i}.key` / `.value`
+//! out. A model without `past_key_values` inputs recomputes the whole sequence at every step.
+//!
+//! Generation runs the prompt in one call (prefill), then one call per new token, handing each call's
+//! present tensors to the next call as its past without copying them: the output values are moved
+//! into the next call's inputs.
+
+use std::time::Instant;
+
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+
+use crate::{Result, RuntimeError};
+
+/// A graph input or output as the model declares it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IoSpec {
+    /// Name.
+    pub name: String,
+    /// Element type; None for a non-tensor value.
+    pub ty: Option<TensorElementType>,
+    /// Declared dims (-1 when symbolic).
+    pub dims: Vec<i64>,
+}
+
+/// What each of the session's inputs is, in the session's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    InputIds,
+    AttentionMask,
+    PositionIds,
+    PastKey(usize),
+    PastValue(usize),
+}
+
+/// A decoder's inputs and outputs, as detected.
+#[derive(Debug, Clone)]
+pub struct DecoderIo {
+    slots: Vec<Slot>,
+    /// Output positions of `logits`, and of each layer's present key and value.
+    logits: usize,
+    present: Vec<(usize, usize)>,
+    /// Element type of the KV cache.
+    pub kv_type: TensorElementType,
+    /// Heads in the KV cache (key-value heads, fewer than query heads under grouped-query attention).
+    pub kv_heads: i64,
+    /// Size of one head.
+    pub head_dim: i64,
+    /// Vocabulary size when the model states it (the last dim of `logits`).
+    pub vocab: Option<i64>,
+    /// Longest sequence the model takes, from its `max_position_embeddings` metadata when present.
+    pub max_positions: Option<i64>,
+}
+
+/// `past_key_values.{i}.key` → (i, true); `.value` → (i, false).
+fn kv_name(name: &str, prefix: &str) -> Option<(usize, bool)> {
+    let rest = name.strip_prefix(prefix)?;
+    let (i, kind) = rest.split_once('.')?;
+    let i = i.parse().ok()?;
+    match kind {
+        "key" => Some((i, true)),
+        "value" => Some((i, false)),
+        _ => None,
+    }
+}
+
+impl DecoderIo {
+    /// Detects the convention in a model's declared inputs and outputs. The error lists everything
+    /// that did not match, by name.
+    pub fn from_specs(inputs: &[IoSpec], outputs: &[IoSpec]) -> Result<Self> {
+        let mut problems = Vec::new();
+        let mut slots = Vec::with_capacity(inputs.len());
+        let mut kv: Vec<&IoSpec> = Vec::new();
+        let mut layers = 0usize;
+        for i in inputs {
+            let slot = match i.name.as_str() {
+                "input_ids" => Slot::InputIds,
+                "attention_mask" => Slot::AttentionMask,
+                "position_ids" => Slot::PositionIds,
+                n => match kv_name(n, "past_key_values.") {
+                    Some((l, key)) => {
+                        layers = layers.max(l + 1);
+                        kv.push(i);
+                        if key {
+                            Slot::PastKey(l)
+                        } else {
+                            Slot::PastValue(l)
+                        }
+                    }
+                    None => {
+                        problems.push(format!(
+                            "input '{n}' is none of input_ids, attention_mask, position_ids, \
+                             past_key_values.N.key/value"
+                        ));
+                        continue;
+                    }
+                },
+            };
+            slots.push(slot);
+        }
+        for (name, int) in [
+            ("input_ids", true),
+            ("attention_mask", true),
+            ("position_ids", true),
+        ] {
+            if let Some(i) = inputs.iter().find(|i| i.name == name)
+                && int
+                && !matches!(
+                    i.ty,
+                    Some(TensorElementType::Int64 | TensorElementType::Int32)
+                )
+            {
+                problems.push(format!("input '{name}' is {:?}, not int64 or int32", i.ty));
+            }
+        }
+        if !slots.contains(&Slot::InputIds) {
+            problems.push("there is no 'input_ids' input".into());
+        }
+        let find_out = |name: &str| outputs.iter().position(|o| o.name == name);
+        let logits = find_out("logits");
+        if logits.is_none() {
+            let names: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
+            problems.push(format!(
+                "there is no 'logits' output (outputs: {})",
+                names.join(", ")
+            ));
+        }
+        let vocab = logits
+            .and_then(|l| outputs[l].dims.last().copied())
+            .filter(|d| *d > 0);
+        // Every layer needs a past key and value, each paired with a present of the same shape.
+        let mut present = Vec::with_capacity(layers);
+        let (mut kv_heads, mut head_dim, mut kv_type) = (0, 0, None);
+        for l in 0..layers {
+            let mut pair = [0usize; 2];
+            for (j, kind) in ["key", "value"].iter().enumerate() {
+                let past = format!("past_key_values.{l}.{kind}");
+                let name = format!("present.{l}.{kind}");
+                let Some(spec) = inputs.iter().find(|i| i.name == past) else {
+                    problems.push(format!(
+                        "input '{past}' is missing (layer {l} has only one of key and value)"
+                    ));
+                    continue;
+                };
+                match find_out(&name) {
+                    Some(o) => {
+                        pair[j] = o;
+                        let out = &outputs[o];
+                        let fits = out.dims.len() == 4
+                            && spec.dims.len() == 4
+                            && out.dims[1] == spec.dims[1]
+                            && out.dims[3] == spec.dims[3]
+                            && out.ty == spec.ty;
+                        if !fits {
+                            problems.push(format!(
+                                "output '{name}' {:?} {:?} does not pair with input '{past}' {:?} {:?} \
+                                 (both [batch, heads, sequence, head_dim] of one element type)",
+                                out.ty, out.dims, spec.ty, spec.dims
+                            ));
+                        }
+                    }
+                    None => {
+                        problems.push(format!("input '{past}' has no output '{name}' to feed it"))
+                    }
+                }
+                if spec.dims.len() != 4 || spec.dims[1] <= 0 || spec.dims[3] <= 0 {
+                    problems.push(format!(
+                        "input '{past}' has shape {:?}; expected [batch, heads, past, head_dim] with \
+                         heads and head_dim fixed",
+                        spec.dims
+                    ));
+                } else if kv_heads == 0 {
+                    (kv_heads, head_dim, kv_type) = (spec.dims[1], spec.dims[3], spec.ty);
+                } else if (spec.dims[1], spec.dims[3], spec.ty) != (kv_heads, head_dim, kv_type) {
+                    problems.push(format!(
+                        "input '{past}' has shape {:?} {:?}, unlike layer 0's [_, {kv_heads}, _, {head_dim}] {kv_type:?}",
+                        spec.ty, spec.dims
+                    ));
+                }
+            }
+            present.push((pair[0], pair[1]));
+        }
+        let kv_type = kv_type.unwrap_or(TensorElementType::Float32);
+        if layers > 0
+            && !matches!(
+                kv_type,
+                TensorElementType::Float32 | TensorElementType::Float16
+            )
+        {
+            problems.push(format!(
+                "the KV cache is {kv_type}; fleetbench feeds float32 and float16 caches"
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(RuntimeError::Data(format!(
+                "not a decoder in the Optimum/onnxruntime-genai convention: {}",
+                problems.join("; ")
+            )));
+        }
+        Ok(DecoderIo {
+            slots,
+            logits: logits.unwrap_or_default(),
+            present,
+            kv_type,
+            kv_heads,
+            head_dim,
+            vocab,
+            max_positions: None,
+        })
+    }
+
+    /// Detects the convention in a session's model.
+    pub fn detect(session: &Session) -> Result<Self> {
+        let spec = |name: &str, dtype: &ValueType| match dtype {
+            ValueType::Tensor { ty, shape, .. } => IoSpec {
+                name: name.to_string(),
+                ty: Some(*ty),
+                dims: shape.iter().copied().collect(),
+            },
+            _ => IoSpec {
+                name: name.to_string(),
+                ty: None,
+                dims: vec![],
+            },
+        };
+        let inputs: Vec<IoSpec> = session
+            .inputs()
+            .iter()
+            .map(|i| spec(i.name(), i.dtype()))
+            .collect();
+        let outputs: Vec<IoSpec> = session
+            .outputs()
+            .iter()
+            .map(|o| spec(o.name(), o.dtype()))
+            .collect();
+        let mut io = Self::from_specs(&inputs, &outputs)?;
+        io.max_positions = session
+            .metadata()
+            .ok()
+            .and_then(|m| m.custom("max_position_embeddings"))
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|v: &i64| *v > 0);
+        Ok(io)
+    }
+
+    /// Layers with a KV cache (0: the model recomputes the whole sequence each step).
+    pub fn layers(&self) -> usize {
+        self.present.len()
+    }
+
+    /// Bytes of KV cache one token takes (key and value, every layer).
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        let elem = if self.kv_type == TensorElementType::Float16 {
+            2
+        } else {
+            4
+        };
+        2 * self.layers() as u64 * (self.kv_heads * self.head_dim) as u64 * elem
+    }
+}
+
+/// One request's tokens and when each was ready.
+#[derive(Debug, Clone, Default)]
+pub struct Generation {
+    /// The new tokens, as many as asked (end-of-sequence tokens are not special).
+    pub tokens: Vec<i64>,
+    /// Nanoseconds from the start of the prefill call to each new token (the first is TTFT).
+    pub token_ready_ns: Vec<u64>,
+}
+
+fn ints(ty: TensorElementType, shape: Vec<i64>, v: Vec<i64>) -> Result<DynValue> {
+    Ok(match ty {
+        TensorElementType::Int32 => {
+            Tensor::from_array((shape, v.into_iter().map(|x| x as i32).collect::<Vec<_>>()))?
+                .into_dyn()
+        }
+        _ => Tensor::from_array((shape, v))?.into_dyn(),
+    })
+}
+
+/// Index of the largest of the last row of `logits` [1, seq, vocab] (float32 or float16).
+fn argmax_last(logits: &DynValue) -> Result<i64> {
+    let best = |row: &mut dyn Iterator<Item = f32>| {
+        let mut best = (0usize, f32::NEG_INFINITY);
+        for (i, x) in row.enumerate() {
+            if x > best.1 {
+                best = (i, x);
+            }
+        }
+        best.0 as i64
+    };
+    if let Ok((shape, data)) = logits.try_extract_tensor::<f32>() {
+        let vocab = *shape.last().unwrap_or(&0) as usize;
+        let row = &data[data.len().saturating_sub(vocab)..];
+        return Ok(best(&mut row.iter().copied()));
+    }
+    let (shape, data) = logits.try_extract_tensor::<half::f16>()?;
+    let vocab = *shape.last().unwrap_or(&0) as usize;
+    let row = &data[data.len().saturating_sub(vocab)..];
+    Ok(best(&mut row.iter().map(|x| x.to_f32())))
+}
+
+/// Generates `new_tokens` tokens after `prompt` greedily, for one request (batch 1).
+pub fn generate(
+    session: &mut Session,
+    io: &DecoderIo,
+    prompt: &[i64],
+    new_tokens: usize,
+) -> Result<Generation> {
+    if prompt.is_empty() || new_tokens == 0 {
+        return Err(RuntimeError::Data(
+            "generation needs a prompt of at least one token and at least one new token".into(),
+        ));
+    }
+    if let Some(max) = io.max_positions
+        && (prompt.len() + new_tokens) as i64 > max
+    {
+        return Err(RuntimeError::Data(format!(
+            "prompt ({}) plus output ({new_tokens}) tokens exceed the model's {max} positions",
+            prompt.len()
+        )));
+    }
+    let int_ty = |slot: Slot| {
+        session
+            .inputs()
+            .iter()
+            .zip(&io.slots)
+            .find(|(_, s)| **s == slot)
+            .and_then(|(i, _)| match i.dtype() {
+                ValueType::Tensor { ty, .. } => Some(*ty),
+                _ => None,
+            })
+            .unwrap_or(TensorElementType::Int64)
+    };
+    let (ids_ty, mask_ty, pos_ty) = (
+        int_ty(Slot::InputIds),
+        int_ty(Slot::AttentionMask),
+        int_ty(Slot::PositionIds),
+    );
+    let cached = io.layers() > 0;
+    let mut all: Vec<i64> = prompt.to_vec();
+    let mut past: Vec<Option<DynValue>> = Vec::new();
+    let mut out = Generation::default();
+    let start = Instant::now();
+    for step in 0..new_tokens {
+        // The tokens this call reads: the prompt first, then the one new token (or everything, without
+        // a cache); `done` of them are in the cache.
+        let done = if cached && step > 0 { all.len() - 1 } else { 0 };
+        let fresh = &all[done..];
+        let seq = fresh.len() as i64;
+        let mut inputs: Vec<SessionInputValue<'_>> = Vec::with_capacity(io.slots.len());
+        for slot in &io.slots {
+            let v = match *slot {
+                Slot::InputIds => ints(ids_ty, vec![1, seq], fresh.to_vec())?,
+                Slot::AttentionMask => {
+                    ints(mask_ty, vec![1, all.len() as i64], vec![1; all.len()])?
+                }
+                Slot::PositionIds => ints(
+                    pos_ty,
+                    vec![1, seq],
+                    (done as i64..all.len() as i64).collect(),
+                )?,
+                Slot::PastKey(l) | Slot::PastValue(l) => {
+                    let j = 2 * l + usize::from(matches!(slot, Slot::PastValue(_)));
+                    match past.get_mut(j).and_then(Option::take) {
+                        Some(v) => v,
+                        None => {
+                            let shape = vec![1, io.kv_heads, 0, io.head_dim];
+                            match io.kv_type {
+                                TensorElementType::Float16 => {
+                                    Tensor::from_array((shape, Vec::<half::f16>::new()))?.into_dyn()
+                                }
+                                _ => Tensor::from_array((shape, Vec::<f32>::new()))?.into_dyn(),
+                            }
+                        }
+                    }
+                }
+            };
+            inputs.push(v.into());
+        }
+        let mut outputs = session.run(inputs.as_slice())?;
+        let names: Vec<String> = outputs.keys().map(str::to_string).collect();
+        let token = argmax_last(&outputs[io.logits])?;
+        out.token_ready_ns.push(start.elapsed().as_nanos() as u64);
+        out.tokens.push(token);
+        all.push(token);
+        if cached {
+            past = io
+                .present
+                .iter()
+                .flat_map(|(k, v)| [*k, *v])
+                .map(|i| outputs.remove(&names[i]))
+                .collect();
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, ty: TensorElementType, dims: &[i64]) -> IoSpec {
+        IoSpec {
+            name: name.into(),
+            ty: Some(ty),
+            dims: dims.to_vec(),
+        }
+    }
+
+    fn llama(layers: usize) -> (Vec<IoSpec>, Vec<IoSpec>) {
+        use TensorElementType::{Float32, Int64};
+        let mut i = vec![
+            spec("input_ids", Int64, &[-1, -1]),
+            spec("attention_mask", Int64, &[-1, -1]),
+            spec("position_ids", Int64, &[-1, -1]),
+        ];
+        let mut o = vec![spec("logits", Float32, &[-1, -1, 512])];
+        for l in 0..layers {
+            for k in ["key", "value"] {
+                i.push(spec(
+                    &format!("past_key_values.{l}.{k}"),
+                    Float32,
+                    &[-1, 4, -1, 32],
+                ));
+                o.push(spec(&format!("present.{l}.{k}"), Float32, &[-1, 4, -1, 32]));
+            }
+        }
+        (i, o)
+    }
+
+    #[test]
+    fn the_optimum_convention_is_detected_with_its_cache_shape() {
+        let (i, o) = llama(2);
+        let io = DecoderIo::from_specs(&i, &o).unwrap();
+        assert_eq!(
+            (io.layers(), io.kv_heads, io.head_dim, io.vocab),
+            (2, 4, 32, Some(512))
+        );
+        assert_eq!(io.kv_bytes_per_token(), 2 * 2 * 4 * 32 * 4);
+        // Without a cache: a full recompute each step.
+        let (i, o) = llama(0);
+        assert_eq!(DecoderIo::from_specs(&i, &o).unwrap().layers(), 0);
+    }
+
+    #[test]
+    fn what_does_not_match_is_named() {
+        let (i, mut o) = llama(2);
+        o.retain(|x| x.name != "logits" && x.name != "present.1.value");
+        let e = DecoderIo::from_specs(&i, &o).unwrap_err().to_string();
+        assert!(e.contains("no 'logits' output"), "{e}");
+        assert!(
+            e.contains("'past_key_values.1.value' has no output 'present.1.value'"),
+            "{e}"
+        );
+        let (mut i, mut o) = llama(1);
+        o[1].dims = vec![-1, 8, -1, 16];
+        i.push(spec("pixel_values", TensorElementType::Float32, &[1, 3]));
+        let e = DecoderIo::from_specs(&i, &o).unwrap_err().to_string();
+        assert!(
+            e.contains("'present.0.key'") && e.contains("does not pair"),
+            "{e}"
+        );
+        assert!(e.contains("input 'pixel_values' is none of"), "{e}");
+        let (mut i, o) = llama(1);
+        i[3].dims = vec![-1, -1, -1, 32];
+        let e = DecoderIo::from_specs(&i, &o).unwrap_err().to_string();
+        assert!(e.contains("heads and head_dim fixed"), "{e}");
+    }
+}
