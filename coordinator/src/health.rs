@@ -10,9 +10,13 @@ use fleetbench_proto::v1::fleet_service_server::FleetServiceServer;
 use fleetbench_proto::v1::job_service_server::JobServiceServer;
 use fleetbench_proto::v1::model_service_server::ModelServiceServer;
 use fleetbench_proto::v1::ranking_service_server::RankingServiceServer;
+use futures::StreamExt;
 use tonic::server::NamedService;
+use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::{HealthReporter, HealthService};
 use tracing::{info, warn};
 
 use crate::context::{Context, stopped};
@@ -32,6 +36,51 @@ pub fn service_names() -> [&'static str; 6] {
         FleetServiceServer::<FleetApi>::NAME,
         RankingServiceServer::<RankingApi>::NAME,
     ]
+}
+
+/// tonic-health's service, with watch streams that end when the coordinator stops: an open watch
+/// would otherwise hold the server's graceful shutdown for ever.
+pub struct StoppingHealth {
+    inner: HealthService,
+    stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+#[tonic::async_trait]
+impl Health for StoppingHealth {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = futures::stream::BoxStream<'static, Result<HealthCheckResponse, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let statuses = self.inner.watch(request).await?.into_inner();
+        let mut stopping = self.stopping.clone();
+        let stopped = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        };
+        Ok(Response::new(statuses.take_until(stopped).boxed()))
+    }
+}
+
+/// The health service and its reporter. Every name starts NOT_SERVING (tonic-health starts the server
+/// as a whole SERVING) until the first database check says otherwise.
+pub async fn service(
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> (HealthReporter, HealthServer<StoppingHealth>) {
+    let reporter = HealthReporter::new();
+    set(&reporter, ServingStatus::NotServing).await;
+    let inner = HealthService::from_health_reporter(reporter.clone());
+    (
+        reporter,
+        HealthServer::new(StoppingHealth { inner, stopping }),
+    )
 }
 
 async fn set(reporter: &HealthReporter, status: ServingStatus) {

@@ -91,10 +91,10 @@ pub async fn serve_with_store(
         ),
         None => {}
     }
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let (ingest_tx, ingest_rx) = tokio::sync::mpsc::channel(16_384);
     let (hb_tx, hb_rx) = tokio::sync::mpsc::channel(16_384);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (health_reporter, health_service) = health::service(stop_rx.clone()).await;
     let stop_tx = Arc::new(stop_tx);
     let ctx = Arc::new(Context::new(store, config, stop_rx.clone()));
     let queues = Queues {

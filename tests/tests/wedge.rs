@@ -470,3 +470,35 @@ async fn a_heartbeat_recorded_after_its_agent_left_does_not_bring_it_back_online
         .agents;
     assert!(!listed[0].online, "`agents list` shows it online");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_health_watch_does_not_hold_the_coordinator_from_stopping() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let dir = tempfile::tempdir().unwrap();
+    let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
+    let channel = tonic::transport::Endpoint::from_shared(coord.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // A load balancer watching the server's health, as gRPC clients do.
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().is_some());
+    // Stopping ends the watch and the server; before the fix the open stream held graceful shutdown
+    // for ever.
+    tokio::time::timeout(Duration::from_secs(20), coord.stop())
+        .await
+        .expect("the coordinator stopped although a health watch was open");
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = watch.message().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch stream ended");
+}
