@@ -26,10 +26,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 SIZES = {
-    # name: (layers, hidden, heads, intermediate, vocab, max_positions)
+    # name: (layers, hidden, heads, intermediate, vocab, max_positions). gpt2-small has GPT-2 small's
+    # depth, width, heads, vocabulary and context, and about its 124 M parameters: the LM head shares
+    # the embedding's weights as GPT-2's does, and SwiGLU's three matrices of 2048 hold what GPT-2's two
+    # of 3072 do.
     "tiny": (2, 128, 4, 352, 512, 512),
-    "gpt2-small": (12, 768, 12, 3072, 50257, 1024),
+    "gpt2-small": (12, 768, 12, 2048, 50257, 1024),
 }
+TIED = {"tiny": False, "gpt2-small": True}
 
 
 class Graph:
@@ -110,7 +114,8 @@ def build(size, seed):
     )  # [batch, 1, 1, total]
     allowed = g.op("And", [causal, padding])  # [batch, 1, seq, total]
 
-    x = g.op("Gather", [weight("embed_tokens", (vocab, hidden), 1.0), "input_ids"], axis=0)
+    embed = weight("embed_tokens", (vocab, hidden), 1.0)
+    x = g.op("Gather", [embed, "input_ids"], axis=0)
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
@@ -147,9 +152,13 @@ def build(size, seed):
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
         x = g.op("Add", [x, g.op("MatMul", [act, weight(f"layers.{i}.down", (inter, hidden), inter)])])
     h = rmsnorm(x, "final_norm")
-    g.nodes.append(
-        helper.make_node("MatMul", [h, weight("lm_head", (hidden, vocab), hidden)], ["logits"])
-    )
+    if TIED[size]:
+        # The embedding read as [hidden, vocab], scaled as a fresh head would be.
+        head = g.op("Mul", [g.op("Transpose", [embed], perm=[1, 0]),
+                            g.const("head_scale", np.array(1.0 / np.sqrt(hidden), np.float32))])
+    else:
+        head = weight("lm_head", (hidden, vocab), hidden)
+    g.nodes.append(helper.make_node("MatMul", [h, head], ["logits"]))
     outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab]))
     for name in present:
         outputs.append(
