@@ -21,6 +21,9 @@ pub enum AgentError {
     /// The coordinator refused the agent's join token or credential; says what to do.
     #[error("{0}")]
     Refused(String),
+    /// The server did not prove to be the coordinator the join token pins; says what it presented.
+    #[error("{0}")]
+    Untrusted(String),
     /// Local file trouble (state directory, cache).
     #[error("{0}")]
     Io(String),

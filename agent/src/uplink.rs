@@ -168,7 +168,7 @@ async fn coordinator_ca(
         })?;
     let der = fleetbench_proto::connect::fetch_pinned_ca(endpoint, &pin)
         .await
-        .map_err(AgentError::Refused)?;
+        .map_err(AgentError::Untrusted)?;
     let pem = fleetbench_common::token::certificate_pem(&der);
     let path = pinned_ca_file(&identity.state_dir);
     std::fs::write(&path, &pem)
@@ -290,6 +290,12 @@ pub async fn run(
                 // Retrying soon will not help; one of the two must be upgraded first.
                 backoff = max_backoff;
                 tracing::error!(coordinator = %endpoint, reason = %why, "The coordinator and this agent speak incompatible protocols.");
+            }
+            Err(AgentError::Untrusted(why)) => {
+                // Someone else answers at that address, or the join token is another fleet's: an
+                // operator must look. Nothing was sent to it.
+                backoff = max_backoff;
+                tracing::error!(coordinator = %endpoint, reason = %why, "Refusing this server: it is not the coordinator the join token pins.");
             }
             Err(AgentError::Refused(why)) => {
                 // Retrying soon will not help either: an operator must act (a new join token, or a

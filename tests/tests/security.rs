@@ -294,3 +294,47 @@ async fn the_server_certificate_is_renewed_before_it_expires_without_a_restart()
     assert_eq!(list(&client).await, Ok(0));
     assert_eq!(list(&coord.client().await).await, Ok(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_whose_join_token_pins_another_ca_refuses_the_server_and_logs_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = TestCoordinator::sqlite_tls(dir.path(), |_| {}).await;
+    let mut join = fleetbench_common::token::JoinToken::parse(&coord.tokens.join).unwrap();
+    join.ca_sha256 = "cd".repeat(32);
+    let state = dir.path().join("agent-state");
+    let log_path = dir.path().join("agent.log");
+    let mut agent = std::process::Command::new(built_bin("fleetbench-agent"))
+        .args(["--coordinator", &coord.url, "--name", "misled"])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--ort-lib")
+        .arg(ort_lib())
+        .env("FLEETBENCH_JOIN_TOKEN", join.to_secret_string().expose())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let log = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains("not the coordinator the join token pins") {
+            break log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && agent.try_wait().unwrap().is_none(),
+            "the agent never said why it refused the server: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = agent.kill();
+    let _ = agent.wait();
+    // It says what it saw, it kept no CA, and it never joined.
+    let ca_pem = std::fs::read_to_string(coord.ca_cert.as_ref().unwrap()).unwrap();
+    let real = fleetbench_common::token::ca_fingerprint(&ca_pem).unwrap();
+    assert!(
+        log.contains(&real) && log.contains(&"cd".repeat(32)),
+        "{log}"
+    );
+    assert!(!fleetbench_agent::uplink::pinned_ca_file(&state).exists());
+    assert_eq!(list(&coord.client().await).await, Ok(0));
+}
