@@ -12,8 +12,9 @@ pub enum AgentError {
     /// The coordinator answered with an error.
     #[error("coordinator: {0}")]
     Coordinator(#[from] tonic::Status),
-    /// The coordinator could not be reached.
-    #[error("cannot reach the coordinator: {0}")]
+    /// The coordinator could not be reached; says why (the whole chain of causes: "transport error"
+    /// alone hides a refused connection or a certificate the CA did not sign).
+    #[error("cannot reach the coordinator: {}", causes(.0))]
     Transport(#[from] tonic::transport::Error),
     /// The coordinator and the agent speak protocols they cannot both serve; names both versions.
     #[error("{0}")]
@@ -30,6 +31,21 @@ pub enum AgentError {
     /// A task cannot be run; the message says why (shown as the task's failure reason).
     #[error("{0}")]
     Task(String),
+}
+
+/// An error and its sources, joined by ": ".
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
 }
 
 /// Result with the agent's error.

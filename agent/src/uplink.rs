@@ -75,6 +75,9 @@ struct State {
     agent_id: Option<String>,
     /// This agent's own credential, once it has joined (kept in the state directory).
     credential: Option<Secret>,
+    /// What every call carries, shared by the clients of all sessions and tasks: a renewed credential
+    /// reaches a download that started under the old one.
+    bearer: Bearer,
     /// The coordinator's CA certificate as the join token's pin found it (kept in the state directory).
     pinned_ca: Option<String>,
     current: Option<Current>,
@@ -168,10 +171,15 @@ async fn coordinator_ca(
         })?;
     let der = fleetbench_proto::connect::fetch_pinned_ca(endpoint, &pin)
         .await
-        .map_err(AgentError::Untrusted)?;
+        .map_err(|e| match e {
+            fleetbench_proto::connect::PinError::Unreachable(m) => AgentError::Io(m),
+            fleetbench_proto::connect::PinError::NotPinned(m) => AgentError::Untrusted(m),
+        })?;
     let pem = fleetbench_common::token::certificate_pem(&der);
     let path = pinned_ca_file(&identity.state_dir);
-    std::fs::write(&path, &pem)
+    let tmp = identity.state_dir.join("ca.pem.tmp");
+    std::fs::write(&tmp, &pem)
+        .and_then(|_| std::fs::rename(&tmp, &path))
         .map_err(|e| AgentError::Io(format!("cannot save {}: {e}", path.display())))?;
     info!(coordinator = %endpoint, ca_sha256 = %pin, file = %path.display(), "Found the CA certificate the join token pins; the coordinator is verified against it from now on.");
     state.pinned_ca = Some(pem.clone());
@@ -257,6 +265,7 @@ pub async fn run(
             .filter(|s| !s.is_empty())
             .map(Secret::new),
         pinned_ca: pinned_ca(&identity)?,
+        bearer: Bearer::default(),
         current: None,
         unacked: BTreeMap::new(),
         result: None,
@@ -370,7 +379,11 @@ async fn session(
             )));
         }
     };
-    let mut bearer = Bearer::new(Some(token.expose())).map_err(AgentError::Config)?;
+    state
+        .bearer
+        .set(Some(token.expose()))
+        .map_err(AgentError::Config)?;
+    let bearer = state.bearer.clone();
     let mut client = AgentServiceClient::with_interceptor(channel.clone(), bearer.clone());
     let mut register = tonic::Request::new(RegisterRequest {
         agent_id: state.agent_id.clone().unwrap_or_default(),
@@ -416,16 +429,25 @@ async fn session(
     }
     if !reg.agent_credential.is_empty() {
         let credential = Secret::new(reg.agent_credential.clone());
-        save_credential(&identity.state_dir, &credential)?;
-        if joining {
-            info!(agent_id = %reg.agent_id, "Joined the fleet; this agent's credential is kept in its state directory.");
-        } else {
-            info!(agent_id = %reg.agent_id, "Renewed this agent's credential (kept in its state directory).");
+        match save_credential(&identity.state_dir, &credential) {
+            Ok(()) => {
+                if joining {
+                    info!(agent_id = %reg.agent_id, "Joined the fleet; this agent's credential is kept in its state directory.");
+                } else {
+                    info!(agent_id = %reg.agent_id, "Renewed this agent's credential (kept in its state directory).");
+                }
+                // The session and downloads go with the agent's own credential, never the join token.
+                bearer
+                    .set(Some(credential.expose()))
+                    .map_err(AgentError::Config)?;
+                state.credential = Some(credential);
+            }
+            // A renewal that cannot be kept is declined: the old credential works until it is used.
+            Err(e) if !joining => {
+                warn!(error = %e, "Could not keep the renewed credential; going on with the current one.");
+            }
+            Err(e) => return Err(e),
         }
-        // The session and downloads go with the agent's own credential, never the join token.
-        bearer = Bearer::new(Some(credential.expose())).map_err(AgentError::Config)?;
-        client = AgentServiceClient::with_interceptor(channel.clone(), bearer.clone());
-        state.credential = Some(credential);
     }
     if state.agent_id.as_deref() != Some(reg.agent_id.as_str()) {
         std::fs::write(id_file(&identity.state_dir), &reg.agent_id)

@@ -162,19 +162,30 @@ pub async fn authenticate(ctx: &Context, bearer: Option<&str>) -> Result<Princip
         // An agent's first call with the credential it was offered in renewal makes it its only one.
         let offered = !row.next_secret_sha256.is_empty()
             && bool::from(given.as_bytes().ct_eq(row.next_secret_sha256.as_bytes()));
-        if !offered || row.role != Role::Agent.as_str() || row.revoked_at > 0 {
+        // An offer dies with its credential: a revoked or expired one is not revived by it.
+        let lapsed = row.revoked_at > 0 || (row.expires_at > 0 && now >= row.expires_at);
+        if !offered || row.role != Role::Agent.as_str() || lapsed {
             return Err(invalid());
         }
         let expires_at = credential_expiry(ctx.config.agent_credential_ttl_ms, now);
-        if !ctx
+        if ctx
             .store
-            .promote_token_secret(&row.id, &given, expires_at)
+            .promote_token_secret(&row.id, &given, expires_at, now)
             .await?
         {
-            return Err(invalid());
+            tracing::info!(agent = %row.agent_id, "The agent's renewed credential is in use; its old one no longer works.");
+            row.expires_at = expires_at;
+        } else {
+            // Another call promoted it first (or it lapsed meanwhile): read it again.
+            match ctx.store.get_token(&token.id).await? {
+                Some(now_row)
+                    if bool::from(given.as_bytes().ct_eq(now_row.secret_sha256.as_bytes())) =>
+                {
+                    row = now_row;
+                }
+                _ => return Err(invalid()),
+            }
         }
-        tracing::info!(agent = %row.agent_id, "The agent's renewed credential is in use; its old one no longer works.");
-        row.expires_at = expires_at;
     }
     if row.revoked_at > 0 {
         return Err(Error::Unauthenticated(format!(
@@ -362,10 +373,13 @@ fn credential_expiry(ttl_ms: u64, now: i64) -> i64 {
     if ttl_ms == 0 { 0 } else { now + ttl_ms as i64 }
 }
 
-/// Whether an agent's credential is due for renewal at `now`: in the second half of its validity, or
-/// made without an expiry while credentials now have one.
+/// Whether an agent's credential is due for renewal at `now`: in the second half of its validity; made
+/// without an expiry while credentials now have one; or with an expiry while they now have none.
 pub fn renewal_due(row: &TokenRecord, ttl_ms: u64, now: i64) -> bool {
-    ttl_ms > 0 && (row.expires_at == 0 || row.expires_at - now <= ttl_ms as i64 / 2)
+    if ttl_ms == 0 {
+        return row.expires_at > 0;
+    }
+    row.expires_at == 0 || row.expires_at - now <= ttl_ms as i64 / 2
 }
 
 /// Offers agent credential `row` a new secret, which becomes its only one when first used (the old
@@ -443,6 +457,33 @@ pub async fn bootstrap(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_credential_is_due_for_renewal_in_its_second_half_and_when_the_ttl_setting_changed() {
+        let day = 86_400_000i64;
+        let row = |expires_at| TokenRecord {
+            id: "i".into(),
+            name: "agent:a".into(),
+            role: "agent".into(),
+            secret_sha256: "s".into(),
+            agent_id: "a".into(),
+            uses_left: -1,
+            created_at: 0,
+            expires_at,
+            revoked_at: 0,
+            last_used_at: 0,
+            next_secret_sha256: String::new(),
+        };
+        let ttl = 30 * day as u64;
+        assert!(!renewal_due(&row(20 * day), ttl, 0));
+        assert!(renewal_due(&row(15 * day), ttl, 0));
+        // Made before credentials expired: renewed into one that does.
+        assert!(renewal_due(&row(0), ttl, 0));
+        // Made while they expired, and now they last until revoked: renewed into one that does not
+        // (before the fix it was never renewed, and expired).
+        assert!(renewal_due(&row(20 * day), 0, 0));
+        assert!(!renewal_due(&row(0), 0, 0));
+    }
 
     fn p(role: Role) -> Principal {
         Principal {

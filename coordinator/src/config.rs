@@ -183,10 +183,10 @@ impl CoordinatorConfig {
                 "max_tasks_per_job: must be > 0".into(),
             ));
         }
-        if self.agent_credential_ttl_ms != 0 && self.agent_credential_ttl_ms < 2_000 {
+        if self.agent_credential_ttl_ms != 0 && self.agent_credential_ttl_ms < 10_000 {
             return Err(Error::InvalidArgument(format!(
-                "agent_credential_ttl_ms: {} is too short for agents to renew in time; give at least \
-                 2000, or 0 for credentials that last until revoked",
+                "agent_credential_ttl_ms: {} is too short for agents to reconnect and renew in time; \
+                 give at least 10000, or 0 for credentials that last until revoked",
                 self.agent_credential_ttl_ms
             )));
         }

@@ -79,7 +79,9 @@ pub async fn register(
                 .store
                 .token_by_name(&auth::agent_token_name(&a.id))
                 .await?;
-            if cred.is_some_and(|c| c.revoked_at == 0) {
+            // An expired credential holds nothing: its agent must join again anyway.
+            if cred.is_some_and(|c| c.revoked_at == 0 && (c.expires_at == 0 || c.expires_at > now))
+            {
                 return Err(Error::AlreadyExists(format!(
                     "agent name '{name}' belongs to agent {} which has a credential; give this agent \
                      another --name, or revoke that agent first (`fleetbench admin agents revoke {name}`)",

@@ -65,7 +65,15 @@ impl Health for StoppingHealth {
         let stopped = async move {
             let _ = stopping.wait_for(|s| *s).await;
         };
-        Ok(Response::new(statuses.take_until(stopped).boxed()))
+        // Watchers see NOT_SERVING last, then the end of the stream.
+        let last = futures::stream::once(async {
+            Ok(HealthCheckResponse {
+                status: tonic_health::pb::health_check_response::ServingStatus::NotServing as i32,
+            })
+        });
+        Ok(Response::new(
+            statuses.take_until(stopped).chain(last).boxed(),
+        ))
     }
 }
 

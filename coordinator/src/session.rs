@@ -217,7 +217,14 @@ pub async fn serve(
     mut inbound: tonic::Streaming<AgentMessage>,
 ) {
     let mut stopping = ctx.stopping.clone();
-    let mut check = tokio::time::interval(CREDENTIAL_CHECK);
+    // Often enough that a short-lived credential is renewed well before it expires.
+    let ttl = ctx.config.agent_credential_ttl_ms;
+    let every = if ttl == 0 {
+        CREDENTIAL_CHECK
+    } else {
+        CREDENTIAL_CHECK.min(std::time::Duration::from_millis(ttl / 8))
+    };
+    let mut check = tokio::time::interval(every);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {

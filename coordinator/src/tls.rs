@@ -338,7 +338,15 @@ fn parse_key(cert_pem: &str, key_pem: &str, ca_pem: Option<&str>) -> Result<Cert
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad("key", &e))?;
     let signer =
         rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| bad("key", &e))?;
-    Ok(CertifiedKey::new(chain, signer))
+    let certified = CertifiedKey::new(chain, signer);
+    // A certificate and a key replaced one after the other can be read half way: both parse, but
+    // they do not belong together, and every handshake would fail.
+    certified.keys_match().map_err(|e| {
+        Error::InvalidArgument(format!(
+            "TLS: the key does not belong to the certificate ({e})"
+        ))
+    })?;
+    Ok(certified)
 }
 
 impl ServerCerts {
@@ -400,6 +408,23 @@ impl ServerCerts {
     /// then serves the files as they are now if they changed. Returns what it did, for the log.
     pub fn refresh(&self) -> Result<Option<String>> {
         let mut what = None;
+        if let Source::Own(files) = &self.source
+            && !files.ca_key().exists()
+        {
+            let (cert, _, _) = Self::read(&self.source)?;
+            if let Ok(der) = pem::parse(&cert)
+                && let Ok(info) = cert_info(der.contents())
+                && renewal_due(&info, time::OffsetDateTime::now_utc().unix_timestamp())
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "the server certificate is due for renewal (it expires at {} s since the epoch), \
+                     but the CA key {} is not here: run `fleetbench-coordinator init` where the CA key \
+                     is and copy server.pem and server.key back",
+                    info.not_after,
+                    files.ca_key().display()
+                )));
+            }
+        }
         if let Source::Own(files) = &self.source
             && files.ca_key().exists()
         {
@@ -628,6 +653,24 @@ mod tests {
         std::fs::copy(files.server_key(), &key).unwrap();
         assert!(certs.refresh().unwrap().is_some());
         assert_eq!(certs.chain(), vec![leaf(&files)]);
+    }
+
+    #[test]
+    fn a_key_that_does_not_belong_to_the_certificate_is_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            TlsFiles::under(&dir.path().join("a")),
+            TlsFiles::under(&dir.path().join("b")),
+        );
+        init(&a, &[]).unwrap();
+        init(&b, &[]).unwrap();
+        let config = CoordinatorConfig {
+            tls_cert: a.server_cert().display().to_string(),
+            tls_key: b.server_key().display().to_string(),
+            ..Default::default()
+        };
+        let e = ServerCerts::load(&config).unwrap_err().to_string();
+        assert!(e.contains("does not belong"), "{e}");
     }
 
     #[test]

@@ -23,27 +23,42 @@ pub mod connect {
     use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
     /// Adds `authorization: Bearer <token>` to every call (marked sensitive, so transports that log
-    /// headers leave it out).
+    /// headers leave it out). Clones share the token: [`Bearer::set`] changes it for every client made
+    /// with one (an agent's renewed credential reaches the downloads already under way).
     #[derive(Clone, Default)]
-    pub struct Bearer(Option<MetadataValue<Ascii>>);
+    pub struct Bearer(std::sync::Arc<std::sync::RwLock<Option<MetadataValue<Ascii>>>>);
+
+    fn header(token: Option<&str>) -> Result<Option<MetadataValue<Ascii>>, String> {
+        let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
+            return Ok(None);
+        };
+        let mut v = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+            "the token holds characters a gRPC header cannot carry; copy it again".to_string()
+        })?;
+        v.set_sensitive(true);
+        Ok(Some(v))
+    }
 
     impl Bearer {
         /// A bearer of `token`; none sends no header. The error does not repeat the token.
         pub fn new(token: Option<&str>) -> Result<Self, String> {
-            let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
-                return Ok(Self(None));
-            };
-            let mut v = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
-                "the token holds characters a gRPC header cannot carry; copy it again".to_string()
-            })?;
-            v.set_sensitive(true);
-            Ok(Self(Some(v)))
+            Ok(Self(std::sync::Arc::new(std::sync::RwLock::new(header(
+                token,
+            )?))))
+        }
+
+        /// Sends `token` from now on, from this bearer and every clone of it.
+        pub fn set(&self, token: Option<&str>) -> Result<(), String> {
+            let v = header(token)?;
+            *self.0.write().unwrap_or_else(|e| e.into_inner()) = v;
+            Ok(())
         }
     }
 
     impl std::fmt::Debug for Bearer {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(if self.0.is_some() {
+            let set = self.0.read().unwrap_or_else(|e| e.into_inner()).is_some();
+            f.write_str(if set {
                 "Bearer(<redacted>)"
             } else {
                 "Bearer(none)"
@@ -56,7 +71,7 @@ pub mod connect {
             &mut self,
             mut request: tonic::Request<()>,
         ) -> Result<tonic::Request<()>, tonic::Status> {
-            if let Some(v) = &self.0 {
+            if let Some(v) = &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
                 request.metadata_mut().insert("authorization", v.clone());
             }
             Ok(request)
@@ -190,21 +205,38 @@ pub mod connect {
     /// its own certificate: how an agent holding only a join token finds the CA it then verifies the
     /// coordinator against (as k3s agents do with the CA hash in their token). The error says what the
     /// server presented instead.
-    pub async fn fetch_pinned_ca(url: &str, pin: &str) -> Result<Vec<u8>, String> {
+    pub async fn fetch_pinned_ca(url: &str, pin: &str) -> Result<Vec<u8>, PinError> {
         use sha2::{Digest, Sha256};
-        let chain = presented_chain(url).await?;
+        let chain = presented_chain(url).await.map_err(PinError::Unreachable)?;
         let hashes: Vec<String> = chain
             .iter()
             .map(|c| hex::encode(Sha256::digest(c)))
             .collect();
         match hashes.iter().position(|h| h.eq_ignore_ascii_case(pin)) {
             Some(i) => Ok(chain[i].clone()),
-            None => Err(format!(
+            None => Err(PinError::NotPinned(format!(
                 "the server at {url} did not present the CA certificate the join token pins \
                  (SHA-256 {pin}); it presented certificates with SHA-256 {}: it is another \
                  coordinator, or something between us is not the coordinator",
                 hashes.join(", ")
-            )),
+            ))),
+        }
+    }
+
+    /// Why no pinned CA was found.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum PinError {
+        /// No TLS server answered (down, not yet up, or not TLS): try again later.
+        Unreachable(String),
+        /// A server answered without the pinned CA: it is not the coordinator the token names.
+        NotPinned(String),
+    }
+
+    impl std::fmt::Display for PinError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                PinError::Unreachable(m) | PinError::NotPinned(m) => f.write_str(m),
+            }
         }
     }
 

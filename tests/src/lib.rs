@@ -1290,9 +1290,10 @@ mod faulty {
             id: &str,
             next_sha256: &str,
             expires_at: i64,
+            now: i64,
         ) -> Result<bool> {
             self.inner
-                .promote_token_secret(id, next_sha256, expires_at)
+                .promote_token_secret(id, next_sha256, expires_at, now)
                 .await
         }
         async fn revoke_agent_credentials(&self, agent_id: &str, now: i64) -> Result<u64> {

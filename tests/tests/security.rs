@@ -206,7 +206,10 @@ async fn an_agent_holding_only_a_join_token_finds_the_ca_it_pins_and_a_wrong_pin
     let e = fleetbench_proto::connect::fetch_pinned_ca(&coord.url, &other)
         .await
         .unwrap_err();
-    assert!(e.contains(&other) && e.contains(&fingerprint), "{e}");
+    assert!(
+        matches!(&e, fleetbench_proto::connect::PinError::NotPinned(m) if m.contains(&other) && m.contains(&fingerprint)),
+        "{e}"
+    );
     println!("a wrong pin: {e}");
     // Plain TCP that is not TLS: a clear error, not a hang.
     let e = fleetbench_proto::connect::presented_chain(&format!(
@@ -336,5 +339,76 @@ async fn an_agent_whose_join_token_pins_another_ca_refuses_the_server_and_logs_w
         "{log}"
     );
     assert!(!fleetbench_agent::uplink::pinned_ca_file(&state).exists());
+    assert_eq!(list(&coord.client().await).await, Ok(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_sending_the_pinned_ca_beside_a_certificate_it_did_not_sign_gets_nothing() {
+    use fleetbench_coordinator::tls;
+    let dir = tempfile::tempdir().unwrap();
+    // The fleet's real CA; its certificate is public, so anyone can send it along.
+    let real = tls::TlsFiles::under(&dir.path().join("real"));
+    let real_fp = tls::init(&real, &[]).unwrap().ca_fingerprint;
+    // A rogue server: a certificate of its own CA, with the real CA's certificate after it.
+    let rogue_dir = dir.path().join("rogue");
+    let rogue = tls::TlsFiles::under(&rogue_dir);
+    tls::init(&rogue, &[]).unwrap();
+    let chain = rogue_dir.join("chain.pem");
+    std::fs::write(
+        &chain,
+        std::fs::read_to_string(rogue.server_cert()).unwrap()
+            + &std::fs::read_to_string(real.ca_cert()).unwrap(),
+    )
+    .unwrap();
+    let coord = TestCoordinator::sqlite(&rogue_dir, |c| {
+        c.tls_cert = chain.display().to_string();
+        c.tls_key = rogue.server_key().display().to_string();
+    })
+    .await;
+    let presented = fleetbench_proto::connect::presented_chain(&coord.url)
+        .await
+        .unwrap();
+    assert_eq!(
+        sha256_hex(&presented[1]),
+        real_fp,
+        "the rogue sends the real CA"
+    );
+    // An agent pinning the real CA finds it in the chain, then verifies the server against it, and
+    // the server's certificate fails that: it never registers, so its join token never leaves.
+    let mut join = fleetbench_common::token::JoinToken::parse(&coord.tokens.join).unwrap();
+    join.ca_sha256 = real_fp.clone();
+    let state = dir.path().join("agent-state");
+    let log_path = dir.path().join("agent.log");
+    let mut agent = std::process::Command::new(built_bin("fleetbench-agent"))
+        .args(["--coordinator", &coord.url, "--name", "pinned"])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--ort-lib")
+        .arg(ort_lib())
+        .env("FLEETBENCH_JOIN_TOKEN", join.to_secret_string().expose())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let log = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains("invalid peer certificate") {
+            break log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && agent.try_wait().unwrap().is_none(),
+            "the agent never refused the rogue's certificate: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(!log.contains("Joined the fleet"), "{log}");
+    let kept = std::fs::read_to_string(fleetbench_agent::uplink::pinned_ca_file(&state)).unwrap();
+    assert_eq!(
+        fleetbench_common::token::ca_fingerprint(&kept).unwrap(),
+        real_fp
+    );
     assert_eq!(list(&coord.client().await).await, Ok(0));
 }

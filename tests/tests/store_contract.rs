@@ -413,32 +413,24 @@ async fn tokens(s: &dyn Store, now: i64) {
         ),
         ("old", "new")
     );
-    assert!(
-        !s.promote_token_secret(&row.id, "other", now + 5000)
-            .await
-            .unwrap()
-    );
-    assert!(
-        s.promote_token_secret(&row.id, "new", now + 5000)
-            .await
-            .unwrap()
-    );
+    let promote = |secret: &'static str, at: i64| {
+        s.promote_token_secret("0123456789abcdef", secret, now + 5000, at)
+    };
+    assert!(!promote("other", now).await.unwrap());
+    // Not once the credential has expired.
+    assert!(!promote("new", now + 1000).await.unwrap());
+    assert!(promote("new", now).await.unwrap());
     let renewed = s.get_token(&row.id).await.unwrap().unwrap();
     assert_eq!(renewed.secret_sha256, "new");
     assert_eq!(renewed.next_secret_sha256, "");
     assert_eq!(renewed.expires_at, now + 5000);
     // Promoting twice, or an empty offer, does nothing.
-    assert!(
-        !s.promote_token_secret(&row.id, "new", now + 9000)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !s.promote_token_secret(&row.id, "", now + 9000)
-            .await
-            .unwrap()
-    );
+    assert!(!promote("new", now).await.unwrap());
+    assert!(!promote("", now).await.unwrap());
+    // Not once it was revoked.
+    s.offer_token_secret(&row.id, "newer").await.unwrap();
     assert_eq!(s.revoke_agent_credentials("a1", now).await.unwrap(), 1);
+    assert!(!promote("newer", now).await.unwrap());
 }
 
 /// Many agents leasing at once: no task is leased twice, and no host runs two tasks.

@@ -834,7 +834,7 @@ async fn an_agent_renews_its_credential_before_it_expires_without_a_new_join_eve
     let dir = tempfile::tempdir().unwrap();
     let coord = TestCoordinator::sqlite(dir.path(), |c| {
         c.lease_timeout_ms = 60_000;
-        c.agent_credential_ttl_ms = 4_000;
+        c.agent_credential_ttl_ms = 10_000;
     })
     .await;
     let client = coord.client().await;
@@ -850,8 +850,8 @@ async fn an_agent_renews_its_credential_before_it_expires_without_a_new_join_eve
         &JobArgs {
             model: Some("digits".into()),
             variants: vec!["fp32".into()],
-            duration_s: Some(9.0),
-            min_duration_s: Some(9.0),
+            duration_s: Some(12.0),
+            min_duration_s: Some(12.0),
             warmup: Some(5),
             skip_accuracy: true,
             ..Default::default()
@@ -890,4 +890,43 @@ async fn an_agent_renews_its_credential_before_it_expires_without_a_new_join_eve
     assert_eq!(agents[0].agent_id, joined.agent_id);
     let run = job_detail(&client, &id).await.tasks[0].run.clone().unwrap();
     assert_eq!(run.agent, "renewing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_credential_is_refused_closes_its_session_and_frees_the_name_for_a_new_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord =
+        TestCoordinator::sqlite(dir.path(), |c| c.agent_credential_ttl_ms = 3_600_000).await;
+    let mut agent = FakeAgent::connect(&coord.url, &coord.tokens.join, "shelved", &[]).await;
+    // Its credential runs out (as if the agent had been away past its validity).
+    let pool = sqlx::AnyPool::connect(&coord.database).await.unwrap();
+    sqlx::query("UPDATE tokens SET expires_at = 1 WHERE agent_id = $1")
+        .bind(&agent.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The open session closes (within its credential check), and the credential opens nothing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, agent.inbound.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(_) => break,
+            Err(_) => panic!("the session stayed open"),
+        }
+    }
+    let mut expired = agent_client(&coord.url, &agent.credential).await;
+    let e = expired
+        .register(fake_registration("shelved", &agent.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("expired"), "{e:?}");
+    // The join token takes the name back (before the fix: ALREADY_EXISTS until an admin revoked it).
+    let mut joining = agent_client(&coord.url, &coord.tokens.join).await;
+    let again = joining
+        .register(fake_registration("shelved", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.agent_credential.is_empty());
 }

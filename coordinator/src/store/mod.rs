@@ -557,12 +557,13 @@ pub trait TokenStore: Send + Sync {
     /// Offers a token a new secret (by hash), which works alongside the current one until used.
     async fn offer_token_secret(&self, id: &str, next_sha256: &str) -> Result<()>;
     /// Makes the offered secret `next_sha256` the token's only one, valid until `expires_at`; false
-    /// when it is no longer the one on offer.
+    /// when it is no longer the one on offer, or the token was revoked or had expired by `now`.
     async fn promote_token_secret(
         &self,
         id: &str,
         next_sha256: &str,
         expires_at: i64,
+        now: i64,
     ) -> Result<bool>;
     /// Revokes an agent's credentials; returns how many.
     async fn revoke_agent_credentials(&self, agent_id: &str, now: i64) -> Result<u64>;

@@ -150,15 +150,18 @@ impl TokenStore for SqlStore {
         id: &str,
         next_sha256: &str,
         expires_at: i64,
+        now: i64,
     ) -> Result<bool> {
         let _writer = self.writer().await;
         let done = sqlx::query(
             "UPDATE tokens SET secret_sha256 = next_secret_sha256, next_secret_sha256 = '', \
-             expires_at = $1 WHERE id = $2 AND next_secret_sha256 = $3 AND next_secret_sha256 <> ''",
+             expires_at = $1 WHERE id = $2 AND next_secret_sha256 = $3 AND next_secret_sha256 <> '' \
+             AND revoked_at = 0 AND (expires_at = 0 OR expires_at > $4)",
         )
         .bind(expires_at)
         .bind(id)
         .bind(next_sha256)
+        .bind(now)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
