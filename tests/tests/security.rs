@@ -298,18 +298,19 @@ async fn the_server_certificate_is_renewed_before_it_expires_without_a_restart()
     assert_eq!(list(&coord.client().await).await, Ok(0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_agent_whose_join_token_pins_another_ca_refuses_the_server_and_logs_why() {
-    let dir = tempfile::tempdir().unwrap();
-    let coord = TestCoordinator::sqlite_tls(dir.path(), |_| {}).await;
-    let mut join = fleetbench_common::token::JoinToken::parse(&coord.tokens.join).unwrap();
-    join.ca_sha256 = "cd".repeat(32);
-    let state = dir.path().join("agent-state");
-    let log_path = dir.path().join("agent.log");
+/// Runs the real `fleetbench-agent` against `url` with `join` (a join token) and no CA file, until its
+/// log says `phrase`; returns the log. The agent is stopped before this returns.
+async fn agent_logs_until(
+    url: &str,
+    join: &fleetbench_common::token::JoinToken,
+    state: &std::path::Path,
+    phrase: &str,
+) -> String {
+    let log_path = state.with_extension("log");
     let mut agent = std::process::Command::new(built_bin("fleetbench-agent"))
-        .args(["--coordinator", &coord.url, "--name", "misled"])
+        .args(["--coordinator", url, "--name", "pinned"])
         .arg("--state-dir")
-        .arg(&state)
+        .arg(state)
         .arg("--ort-lib")
         .arg(ort_lib())
         .env("FLEETBENCH_JOIN_TOKEN", join.to_secret_string().expose())
@@ -320,17 +321,34 @@ async fn an_agent_whose_join_token_pins_another_ca_refuses_the_server_and_logs_w
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let log = loop {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if log.contains("not the coordinator the join token pins") {
+        if log.contains(phrase) {
             break log;
         }
-        assert!(
-            std::time::Instant::now() < deadline && agent.try_wait().unwrap().is_none(),
-            "the agent never said why it refused the server: {log}"
-        );
+        if std::time::Instant::now() >= deadline || agent.try_wait().unwrap().is_some() {
+            let _ = agent.kill();
+            panic!("the agent never logged '{phrase}': {log}");
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let _ = agent.kill();
     let _ = agent.wait();
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_whose_join_token_pins_another_ca_refuses_the_server_and_logs_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = TestCoordinator::sqlite_tls(dir.path(), |_| {}).await;
+    let mut join = fleetbench_common::token::JoinToken::parse(&coord.tokens.join).unwrap();
+    join.ca_sha256 = "cd".repeat(32);
+    let state = dir.path().join("agent-state");
+    let log = agent_logs_until(
+        &coord.url,
+        &join,
+        &state,
+        "not the coordinator the join token pins",
+    )
+    .await;
     // It says what it saw, it kept no CA, and it never joined.
     let ca_pem = std::fs::read_to_string(coord.ca_cert.as_ref().unwrap()).unwrap();
     let real = fleetbench_common::token::ca_fingerprint(&ca_pem).unwrap();
@@ -378,32 +396,7 @@ async fn a_server_sending_the_pinned_ca_beside_a_certificate_it_did_not_sign_get
     let mut join = fleetbench_common::token::JoinToken::parse(&coord.tokens.join).unwrap();
     join.ca_sha256 = real_fp.clone();
     let state = dir.path().join("agent-state");
-    let log_path = dir.path().join("agent.log");
-    let mut agent = std::process::Command::new(built_bin("fleetbench-agent"))
-        .args(["--coordinator", &coord.url, "--name", "pinned"])
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--ort-lib")
-        .arg(ort_lib())
-        .env("FLEETBENCH_JOIN_TOKEN", join.to_secret_string().expose())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let log = loop {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if log.contains("invalid peer certificate") {
-            break log;
-        }
-        assert!(
-            std::time::Instant::now() < deadline && agent.try_wait().unwrap().is_none(),
-            "the agent never refused the rogue's certificate: {log}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let _ = agent.kill();
-    let _ = agent.wait();
+    let log = agent_logs_until(&coord.url, &join, &state, "invalid peer certificate").await;
     assert!(!log.contains("Joined the fleet"), "{log}");
     let kept = std::fs::read_to_string(fleetbench_agent::uplink::pinned_ca_file(&state)).unwrap();
     assert_eq!(
