@@ -133,7 +133,7 @@ impl SqlStore {
                AND NOT EXISTS (SELECT 1 FROM tasks r WHERE r.state = 'running' AND r.host_id = $5) \
                ORDER BY CASE WHEN t.target_agent_id = $1 THEN 0 ELSE 1 END, j.created_at, t.seq \
                LIMIT 1 {lock}) \
-             RETURNING id, job_id, attempt, model, variant, config_json"
+             RETURNING {LEASE_COLUMNS}"
         );
         Ok(sqlx::query(&sql)
             .bind(&req.agent_id)
@@ -148,6 +148,21 @@ impl SqlStore {
     }
 }
 
+/// The task columns a [`Lease`] is read from, in [`lease_of`]'s order.
+const LEASE_COLUMNS: &str = "id, job_id, attempt, model, variant, config_json, run_id";
+
+fn lease_of(row: &AnyRow) -> Result<Lease> {
+    Ok(Lease {
+        task_id: row.try_get(0)?,
+        job_id: row.try_get(1)?,
+        attempt: row.try_get::<i64, _>(2)? as u32,
+        model: row.try_get(3)?,
+        variant: row.try_get(4)?,
+        config: from_json("tasks.config_json", &row.try_get::<String, _>(5)?)?,
+        run_id: row.try_get(6)?,
+    })
+}
+
 #[async_trait]
 impl LeaseStore for SqlStore {
     async fn lease_task(&self, req: &LeaseRequest, now: i64) -> Result<Option<Lease>> {
@@ -155,15 +170,7 @@ impl LeaseStore for SqlStore {
         let Some(row) = self.lease_statement(&mut tx, req).await? else {
             return Ok(None);
         };
-        let lease = Lease {
-            task_id: row.try_get(0)?,
-            job_id: row.try_get(1)?,
-            attempt: row.try_get::<i64, _>(2)? as u32,
-            model: row.try_get(3)?,
-            variant: row.try_get(4)?,
-            config: from_json("tasks.config_json", &row.try_get::<String, _>(5)?)?,
-            run_id: req.run_id.clone(),
-        };
+        let lease = lease_of(&row)?;
         sqlx::query(
             "INSERT INTO runs (id, task_id, job_id, agent_id, platform_id, model, variant, attempt, state, started_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running', $9)",
@@ -189,23 +196,14 @@ impl LeaseStore for SqlStore {
     }
 
     async fn active_lease_of_agent(&self, agent_id: &str) -> Result<Option<Lease>> {
-        let row = sqlx::query(
-            "SELECT id, job_id, attempt, model, variant, config_json, run_id FROM tasks \
-             WHERE agent_id = $1 AND state = 'running' LIMIT 1",
-        )
-        .bind(agent_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        Ok(Some(Lease {
-            task_id: row.try_get(0)?,
-            job_id: row.try_get(1)?,
-            attempt: row.try_get::<i64, _>(2)? as u32,
-            model: row.try_get(3)?,
-            variant: row.try_get(4)?,
-            config: from_json("tasks.config_json", &row.try_get::<String, _>(5)?)?,
-            run_id: row.try_get(6)?,
-        }))
+        let sql = format!(
+            "SELECT {LEASE_COLUMNS} FROM tasks WHERE agent_id = $1 AND state = 'running' LIMIT 1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(agent_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(lease_of).transpose()
     }
 
     async fn active_run_of_agent(&self, agent_id: &str) -> Result<Option<String>> {
