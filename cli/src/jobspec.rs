@@ -5,10 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use fleetbench_common::config::{
-    parse_execution_provider, parse_graph_optimization, parse_input_shape, parse_scenario,
+    DEFAULT_OUTPUT_TOKENS, DEFAULT_PROMPT_TOKENS, parse_execution_provider,
+    parse_graph_optimization, parse_input_shape, parse_scenario, parse_slo, parse_token_lengths,
     validate_job_spec,
 };
-use fleetbench_common::domain::{JobSpec, RunConfig, Scenario, Sweep};
+use fleetbench_common::domain::{
+    GenerateConfig, JobSpec, RunConfig, Scenario, Sweep, TokenLengths,
+};
 use fleetbench_common::labels::parse_labels;
 use serde::{Deserialize, Deserializer};
 
@@ -48,9 +51,31 @@ pub struct JobArgs {
     /// A name for the job.
     #[arg(long)]
     pub name: Option<String>,
-    /// single-stream, offline, server or max-qps.
+    /// single-stream, offline, server, max-qps or generate.
     #[arg(long)]
     pub scenario: Option<String>,
+    /// Generate: prompt tokens per request, a count (128) or uniform:MIN-MAX drawn per request
+    /// (default 128).
+    #[arg(long)]
+    pub prompt_tokens: Option<String>,
+    /// Generate: output tokens per request, a count (64) or uniform:MIN-MAX; every request makes
+    /// exactly this many (default 64).
+    #[arg(long)]
+    pub output_tokens: Option<String>,
+    /// Generate: open loop at this many requests per second (seeded Poisson arrivals; TTFT and E2E
+    /// from each request's scheduled arrival). Without it, a closed loop of --concurrency streams.
+    #[arg(long, allow_hyphen_values = true)]
+    pub request_rate: Option<f64>,
+    /// Generate: sampling temperature (default 0: greedy).
+    #[arg(long, allow_hyphen_values = true)]
+    pub temperature: Option<f64>,
+    /// Generate: sample among the k most likely tokens (with --temperature).
+    #[arg(long)]
+    pub top_k: Option<u32>,
+    /// Generate: service-level objective as p99 bounds, e.g. ttft_ms=500,tpot_ms=50[,e2e_ms=2000];
+    /// goodput counts the requests that meet every term, and a run is VALID only when the p99s do.
+    #[arg(long)]
+    pub slo: Option<String>,
     /// Exact number of timed queries per run. Without it a run lasts until --duration-s (if given),
     /// --min-duration-s and --min-queries all hold, capped by --max-duration-s; with none of these,
     /// it is 1000 queries.
@@ -177,6 +202,12 @@ impl JobArgs {
             selector: pick_vec(self.selector, file.selector),
             name: pick(self.name, file.name),
             scenario: pick(self.scenario, file.scenario),
+            prompt_tokens: pick(self.prompt_tokens, file.prompt_tokens),
+            output_tokens: pick(self.output_tokens, file.output_tokens),
+            request_rate: pick(self.request_rate, file.request_rate),
+            temperature: pick(self.temperature, file.temperature),
+            top_k: pick(self.top_k, file.top_k),
+            slo: pick(self.slo, file.slo),
             iterations: pick(self.iterations, file.iterations),
             duration_s: pick(self.duration_s, file.duration_s),
             batch_size: pick_vec(self.batch_size, file.batch_size),
@@ -202,6 +233,45 @@ impl JobArgs {
         }
     }
 
+    /// The generate scenario's parameters, or None for another scenario (refusing its flags there).
+    fn generate_config(&self, scenario: Scenario) -> Result<Option<GenerateConfig>> {
+        let given = [
+            ("prompt_tokens", self.prompt_tokens.is_some()),
+            ("output_tokens", self.output_tokens.is_some()),
+            ("request_rate", self.request_rate.is_some()),
+            ("temperature", self.temperature.is_some()),
+            ("top_k", self.top_k.is_some()),
+            ("slo", self.slo.is_some()),
+        ];
+        if scenario != Scenario::Generate {
+            if let Some((name, _)) = given.iter().find(|(_, set)| *set) {
+                bail!("{name}: belongs to --scenario generate");
+            }
+            return Ok(None);
+        }
+        let lengths = |field: &str, v: &Option<String>, default: u32| match v {
+            Some(s) => parse_token_lengths(field, s),
+            None => Ok(TokenLengths::fixed(default)),
+        };
+        let mut g = GenerateConfig {
+            prompt_tokens: lengths("prompt_tokens", &self.prompt_tokens, DEFAULT_PROMPT_TOKENS)?,
+            output_tokens: lengths("output_tokens", &self.output_tokens, DEFAULT_OUTPUT_TOKENS)?,
+            request_rate: match self.request_rate {
+                Some(r) if !(r.is_finite() && r > 0.0) => {
+                    bail!("request_rate: must be > 0 requests/s (got {r})")
+                }
+                r => r.unwrap_or(0.0),
+            },
+            temperature: self.temperature.unwrap_or(0.0),
+            top_k: self.top_k.unwrap_or(0),
+            ..Default::default()
+        };
+        if let Some(slo) = &self.slo {
+            parse_slo(slo, &mut g)?;
+        }
+        Ok(Some(g))
+    }
+
     /// The job spec (without uploaded input data), validated with the coordinator's rules.
     pub fn to_spec(&self, max_tasks: usize) -> Result<JobSpec> {
         let Some(model) = self.model.clone().filter(|m| !m.trim().is_empty()) else {
@@ -219,15 +289,16 @@ impl JobArgs {
         let duration_ms = seconds_to_ms("duration_s", self.duration_s)?;
         let max_duration_ms = seconds_to_ms("max_duration_s", self.max_duration_s)?;
         let min_duration_ms = seconds_to_ms("min_duration_s", self.min_duration_s)?;
+        let generate = self.generate_config(scenario)?;
         // Without an exact count, the duration and the minimums decide how long a run lasts; with
-        // none of them, a run is 1000 queries.
+        // none of them, a run is 1000 queries (100 requests when generating).
         let iterations = if iterations == 0
             && duration_ms == 0
             && min_duration_ms == 0
             && self.min_queries.unwrap_or(0) == 0
             && scenario != Scenario::MaxQps
         {
-            1000
+            if generate.is_some() { 100 } else { 1000 }
         } else {
             iterations
         };
@@ -258,7 +329,9 @@ impl JobArgs {
             execution_provider: eps.first().cloned().unwrap_or_default(),
             iterations,
             duration_ms,
-            warmup_iterations: self.warmup.unwrap_or(100),
+            warmup_iterations: self
+                .warmup
+                .unwrap_or(if generate.is_some() { 2 } else { 100 }),
             seed: self.seed.unwrap_or(0),
             shapes,
             input_data_sha256: String::new(),
@@ -277,7 +350,23 @@ impl JobArgs {
             max_outstanding: self.max_outstanding.unwrap_or(0),
             skip_accuracy: self.skip_accuracy,
             sample_ms: 0,
+            generate,
         };
+        if let Some(g) = &config.generate
+            && g.request_rate > 0.0
+            && concurrency.len() > 1
+        {
+            bail!(
+                "concurrency: an open loop's load is its --request-rate ({} requests/s); --concurrency only caps \
+                 the streams serving it, so sweep one or the other, not both",
+                g.request_rate
+            );
+        }
+        if config.generate.is_some() && config.target_qps > 0.0 {
+            bail!(
+                "target_qps: the generate scenario's load is --request-rate (requests per second), not --target-qps"
+            );
+        }
         let many = |n: usize| n > 1;
         let sweep = Sweep {
             batch_sizes: if many(batches.len()) { batches } else { vec![] },
@@ -373,6 +462,56 @@ mod tests {
                 .to_string()
                 .starts_with("model")
         );
+    }
+
+    #[test]
+    fn generate_flags_parse_and_bad_ones_are_named() {
+        let mut a = args("tiny-llama");
+        a.scenario = Some("generate".into());
+        a.prompt_tokens = Some("uniform:32-256".into());
+        a.slo = Some("ttft_ms=500,tpot_ms=50".into());
+        a.request_rate = Some(2.0);
+        let spec = a.to_spec(256).unwrap();
+        let g = spec.config.generate.clone().unwrap();
+        assert_eq!((g.prompt_tokens.min, g.prompt_tokens.max), (32, 256));
+        assert_eq!((g.output_tokens.min, g.output_tokens.max), (64, 64));
+        assert_eq!(
+            (g.slo_ttft_ms, g.slo_tpot_ms, g.slo_e2e_ms),
+            (500.0, 50.0, 0.0)
+        );
+        assert_eq!(spec.config.iterations, 100);
+        let field = |a: JobArgs| a.to_spec(256).unwrap_err().to_string();
+        let generate = || {
+            let mut a = args("tiny-llama");
+            a.scenario = Some("generate".into());
+            a
+        };
+        let mut a = generate();
+        a.output_tokens = Some("0".into());
+        assert!(field(a).starts_with("output_tokens: must be at least 1"));
+        let mut a = generate();
+        a.prompt_tokens = Some("uniform:64-8".into());
+        assert!(field(a).starts_with("prompt_tokens"));
+        let mut a = generate();
+        a.slo = Some("ttft_ms=500,latency=3".into());
+        let e = field(a);
+        assert!(e.starts_with("slo: unknown term 'latency'"), "{e}");
+        let mut a = generate();
+        a.slo = Some("ttft_ms=fast".into());
+        assert!(field(a).starts_with("slo"));
+        let mut a = generate();
+        a.request_rate = Some(2.0);
+        a.concurrency = vec![1, 4];
+        assert!(field(a).starts_with("concurrency"));
+        let mut a = generate();
+        a.batch_size = vec![4];
+        assert!(field(a).starts_with("batch_size"));
+        let mut a = generate();
+        a.top_k = Some(40);
+        assert!(field(a).starts_with("top_k"));
+        let mut a = args("digits");
+        a.output_tokens = Some("64".into());
+        assert!(field(a).starts_with("output_tokens: belongs to --scenario generate"));
     }
 
     #[test]

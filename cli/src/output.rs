@@ -60,6 +60,46 @@ pub fn bytes(b: u64) -> String {
     }
 }
 
+/// A cost with three significant digits, or a dash.
+pub fn cost(v: Option<f64>) -> String {
+    match v {
+        Some(c) if c > 0.0 => {
+            let digits = (2 - c.log10().floor() as i32).max(0) as usize;
+            format!("{c:.digits$}")
+        }
+        Some(c) => format!("{c}"),
+        None => "-".into(),
+    }
+}
+
+/// The header of the token-figure columns of a generate run or row.
+pub const TOKEN_HEADER: &[&str] = &[
+    "TTFT P50 ms",
+    "TTFT P99 ms",
+    "TPOT P50 ms",
+    "TPOT P99 ms",
+    "TOKENS/S",
+    "REQ/S",
+    "GOODPUT/S",
+    "COST/1M TOK",
+];
+
+/// The token-figure cells of a generate run or row, in [`TOKEN_HEADER`]'s order.
+pub fn token_cells(g: &fleetbench_proto::v1::GenerationStats) -> Vec<String> {
+    let ttft = g.ttft.unwrap_or_default();
+    let tpot = g.tpot.unwrap_or_default();
+    vec![
+        ms(ttft.p50_ms),
+        ms(ttft.p99_ms),
+        ms(tpot.p50_ms),
+        ms(tpot.p99_ms),
+        rate(g.output_tokens_per_s),
+        rate(g.requests_per_s),
+        rate(g.goodput_per_s),
+        cost(g.cost_per_million_tokens),
+    ]
+}
+
 /// Prints a value as pretty JSON.
 pub fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);

@@ -1,7 +1,10 @@
 //! Run configuration: names of scenarios and optimization levels, defaults, validation (errors name the
 //! field), and the expansion of sweeps into one configuration per task.
 
-use crate::domain::{GraphOptimization, InputShape, JobSpec, RunConfig, Scenario, Sweep};
+use crate::domain::{
+    GenerateConfig, GraphOptimization, InputShape, JobSpec, RunConfig, Scenario, Sweep,
+    TokenLengths,
+};
 
 /// Default cap on the number of tasks one job may expand into.
 pub const DEFAULT_MAX_TASKS: usize = 256;
@@ -41,10 +44,11 @@ pub fn parse_scenario(s: &str) -> Result<Scenario, ConfigError> {
         "offline" => Ok(Scenario::Offline),
         "server" => Ok(Scenario::Server),
         "max-qps" | "maxqps" | "max_qps" => Ok(Scenario::MaxQps),
+        "generate" => Ok(Scenario::Generate),
         other => Err(ConfigError::new(
             "scenario",
             format!(
-                "unknown scenario '{other}' (expected single-stream, offline, server or max-qps)"
+                "unknown scenario '{other}' (expected single-stream, offline, server, max-qps or generate)"
             ),
         )),
     }
@@ -57,6 +61,7 @@ pub fn scenario_name(s: Scenario) -> &'static str {
         Scenario::Offline => "offline",
         Scenario::Server => "server",
         Scenario::MaxQps => "max-qps",
+        Scenario::Generate => "generate",
     }
 }
 
@@ -138,6 +143,232 @@ pub fn parse_input_shape(s: &str) -> Result<InputShape, ConfigError> {
     })
 }
 
+/// Prompt tokens of a generate run when none are given.
+pub const DEFAULT_PROMPT_TOKENS: u32 = 128;
+/// Output tokens of a generate run when none are given.
+pub const DEFAULT_OUTPUT_TOKENS: u32 = 64;
+
+/// Parses token lengths for `field`: `128` (fixed) or `uniform:32-256` (drawn per request, seeded).
+pub fn parse_token_lengths(field: &str, s: &str) -> Result<TokenLengths, ConfigError> {
+    let t = s.trim();
+    let bad = |why: &str| {
+        ConfigError::new(
+            field,
+            format!(
+                "'{s}' {why} (expected a count such as 64, or uniform:MIN-MAX such as uniform:32-256)"
+            ),
+        )
+    };
+    let count = |v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .map_err(|_| bad("is not a token count"))
+    };
+    let lengths = match t.strip_prefix("uniform:") {
+        Some(range) => {
+            let (lo, hi) = range.split_once('-').ok_or_else(|| bad("has no range"))?;
+            TokenLengths {
+                min: count(lo)?,
+                max: count(hi)?,
+            }
+        }
+        None => TokenLengths::fixed(count(t)?),
+    };
+    check_token_lengths(field, &lengths)?;
+    Ok(lengths)
+}
+
+/// Readable form of token lengths: `64` or `uniform:32-256`.
+pub fn token_lengths_label(t: &TokenLengths) -> String {
+    if t.min == t.max {
+        t.min.to_string()
+    } else {
+        format!("uniform:{}-{}", t.min, t.max)
+    }
+}
+
+fn check_token_lengths(field: &str, t: &TokenLengths) -> Result<(), ConfigError> {
+    if t.min == 0 {
+        return Err(ConfigError::new(
+            field,
+            "must be at least 1 token (got 0)".to_string(),
+        ));
+    }
+    if t.max < t.min {
+        return Err(ConfigError::new(
+            field,
+            format!("range {}-{} runs backwards", t.min, t.max),
+        ));
+    }
+    Ok(())
+}
+
+/// The SLO terms fleetbench knows, as `--slo` spells them.
+pub const SLO_TERMS: &[&str] = &["ttft_ms", "tpot_ms", "e2e_ms"];
+
+/// Parses `ttft_ms=500,tpot_ms=50[,e2e_ms=…]` into `g`'s SLO; each term is a p99 bound in ms.
+pub fn parse_slo(s: &str, g: &mut GenerateConfig) -> Result<(), ConfigError> {
+    for term in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let (name, value) = term.split_once('=').ok_or_else(|| {
+            ConfigError::new(
+                "slo",
+                format!("'{term}' is not NAME=MS (terms: {})", SLO_TERMS.join(", ")),
+            )
+        })?;
+        let ms: f64 = value
+            .trim()
+            .parse()
+            .ok()
+            .filter(|v: &f64| v.is_finite() && *v > 0.0)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "slo",
+                    format!("'{term}': '{value}' is not a positive number of milliseconds"),
+                )
+            })?;
+        match name.trim().to_ascii_lowercase().as_str() {
+            "ttft_ms" | "ttft" => g.slo_ttft_ms = ms,
+            "tpot_ms" | "tpot" => g.slo_tpot_ms = ms,
+            "e2e_ms" | "e2e" => g.slo_e2e_ms = ms,
+            other => {
+                return Err(ConfigError::new(
+                    "slo",
+                    format!("unknown term '{other}' (terms: {})", SLO_TERMS.join(", ")),
+                ));
+            }
+        }
+    }
+    if !g.has_slo() {
+        return Err(ConfigError::new("slo", format!("'{s}' sets no term")));
+    }
+    Ok(())
+}
+
+/// Readable form of an SLO, e.g. `ttft_ms=500,tpot_ms=50`; empty without one.
+pub fn slo_label(g: &GenerateConfig) -> String {
+    [
+        ("ttft_ms", g.slo_ttft_ms),
+        ("tpot_ms", g.slo_tpot_ms),
+        ("e2e_ms", g.slo_e2e_ms),
+    ]
+    .iter()
+    .filter(|(_, v)| *v > 0.0)
+    .map(|(n, v)| format!("{n}={v}"))
+    .collect::<Vec<_>>()
+    .join(",")
+}
+
+fn validate_generate(c: &RunConfig) -> Result<(), ConfigError> {
+    let Some(g) = &c.generate else {
+        return Ok(());
+    };
+    if c.scenario != Scenario::Generate {
+        return Err(ConfigError::new(
+            "generate",
+            format!(
+                "prompt and output tokens, request rate, sampling and SLO belong to the generate scenario, not {}",
+                scenario_name(c.scenario)
+            ),
+        ));
+    }
+    check_token_lengths("prompt_tokens", &g.prompt_tokens)?;
+    check_token_lengths("output_tokens", &g.output_tokens)?;
+    if !g.request_rate.is_finite() || g.request_rate < 0.0 {
+        return Err(ConfigError::new(
+            "request_rate",
+            format!("must be > 0 requests/s (got {})", g.request_rate),
+        ));
+    }
+    if !g.temperature.is_finite() || g.temperature < 0.0 {
+        return Err(ConfigError::new(
+            "temperature",
+            format!("must be >= 0 (got {}); 0 picks greedily", g.temperature),
+        ));
+    }
+    if g.top_k > 0 && g.temperature == 0.0 {
+        return Err(ConfigError::new(
+            "top_k",
+            "samples only with a temperature > 0 (greedy decoding takes the top token)",
+        ));
+    }
+    for (name, v) in [
+        ("slo.ttft_ms", g.slo_ttft_ms),
+        ("slo.tpot_ms", g.slo_tpot_ms),
+        ("slo.e2e_ms", g.slo_e2e_ms),
+    ] {
+        if !v.is_finite() || v < 0.0 {
+            return Err(ConfigError::new(name, format!("must be > 0 ms (got {v})")));
+        }
+    }
+    if c.batch_size > 1 {
+        return Err(ConfigError::new(
+            "batch_size",
+            format!(
+                "the generate scenario runs one request per call (batch 1) in this version; got {}",
+                c.batch_size
+            ),
+        ));
+    }
+    if g.request_rate > 0.0 && c.latency_bound_ms > 0.0 {
+        return Err(ConfigError::new(
+            "latency_bound_ms",
+            "a generate run is judged by --slo (ttft_ms, tpot_ms, e2e_ms), not by a latency bound",
+        ));
+    }
+    Ok(())
+}
+
+/// Why `g`'s longest request does not fit a model of `max_positions` positions, or None.
+pub fn position_limit_error(g: &GenerateConfig, max_positions: Option<i64>) -> Option<String> {
+    let max = max_positions?;
+    let longest = i64::from(g.prompt_tokens.max) + i64::from(g.output_tokens.max);
+    (longest > max).then(|| {
+        format!(
+            "prompt_tokens + output_tokens: up to {} + {} = {longest} tokens exceed the model's {max} positions \
+             (max_position_embeddings)",
+            g.prompt_tokens.max, g.output_tokens.max
+        )
+    })
+}
+
+/// Why a model with these declared inputs and outputs cannot run the generate scenario, naming what
+/// did not match; None when it has `input_ids`, `logits`, and a `present.{i}.key/value` output for
+/// every `past_key_values.{i}.key/value` input (or no cache at all).
+pub fn decoder_io_error(
+    inputs: &[crate::domain::TensorInfo],
+    outputs: &[crate::domain::TensorInfo],
+) -> Option<String> {
+    let has_in = |n: &str| inputs.iter().any(|i| i.name == n);
+    let has_out = |n: &str| outputs.iter().any(|o| o.name == n);
+    let names = |v: &[crate::domain::TensorInfo]| {
+        v.iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut problems = Vec::new();
+    if !has_in("input_ids") {
+        problems.push(format!("no input 'input_ids' (inputs: {})", names(inputs)));
+    }
+    if !has_out("logits") {
+        problems.push(format!("no output 'logits' (outputs: {})", names(outputs)));
+    }
+    for i in inputs {
+        if let Some(rest) = i.name.strip_prefix("past_key_values.") {
+            let present = format!("present.{rest}");
+            if !has_out(&present) {
+                problems.push(format!("input '{}' has no output '{present}'", i.name));
+            }
+        }
+    }
+    (!problems.is_empty()).then(|| {
+        format!(
+            "not a decoder in the Optimum/onnxruntime-genai convention: {}",
+            problems.join("; ")
+        )
+    })
+}
+
 /// Fills unset fields with fleetbench's defaults.
 pub fn with_defaults(mut c: RunConfig) -> RunConfig {
     if c.batch_size == 0 {
@@ -166,6 +397,13 @@ pub fn with_defaults(mut c: RunConfig) -> RunConfig {
     }
     if c.sample_ms == 0 {
         c.sample_ms = 250;
+    }
+    if c.scenario == Scenario::Generate && c.generate.is_none() {
+        c.generate = Some(GenerateConfig {
+            prompt_tokens: TokenLengths::fixed(DEFAULT_PROMPT_TOKENS),
+            output_tokens: TokenLengths::fixed(DEFAULT_OUTPUT_TOKENS),
+            ..Default::default()
+        });
     }
     c
 }
@@ -254,6 +492,7 @@ pub fn validate(c: &RunConfig) -> Result<(), ConfigError> {
             "is longer than max_duration_s",
         ));
     }
+    validate_generate(c)?;
     for s in &c.shapes {
         if s.dims.iter().any(|d| *d <= 0) {
             return Err(ConfigError::new(
@@ -329,6 +568,26 @@ pub fn config_label(c: &RunConfig) -> String {
     }
     if scenario == Scenario::Server {
         s.push_str(&format!(" {}qps", c.target_qps));
+    }
+    if let Some(g) = c
+        .generate
+        .as_ref()
+        .filter(|_| scenario == Scenario::Generate)
+    {
+        s.push_str(&format!(
+            " p{} o{}",
+            token_lengths_label(&g.prompt_tokens),
+            token_lengths_label(&g.output_tokens)
+        ));
+        if g.request_rate > 0.0 {
+            s.push_str(&format!(" {}rps", g.request_rate));
+        }
+        if g.temperature > 0.0 {
+            s.push_str(&format!(" temp={}", g.temperature));
+            if g.top_k > 0 {
+                s.push_str(&format!(" top{}", g.top_k));
+            }
+        }
     }
     s
 }
@@ -425,6 +684,68 @@ mod tests {
         let err = expand_sweep(&base(), &sweep, 5).unwrap_err();
         assert_eq!(err.field, "sweep");
         assert!(err.message.contains("6 combinations"), "{err}");
+    }
+
+    #[test]
+    fn a_decoder_without_logits_or_with_unpaired_caches_is_named() {
+        let t = |n: &str| crate::domain::TensorInfo {
+            name: n.into(),
+            ..Default::default()
+        };
+        let inputs = [
+            t("input_ids"),
+            t("attention_mask"),
+            t("past_key_values.0.key"),
+            t("past_key_values.0.value"),
+        ];
+        let good = [t("logits"), t("present.0.key"), t("present.0.value")];
+        assert_eq!(decoder_io_error(&inputs, &good), None);
+        let e = decoder_io_error(&inputs, &[t("scores"), t("present.0.key")]).unwrap();
+        assert!(
+            e.contains("no output 'logits' (outputs: scores, present.0.key)"),
+            "{e}"
+        );
+        assert!(
+            e.contains("input 'past_key_values.0.value' has no output 'present.0.value'"),
+            "{e}"
+        );
+        assert!(!e.contains("past_key_values.0.key'"), "{e}");
+    }
+
+    #[test]
+    fn token_lengths_and_slos_parse_and_bad_ones_name_the_setting() {
+        assert_eq!(
+            parse_token_lengths("output_tokens", "64").unwrap(),
+            TokenLengths::fixed(64)
+        );
+        assert_eq!(
+            parse_token_lengths("prompt_tokens", "uniform:32-256").unwrap(),
+            TokenLengths { min: 32, max: 256 }
+        );
+        for bad in ["0", "-3", "uniform:9", "uniform:0-4", "many"] {
+            assert_eq!(
+                parse_token_lengths("prompt_tokens", bad).unwrap_err().field,
+                "prompt_tokens",
+                "{bad}"
+            );
+        }
+        let mut g = GenerateConfig::default();
+        parse_slo("ttft_ms=500, tpot_ms=50", &mut g).unwrap();
+        assert_eq!((g.slo_ttft_ms, g.slo_tpot_ms), (500.0, 50.0));
+        assert_eq!(slo_label(&g), "ttft_ms=500,tpot_ms=50");
+        for bad in ["ttft=", "speed=3", "ttft_ms=-1", "", "tpot_ms"] {
+            let e = parse_slo(bad, &mut GenerateConfig::default()).unwrap_err();
+            assert_eq!(e.field, "slo", "{bad}: {e}");
+        }
+        // Generate settings on another scenario are refused, naming the scenario.
+        let mut c = base();
+        c.generate = Some(GenerateConfig::default());
+        assert_eq!(validate(&c).unwrap_err().field, "generate");
+        let mut c = base();
+        c.scenario = Scenario::Generate;
+        let c = with_defaults(c);
+        validate(&c).unwrap();
+        assert_eq!(config_label(&c), "generate b1 p128 o64");
     }
 
     #[test]

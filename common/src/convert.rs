@@ -4,8 +4,8 @@
 
 use crate::config::ConfigError;
 use crate::domain::{
-    Accelerator, GraphOptimization, InputShape, Inventory, JobSpec, LatencyStats, RunConfig,
-    Scenario, Sweep, TensorInfo,
+    Accelerator, GenerateConfig, GraphOptimization, InputShape, Inventory, JobSpec, LatencyStats,
+    RunConfig, Scenario, Sweep, TensorInfo, TokenLengths,
 };
 use crate::proto::v1 as pb;
 
@@ -21,6 +21,7 @@ impl From<Scenario> for pb::Scenario {
             Scenario::Offline => pb::Scenario::Offline,
             Scenario::Server => pb::Scenario::Server,
             Scenario::MaxQps => pb::Scenario::MaxQps,
+            Scenario::Generate => pb::Scenario::Generate,
         }
     }
 }
@@ -32,9 +33,10 @@ pub fn scenario_from_wire(field: &str, v: i32) -> Result<Scenario, ConfigError> 
         Ok(pb::Scenario::Offline) => Ok(Scenario::Offline),
         Ok(pb::Scenario::Server) => Ok(Scenario::Server),
         Ok(pb::Scenario::MaxQps) => Ok(Scenario::MaxQps),
+        Ok(pb::Scenario::Generate) => Ok(Scenario::Generate),
         Err(_) => Err(ConfigError::new(
             field,
-            format!("unknown scenario value {v}"),
+            format!("unknown scenario value {v} (a newer fleetbench's; upgrade this one)"),
         )),
     }
 }
@@ -109,6 +111,53 @@ impl From<&RunConfig> for pb::RunConfig {
             max_outstanding: c.max_outstanding,
             skip_accuracy: c.skip_accuracy,
             sample_ms: c.sample_ms,
+            generate: c.generate.as_ref().map(Into::into),
+        }
+    }
+}
+
+impl From<&TokenLengths> for pb::TokenLengths {
+    fn from(t: &TokenLengths) -> Self {
+        pb::TokenLengths {
+            min: t.min,
+            max: t.max,
+        }
+    }
+}
+
+impl From<&GenerateConfig> for pb::GenerateConfig {
+    fn from(g: &GenerateConfig) -> Self {
+        pb::GenerateConfig {
+            prompt_tokens: Some((&g.prompt_tokens).into()),
+            output_tokens: Some((&g.output_tokens).into()),
+            request_rate: g.request_rate,
+            temperature: g.temperature,
+            top_k: g.top_k,
+            slo_ttft_ms: g.slo_ttft_ms,
+            slo_tpot_ms: g.slo_tpot_ms,
+            slo_e2e_ms: g.slo_e2e_ms,
+        }
+    }
+}
+
+impl From<pb::GenerateConfig> for GenerateConfig {
+    fn from(g: pb::GenerateConfig) -> Self {
+        let lengths = |t: Option<pb::TokenLengths>| {
+            t.map(|t| TokenLengths {
+                min: t.min,
+                max: t.max,
+            })
+            .unwrap_or_default()
+        };
+        GenerateConfig {
+            prompt_tokens: lengths(g.prompt_tokens),
+            output_tokens: lengths(g.output_tokens),
+            request_rate: g.request_rate,
+            temperature: g.temperature,
+            top_k: g.top_k,
+            slo_ttft_ms: g.slo_ttft_ms,
+            slo_tpot_ms: g.slo_tpot_ms,
+            slo_e2e_ms: g.slo_e2e_ms,
         }
     }
 }
@@ -146,6 +195,7 @@ impl TryFrom<pb::RunConfig> for RunConfig {
             max_outstanding: c.max_outstanding,
             skip_accuracy: c.skip_accuracy,
             sample_ms: c.sample_ms,
+            generate: c.generate.map(Into::into),
         })
     }
 }

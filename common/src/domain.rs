@@ -22,6 +22,56 @@ pub enum Scenario {
     Server,
     /// Bisection over server runs for the highest QPS whose p99 meets `latency_bound_ms`.
     MaxQps,
+    /// Token generation with a decoder model: requests of prompt and output lengths, in a closed loop
+    /// of `concurrency` streams or an open loop at [`GenerateConfig::request_rate`].
+    Generate,
+}
+
+/// Token counts of a generate run: fixed (`min == max`) or drawn uniformly from `[min, max]` per
+/// request, seeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TokenLengths {
+    /// Smallest length, >= 1.
+    pub min: u32,
+    /// Largest length, >= min.
+    pub max: u32,
+}
+
+impl TokenLengths {
+    /// One fixed length.
+    pub fn fixed(n: u32) -> Self {
+        Self { min: n, max: n }
+    }
+}
+
+/// Parameters of the generate scenario. Zero means unset (an SLO term of 0 is not part of the SLO).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerateConfig {
+    /// Prompt tokens per request.
+    pub prompt_tokens: TokenLengths,
+    /// Output tokens per request; every request produces exactly this many.
+    pub output_tokens: TokenLengths,
+    /// Open loop: requests per second from a seeded Poisson schedule; 0: closed loop.
+    pub request_rate: f64,
+    /// Sampling temperature; 0 picks greedily.
+    pub temperature: f64,
+    /// Sample among the k most likely tokens; 0: all.
+    pub top_k: u32,
+    /// SLO: p99 time to first token, ms.
+    pub slo_ttft_ms: f64,
+    /// SLO: p99 time per output token, ms.
+    pub slo_tpot_ms: f64,
+    /// SLO: p99 end-to-end latency, ms.
+    pub slo_e2e_ms: f64,
+}
+
+impl GenerateConfig {
+    /// True when any SLO term is set.
+    pub fn has_slo(&self) -> bool {
+        self.slo_ttft_ms > 0.0 || self.slo_tpot_ms > 0.0 || self.slo_e2e_ms > 0.0
+    }
 }
 
 /// Graph optimization level passed to ONNX Runtime.
@@ -104,6 +154,8 @@ pub struct RunConfig {
     pub skip_accuracy: bool,
     /// Resource sampling period in milliseconds.
     pub sample_ms: u32,
+    /// Parameters of the generate scenario; None for the other scenarios.
+    pub generate: Option<GenerateConfig>,
 }
 
 /// Values to sweep; every combination becomes its own task. Empty lists mean "the base value only".

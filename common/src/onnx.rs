@@ -36,6 +36,8 @@ pub struct ModelInfo {
     pub weight_kind: &'static str,
     /// Initializers whose data lives in external files, in graph order.
     pub external_data: Vec<ExternalRef>,
+    /// Decoders: the position limit stated in the model's metadata (`max_position_embeddings`).
+    pub max_positions: Option<i64>,
 }
 
 /// Where an initializer keeps its data outside the model file.
@@ -196,6 +198,12 @@ pub fn inspect_model(model: &ModelProto) -> ModelInfo {
         ir_version: model.ir_version.unwrap_or(0),
         weight_kind: weight_kind(&graph.initializer),
         external_data: external_data(&graph),
+        max_positions: model
+            .metadata_props
+            .iter()
+            .find(|p| p.key() == "max_position_embeddings")
+            .and_then(|p| p.value().trim().parse().ok())
+            .filter(|v: &i64| *v > 0),
     }
 }
 

@@ -6,10 +6,11 @@ use fleetbench_common::config::ConfigError;
 use fleetbench_common::convert::required;
 use fleetbench_proto::v1 as pb;
 
+use crate::domain::GenerationSummary;
 use crate::domain::{
     AgentInfo, JobDetail, JobSummary, RankQuery, RankRow, Ranking, Registered, Registration,
     ResourceSample, ResourceSummary, RunConfig, RunReport, RunResult, RunSummary, TaskInfo,
-    Variant, VariantRegistration, Window,
+    Variant, VariantRegistration, Window, WindowGeneration,
 };
 
 impl From<&Variant> for pb::ModelVariant {
@@ -31,6 +32,7 @@ impl From<&Variant> for pb::ModelVariant {
             opset: v.opset,
             ir_version: v.ir_version,
             file_count: v.file_count.max(1),
+            max_positions: v.max_positions,
         }
     }
 }
@@ -54,6 +56,7 @@ impl From<pb::ModelVariant> for Variant {
             opset: v.opset,
             ir_version: v.ir_version,
             file_count: v.file_count,
+            max_positions: v.max_positions,
         }
     }
 }
@@ -184,6 +187,49 @@ impl From<&RunSummary> for pb::RunSummary {
             windows: s.windows,
             cost_per_hour: s.cost_per_hour,
             quality_json: s.quality_json.clone(),
+            generation: s.generation.as_ref().map(Into::into),
+        }
+    }
+}
+
+impl From<&GenerationSummary> for pb::GenerationStats {
+    fn from(g: &GenerationSummary) -> Self {
+        pb::GenerationStats {
+            ttft: Some((&g.ttft).into()),
+            tpot: Some((&g.tpot).into()),
+            itl: Some((&g.itl).into()),
+            requests: g.requests,
+            prompt_tokens: g.prompt_tokens,
+            output_tokens: g.output_tokens,
+            output_tokens_per_s: g.output_tokens_per_s,
+            prompt_tokens_per_s: g.prompt_tokens_per_s,
+            requests_per_s: g.requests_per_s,
+            goodput_per_s: g.goodput_per_s,
+            good_requests: g.good_requests,
+            kv_bytes_per_token: g.kv_bytes_per_token,
+            cost_per_million_tokens: g.cost_per_million_tokens,
+        }
+    }
+}
+
+/// The wire form carries no histograms: they stay in the coordinator.
+impl From<pb::GenerationStats> for GenerationSummary {
+    fn from(g: pb::GenerationStats) -> Self {
+        GenerationSummary {
+            ttft: g.ttft.map(Into::into).unwrap_or_default(),
+            tpot: g.tpot.map(Into::into).unwrap_or_default(),
+            itl: g.itl.map(Into::into).unwrap_or_default(),
+            requests: g.requests,
+            prompt_tokens: g.prompt_tokens,
+            output_tokens: g.output_tokens,
+            output_tokens_per_s: g.output_tokens_per_s,
+            prompt_tokens_per_s: g.prompt_tokens_per_s,
+            requests_per_s: g.requests_per_s,
+            goodput_per_s: g.goodput_per_s,
+            good_requests: g.good_requests,
+            kv_bytes_per_token: g.kv_bytes_per_token,
+            cost_per_million_tokens: g.cost_per_million_tokens,
+            histograms: Default::default(),
         }
     }
 }
@@ -221,6 +267,7 @@ impl TryFrom<pb::RunSummary> for RunSummary {
             windows: s.windows,
             cost_per_hour: s.cost_per_hour,
             quality_json: s.quality_json,
+            generation: s.generation.map(Into::into),
         })
     }
 }
@@ -297,6 +344,14 @@ impl From<pb::TelemetryWindow> for Window {
             dropped_queries: w.dropped_queries,
             issue_delay_histogram: w.issue_delay_histogram,
             closed_at_ms: w.closed_at_ms,
+            generation: w.generation.map(|g| WindowGeneration {
+                ttft_histogram: g.ttft_histogram,
+                tpot_histogram: g.tpot_histogram,
+                itl_histogram: g.itl_histogram,
+                prompt_tokens: g.prompt_tokens,
+                output_tokens: g.output_tokens,
+                good_requests: g.good_requests,
+            }),
         }
     }
 }
@@ -405,6 +460,7 @@ impl From<&RankRow> for pb::RankRow {
             fidelity_cosine: r.fidelity_cosine,
             legacy: r.legacy,
             pool_key: r.pool_key.clone(),
+            generation: r.generation.as_ref().map(Into::into),
         }
     }
 }

@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 pub use fleetbench_common::domain::{
-    Accelerator, GraphOptimization, InputShape, Inventory, JobSpec, LatencyStats, RunConfig,
-    Scenario, Sweep, TensorInfo,
+    Accelerator, GenerateConfig, GraphOptimization, InputShape, Inventory, JobSpec, LatencyStats,
+    RunConfig, Scenario, Sweep, TensorInfo,
 };
 use fleetbench_common::labels::Labels;
 
@@ -47,6 +47,8 @@ pub struct Variant {
     pub ir_version: i64,
     /// Files in the artifact set; 0 for variants registered before sets existed (one file).
     pub file_count: u32,
+    /// Decoders: the position limit the model's metadata states (`max_position_embeddings`).
+    pub max_positions: Option<i64>,
 }
 
 /// A request to register an uploaded artifact as a variant.
@@ -258,6 +260,8 @@ pub struct RunSummary {
     pub cost_per_hour: Option<f64>,
     /// Quality of the outputs as JSON (fleetbench_common::quality::Quality); empty when not measured.
     pub quality_json: String,
+    /// Generate runs: token figures.
+    pub generation: Option<GenerationSummary>,
 }
 
 /// Resource figures sampled during one window.
@@ -315,6 +319,78 @@ pub struct Window {
     pub issue_delay_histogram: Vec<u8>,
     /// Unix ms when the window closed.
     pub closed_at_ms: i64,
+    /// Generate runs: the token figures of the requests completed in the window.
+    pub generation: Option<WindowGeneration>,
+}
+
+/// Token figures of the requests one window of a generate run completed. Histograms are HdrHistogram
+/// (V2) bytes in nanoseconds, stored hex-encoded.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WindowGeneration {
+    /// Time to first token.
+    #[serde(with = "hex_bytes")]
+    pub ttft_histogram: Vec<u8>,
+    /// Time per output token.
+    #[serde(with = "hex_bytes")]
+    pub tpot_histogram: Vec<u8>,
+    /// Every gap between consecutive output tokens.
+    #[serde(with = "hex_bytes")]
+    pub itl_histogram: Vec<u8>,
+    /// Prompt tokens of the requests.
+    pub prompt_tokens: u64,
+    /// Output tokens of the requests.
+    pub output_tokens: u64,
+    /// Requests that met every SLO term.
+    pub good_requests: u64,
+}
+
+/// Token figures of a generate run, or of runs pooled into one ranking row.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerationSummary {
+    /// Time to first token, ms.
+    pub ttft: LatencyStats,
+    /// Time per output token, ms.
+    pub tpot: LatencyStats,
+    /// Inter-token latency, ms.
+    pub itl: LatencyStats,
+    /// Requests completed.
+    pub requests: u64,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Output tokens per second.
+    pub output_tokens_per_s: f64,
+    /// Prompt tokens per second.
+    pub prompt_tokens_per_s: f64,
+    /// Requests per second.
+    pub requests_per_s: f64,
+    /// Requests per second that met every SLO term.
+    pub goodput_per_s: f64,
+    /// Requests that met every SLO term.
+    pub good_requests: u64,
+    /// KV-cache bytes per token.
+    pub kv_bytes_per_token: u64,
+    /// Cost per million output tokens, in the unit of cost_per_hour.
+    pub cost_per_million_tokens: Option<f64>,
+    /// The merged histograms (ns), kept so rankings pool runs exactly.
+    pub histograms: WindowGeneration,
+}
+
+/// Serde for bytes as a hex string.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        hex::decode(text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// What the agent measured besides the windows.
@@ -454,6 +530,8 @@ pub struct RankRow {
     pub legacy: bool,
     /// The pooling key of the row's runs (JSON; `legacy:…` for old runs).
     pub pool_key: String,
+    /// Generate runs: pooled token figures.
+    pub generation: Option<GenerationSummary>,
 }
 
 /// A ranking.

@@ -68,6 +68,23 @@ pub fn check_window(w: &Window) -> Option<String> {
     if let Err(e) = fleetbench_common::hist::decode(&w.issue_delay_histogram) {
         return Some(format!("issue_delay_histogram: {e}"));
     }
+    if let Some(g) = &w.generation {
+        for (name, bytes) in [
+            ("generation.ttft_histogram", &g.ttft_histogram),
+            ("generation.tpot_histogram", &g.tpot_histogram),
+            ("generation.itl_histogram", &g.itl_histogram),
+        ] {
+            if let Err(e) = fleetbench_common::hist::decode(bytes) {
+                return Some(format!("{name}: {e}"));
+            }
+        }
+        if g.output_tokens < w.queries || g.good_requests > w.queries {
+            return Some(format!(
+                "generation: {} output tokens and {} good requests do not fit {} requests",
+                g.output_tokens, g.good_requests, w.queries
+            ));
+        }
+    }
     if w.end_offset_ns < w.start_offset_ns {
         return Some(format!(
             "end_offset_ns {} is before start_offset_ns {}",

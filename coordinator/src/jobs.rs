@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use fleetbench_common::config::validate_job_spec;
+use fleetbench_common::config::{decoder_io_error, position_limit_error, validate_job_spec};
 use fleetbench_common::labels;
 use fleetbench_common::now_ms;
 
 use crate::context::{Context, stopped};
-use crate::domain::{JobDetail, JobSpec, JobSummary, RunConfig, Variant};
+use crate::domain::{JobDetail, JobSpec, JobSummary, RunConfig, Scenario, Variant};
 use crate::error::{Error, Result};
 use crate::fleet::is_online;
 use crate::limits;
@@ -55,6 +55,30 @@ fn check_shapes(variant: &Variant, config: &RunConfig) -> Result<()> {
                 )));
             }
         }
+    }
+    Ok(())
+}
+
+/// A generate job needs a decoder whose position limit holds its longest request.
+fn check_generate(variant: &Variant, config: &RunConfig) -> Result<()> {
+    let Some(g) = config
+        .generate
+        .as_ref()
+        .filter(|_| config.scenario == Scenario::Generate)
+    else {
+        return Ok(());
+    };
+    let named = |e: String| {
+        Error::InvalidArgument(format!("model: {}/{}: {e}", variant.model, variant.variant))
+    };
+    if let Some(e) = decoder_io_error(&variant.inputs, &variant.outputs) {
+        return Err(named(e));
+    }
+    if let Some(e) = position_limit_error(g, variant.max_positions) {
+        return Err(Error::InvalidArgument(format!(
+            "{e} of {}/{}",
+            variant.model, variant.variant
+        )));
     }
     Ok(())
 }
@@ -118,6 +142,11 @@ pub async fn submit(coord: &Context, spec: JobSpec) -> Result<(String, u32)> {
     }
     for v in &variants {
         for c in &configs {
+            if c.scenario == Scenario::Generate {
+                // The decoding loop shapes every call's inputs itself.
+                check_generate(v, c)?;
+                continue;
+            }
             check_shapes(v, c)?;
             limits::check_inputs(v, c, &coord.config)?;
         }

@@ -22,6 +22,7 @@ pub mod convert;
 pub mod domain;
 pub mod error;
 pub mod fleet;
+pub mod generation;
 pub mod grpc;
 pub mod health;
 pub mod heartbeat;

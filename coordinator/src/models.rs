@@ -249,6 +249,7 @@ pub async fn register_variant(coord: &Context, req: VariantRegistration) -> Resu
         opset: info.opset,
         ir_version: info.ir_version,
         file_count: set.files.len() as u32,
+        max_positions: info.max_positions,
     };
     // A model uploaded whole as one blob becomes a set of one file once it is a variant's.
     coord

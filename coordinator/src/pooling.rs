@@ -10,7 +10,9 @@
 
 use std::collections::BTreeMap;
 
-use fleetbench_common::config::{config_label, graph_optimization_name, scenario_name};
+use fleetbench_common::config::{
+    config_label, graph_optimization_name, scenario_name, slo_label, token_lengths_label,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{RunConfig, Scenario};
@@ -51,6 +53,41 @@ pub struct PoolKey {
     pub ort_version: String,
     /// Execution providers that ran the graph's nodes, sorted.
     pub providers_used: Vec<String>,
+    /// Generate scenario: prompt and output lengths, request rate and outstanding cap, sampling and
+    /// SLO, e.g. `p128 o64 rate=2 out=1024 greedy slo=ttft_ms=500`; empty (and not stored) otherwise,
+    /// so keys of other scenarios read as before.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub generate: String,
+}
+
+fn generate_key(c: &RunConfig) -> String {
+    let Some(g) = c
+        .generate
+        .as_ref()
+        .filter(|_| c.scenario == Scenario::Generate)
+    else {
+        return String::new();
+    };
+    let mut s = format!(
+        "p{} o{}",
+        token_lengths_label(&g.prompt_tokens),
+        token_lengths_label(&g.output_tokens)
+    );
+    if g.request_rate > 0.0 {
+        s.push_str(&format!(
+            " rate={} out={}",
+            g.request_rate, c.max_outstanding
+        ));
+    }
+    if g.temperature > 0.0 {
+        s.push_str(&format!(" temp={} top_k={}", g.temperature, g.top_k));
+    } else {
+        s.push_str(" greedy");
+    }
+    if g.has_slo() {
+        s.push_str(&format!(" slo={}", slo_label(g)));
+    }
+    s
 }
 
 impl PoolKey {
@@ -111,6 +148,7 @@ impl PoolKey {
             agent_version: text("agent_version"),
             ort_version: text("ort_version"),
             providers_used,
+            generate: generate_key(c),
         }
     }
 
@@ -154,6 +192,14 @@ impl PoolKey {
         );
         m.insert("agent", self.agent_version.clone());
         m.insert("ort", self.ort_version.clone());
+        m.insert(
+            "slo",
+            self.generate
+                .split(" slo=")
+                .nth(1)
+                .unwrap_or("none")
+                .to_string(),
+        );
         m.insert(
             "ran-on",
             self.providers_used

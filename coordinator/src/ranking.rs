@@ -10,6 +10,7 @@ use fleetbench_common::hist;
 use crate::context::Context;
 use crate::domain::{RankQuery, RankRow, Ranking, Variant};
 use crate::error::{Error, Result};
+use crate::generation::TokenTotals;
 use crate::pooling;
 use crate::store::StoredRun;
 
@@ -30,6 +31,14 @@ pub enum Objective {
     Cost,
     /// Accuracy, highest first.
     Accuracy,
+    /// Generate runs: output tokens per second, highest first.
+    TokensPerS,
+    /// Generate runs: p99 time to first token, lowest first.
+    TtftP99,
+    /// Generate runs: p99 time per output token, lowest first.
+    TpotP99,
+    /// Generate runs: requests per second that met the SLO, highest first.
+    Goodput,
 }
 
 impl Objective {
@@ -43,9 +52,14 @@ impl Objective {
             "throughput" | "qps" => Objective::Throughput,
             "cost" => Objective::Cost,
             "accuracy" => Objective::Accuracy,
+            "tokens-per-s" | "tokens" | "tokens/s" => Objective::TokensPerS,
+            "ttft-p99" | "ttft" => Objective::TtftP99,
+            "tpot-p99" | "tpot" => Objective::TpotP99,
+            "goodput" => Objective::Goodput,
             other => {
                 return Err(Error::InvalidArgument(format!(
-                    "objective: unknown objective '{other}' (expected p50, p90, p95, p99, throughput, cost or accuracy)"
+                    "objective: unknown objective '{other}' (expected p50, p90, p95, p99, throughput, cost, accuracy, \
+                     or for generate runs tokens-per-s, ttft-p99, tpot-p99, goodput)"
                 )));
             }
         })
@@ -61,6 +75,10 @@ impl Objective {
             Objective::Throughput => "throughput",
             Objective::Cost => "cost",
             Objective::Accuracy => "accuracy",
+            Objective::TokensPerS => "tokens-per-s",
+            Objective::TtftP99 => "ttft-p99",
+            Objective::TpotP99 => "tpot-p99",
+            Objective::Goodput => "goodput",
         }
     }
 
@@ -73,8 +91,30 @@ impl Objective {
             Objective::P95 => lat.p95_ms,
             Objective::P99 => lat.p99_ms,
             Objective::Throughput => -row.throughput_per_s,
-            Objective::Cost => row.cost_per_million.unwrap_or(f64::INFINITY),
+            // A generate row costs per million output tokens; rows without a cost sort last.
+            Objective::Cost => match &row.generation {
+                Some(g) => g.cost_per_million_tokens,
+                None => row.cost_per_million,
+            }
+            .unwrap_or(f64::INFINITY),
             Objective::Accuracy => -row.accuracy.unwrap_or(f64::NEG_INFINITY),
+            // Rows without token figures sort after every generate row.
+            Objective::TokensPerS => row
+                .generation
+                .as_ref()
+                .map_or(f64::INFINITY, |g| -g.output_tokens_per_s),
+            Objective::TtftP99 => row
+                .generation
+                .as_ref()
+                .map_or(f64::INFINITY, |g| g.ttft.p99_ms),
+            Objective::TpotP99 => row
+                .generation
+                .as_ref()
+                .map_or(f64::INFINITY, |g| g.tpot.p99_ms),
+            Objective::Goodput => row
+                .generation
+                .as_ref()
+                .map_or(f64::INFINITY, |g| -g.goodput_per_s),
         }
     }
 }
@@ -113,6 +153,22 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
         .filter(|_| throughput > 0.0)
         .map(|c| c / (throughput * 3600.0) * 1e6);
     let first = runs[0];
+    let generation = if runs.iter().any(|r| r.summary.generation.is_some()) {
+        let mut totals = TokenTotals::default();
+        for g in runs.iter().filter_map(|r| r.summary.generation.as_ref()) {
+            totals.add(&g.histograms)?;
+        }
+        let requests: u64 = runs.iter().map(|r| r.summary.queries).sum();
+        let kv = runs
+            .iter()
+            .filter_map(|r| r.summary.generation.as_ref())
+            .map(|g| g.kv_bytes_per_token)
+            .max()
+            .unwrap_or(0);
+        Some(totals.summary(requests, seconds, kv, cost_per_hour))
+    } else {
+        None
+    };
     Ok(RankRow {
         rank: 0,
         platform_id: first.platform_id.clone(),
@@ -138,6 +194,7 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
         record_key: record_key(&first.summary.record_json),
         legacy: pooling::is_legacy(&first.pool_key),
         pool_key: first.pool_key.clone(),
+        generation,
     })
 }
 

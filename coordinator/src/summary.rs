@@ -12,6 +12,7 @@ use crate::domain::{
     ResourceSample, ResourceSummary, RunConfig, RunResult, RunSummary, Scenario, Window,
 };
 use crate::error::Result;
+use crate::generation::{TokenTotals, slo_misses};
 use crate::pooling::PoolKey;
 use crate::store::{FinishedRun, RunContext, RunState};
 
@@ -101,13 +102,39 @@ pub fn finish_run(ctx: &RunContext, result: &RunResult) -> Result<FinishedRun> {
         config.stability_windows as usize,
         config.stability_ratio,
     );
-    let invalid_reason = validity(
+    let generation = if config.scenario == Scenario::Generate {
+        let mut totals = TokenTotals::default();
+        for w in &ctx.windows {
+            if let Some(g) = &w.generation {
+                totals.add(g)?;
+            }
+        }
+        let scenario: serde_json::Value =
+            serde_json::from_str(&report.scenario_json).unwrap_or_default();
+        Some(totals.summary(
+            report.queries,
+            elapsed_s,
+            scenario["kv_bytes_per_token"].as_u64().unwrap_or(0),
+            cost_per_hour(&ctx.agent_labels),
+        ))
+    } else {
+        None
+    };
+    let mut invalid_reason = validity(
         &config,
         report.queries,
         report.elapsed_ns,
         stats.p99 / 1e6,
         report.dropped_queries,
     );
+    if let (Some(g), Some(s)) = (&config.generate, &generation) {
+        let misses = slo_misses(g, s, stats.p99 / 1e6);
+        if !misses.is_empty() {
+            let mut reasons: Vec<String> = invalid_reason.into_iter().collect();
+            reasons.extend(misses);
+            invalid_reason = Some(reasons.join("; "));
+        }
+    }
     let summary = RunSummary {
         run_id: result.run_id.clone(),
         agent: ctx.agent_name.clone(),
@@ -135,6 +162,7 @@ pub fn finish_run(ctx: &RunContext, result: &RunResult) -> Result<FinishedRun> {
         windows: ctx.windows.len() as u64,
         cost_per_hour: cost_per_hour(&ctx.agent_labels),
         quality_json: report.quality_json.clone(),
+        generation,
     };
     Ok(FinishedRun {
         state: RunState::Succeeded,
@@ -184,7 +212,13 @@ pub fn validity(
             c.max_duration_ms
         ));
     }
-    // A max-qps run's timed phase is its final server run, judged as a server run is.
+    // A max-qps run's timed phase is its final server run, judged as a server run is; an open-loop
+    // generate run drops requests as a server run drops queries.
+    let open_loop = c.scenario == Scenario::Generate
+        && c.generate.as_ref().is_some_and(|g| g.request_rate > 0.0);
+    if open_loop && dropped > 0 {
+        reasons.push(format!("{dropped} requests dropped (too many outstanding)"));
+    }
     let loaded = matches!(c.scenario, Scenario::Server | Scenario::MaxQps);
     if loaded && c.latency_bound_ms > 0.0 && p99_ms > c.latency_bound_ms {
         reasons.push(format!(

@@ -282,26 +282,98 @@ fn ints(ty: TensorElementType, shape: Vec<i64>, v: Vec<i64>) -> Result<DynValue>
     })
 }
 
-/// Index of the largest of the last row of `logits` [1, seq, vocab] (float32 or float16).
-fn argmax_last(logits: &DynValue) -> Result<i64> {
-    let best = |row: &mut dyn Iterator<Item = f32>| {
-        let mut best = (0usize, f32::NEG_INFINITY);
-        for (i, x) in row.enumerate() {
-            if x > best.1 {
-                best = (i, x);
+/// How the next token is picked from the last row of logits.
+#[derive(Debug, Clone)]
+pub enum Pick {
+    /// The most likely token (argmax).
+    Greedy,
+    /// Sampled from softmax(logits / temperature), among the `top_k` most likely (0: all), with a
+    /// seeded generator: the same seed picks the same tokens.
+    Sample {
+        /// Temperature, > 0.
+        temperature: f32,
+        /// Keep the k most likely tokens; 0 keeps all.
+        top_k: usize,
+        /// The request's generator.
+        rng: Box<rand::rngs::StdRng>,
+    },
+}
+
+impl Pick {
+    /// A seeded sampler, or greedy when `temperature` is 0.
+    pub fn new(temperature: f64, top_k: u32, seed: u64) -> Self {
+        use rand::SeedableRng;
+        if temperature > 0.0 {
+            Pick::Sample {
+                temperature: temperature as f32,
+                top_k: top_k as usize,
+                rng: Box::new(rand::rngs::StdRng::seed_from_u64(seed)),
+            }
+        } else {
+            Pick::Greedy
+        }
+    }
+
+    /// The token picked from one row of logits.
+    pub fn pick(&mut self, row: &[f32]) -> i64 {
+        match self {
+            Pick::Greedy => argmax(row) as i64,
+            Pick::Sample {
+                temperature,
+                top_k,
+                rng,
+            } => {
+                use rand::Rng;
+                let mut idx: Vec<usize> = (0..row.len()).collect();
+                if *top_k > 0 && *top_k < row.len() {
+                    idx.select_nth_unstable_by(*top_k - 1, |a, b| row[*b].total_cmp(&row[*a]));
+                    idx.truncate(*top_k);
+                }
+                let max = idx
+                    .iter()
+                    .map(|&i| row[i])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let weights: Vec<f64> = idx
+                    .iter()
+                    .map(|&i| (((row[i] - max) / *temperature) as f64).exp())
+                    .collect();
+                let total: f64 = weights.iter().sum();
+                let mut u = rng.random::<f64>() * total;
+                for (w, &i) in weights.iter().zip(&idx) {
+                    if u < *w {
+                        return i as i64;
+                    }
+                    u -= w;
+                }
+                *idx.last().unwrap_or(&0) as i64
             }
         }
-        best.0 as i64
-    };
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = (0usize, f32::NEG_INFINITY);
+    for (i, &x) in row.iter().enumerate() {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0
+}
+
+/// The token `pick` takes from the last row of `logits` [1, seq, vocab] (float32 or float16).
+fn pick_last(logits: &DynValue, pick: &mut Pick) -> Result<i64> {
     if let Ok((shape, data)) = logits.try_extract_tensor::<f32>() {
         let vocab = *shape.last().unwrap_or(&0) as usize;
-        let row = &data[data.len().saturating_sub(vocab)..];
-        return Ok(best(&mut row.iter().copied()));
+        return Ok(pick.pick(&data[data.len().saturating_sub(vocab)..]));
     }
     let (shape, data) = logits.try_extract_tensor::<half::f16>()?;
     let vocab = *shape.last().unwrap_or(&0) as usize;
-    let row = &data[data.len().saturating_sub(vocab)..];
-    Ok(best(&mut row.iter().map(|x| x.to_f32())))
+    let row: Vec<f32> = data[data.len().saturating_sub(vocab)..]
+        .iter()
+        .map(|x| x.to_f32())
+        .collect();
+    Ok(pick.pick(&row))
 }
 
 /// Generates `new_tokens` tokens after `prompt` greedily, for one request (batch 1).
@@ -310,6 +382,17 @@ pub fn generate(
     io: &DecoderIo,
     prompt: &[i64],
     new_tokens: usize,
+) -> Result<Generation> {
+    generate_with(session, io, prompt, new_tokens, &mut Pick::Greedy)
+}
+
+/// Generates `new_tokens` tokens after `prompt`, each taken by `pick`, for one request (batch 1).
+pub fn generate_with(
+    session: &mut Session,
+    io: &DecoderIo,
+    prompt: &[i64],
+    new_tokens: usize,
+    pick: &mut Pick,
 ) -> Result<Generation> {
     if prompt.is_empty() || new_tokens == 0 {
         return Err(RuntimeError::Data(
@@ -384,7 +467,7 @@ pub fn generate(
         }
         let mut outputs = session.run(inputs.as_slice())?;
         let names: Vec<String> = outputs.keys().map(str::to_string).collect();
-        let token = argmax_last(&outputs[io.logits])?;
+        let token = pick_last(&outputs[io.logits], pick)?;
         out.token_ready_ns.push(start.elapsed().as_nanos() as u64);
         out.tokens.push(token);
         all.push(token);
@@ -403,6 +486,30 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampling_is_seeded_top1_is_greedy_and_temperature_spreads_the_picks() {
+        let row: Vec<f32> = (0..50).map(|i| ((i * 7) % 13) as f32 * 0.3).collect();
+        let greedy = Pick::Greedy.pick(&row);
+        assert_eq!(greedy, argmax(&row) as i64);
+        let mut top1 = Pick::new(1.0, 1, 9);
+        assert!((0..20).all(|_| top1.pick(&row) == greedy));
+        let draw = |seed| {
+            let mut p = Pick::new(2.0, 0, seed);
+            (0..200).map(|_| p.pick(&row)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(5), draw(5), "the same seed picks the same tokens");
+        assert_ne!(draw(5), draw(6));
+        let distinct: std::collections::BTreeSet<i64> = draw(5).into_iter().collect();
+        assert!(distinct.len() > 5, "{distinct:?}");
+        let mut top3 = Pick::new(5.0, 3, 1);
+        let mut best: Vec<usize> = (0..row.len()).collect();
+        best.sort_by(|a, b| row[*b].total_cmp(&row[*a]));
+        for _ in 0..100 {
+            let t = top3.pick(&row) as usize;
+            assert!(row[t] >= row[best[2]], "token {t} is outside the top 3");
+        }
+    }
 
     fn spec(name: &str, ty: TensorElementType, dims: &[i64]) -> IoSpec {
         IoSpec {

@@ -1,8 +1,15 @@
 //! Decoder-only language models through the real ONNX Runtime: the bundled Llama-style decoder
 //! (models/make_llm.py) is detected, and fleetbench's decoding loop — prefill, then one call per token
 //! with each call's present KV tensors fed back as the next call's past — produces exactly the tokens
-//! that onnxruntime's Python API produced for the same prompt when the script made the model.
+//! that onnxruntime's Python API produced for the same prompt when the script made the model. Then the
+//! generate scenario end to end: two agents, closed and open loop, token counts, TTFT/TPOT/ITL/E2E,
+//! goodput and the SLO verdict, the ranking by tokens per second, and bad input refused at submit.
 
+use std::time::Duration;
+
+use fleetbench_cli::commands::{jobs, models as model_cmd};
+use fleetbench_cli::jobspec::JobArgs;
+use fleetbench_proto::v1::{GenerationStats, RankRequest, RunSummary};
 use fleetbench_runtime::decoder::{DecoderIo, generate};
 use fleetbench_tests::*;
 
@@ -53,4 +60,285 @@ fn a_model_that_is_not_a_decoder_is_refused_naming_what_is_missing() {
     let e = DecoderIo::detect(&s).unwrap_err().to_string();
     assert!(e.contains("no 'input_ids' input"), "{e}");
     assert!(e.contains("input 'input' is none of input_ids"), "{e}");
+}
+
+const OUTPUT_TOKENS: u64 = 16;
+
+fn generate_job(requests: i64) -> JobArgs {
+    JobArgs {
+        model: Some("tiny-llama".into()),
+        variants: vec!["all".into()],
+        scenario: Some("generate".into()),
+        prompt_tokens: Some("uniform:8-32".into()),
+        output_tokens: Some(OUTPUT_TOKENS.to_string()),
+        iterations: Some(requests),
+        warmup: Some(2),
+        window_ms: Some(50),
+        ..Default::default()
+    }
+}
+
+fn tokens(run: &RunSummary) -> GenerationStats {
+    run.generation
+        .unwrap_or_else(|| panic!("a generate run has token figures: {run:?}"))
+}
+
+/// The checks every generate run must pass, whatever its loop.
+fn check_generate_run(run: &RunSummary, requests: u64) -> GenerationStats {
+    let g = tokens(run);
+    assert_eq!(run.queries, requests, "one query per request");
+    assert_eq!(g.requests, requests);
+    assert_eq!(
+        g.output_tokens,
+        requests * OUTPUT_TOKENS,
+        "every request made exactly the asked tokens"
+    );
+    assert!(
+        (requests * 8..=requests * 32).contains(&g.prompt_tokens),
+        "prompts drawn from 8-32 tokens: {}",
+        g.prompt_tokens
+    );
+    let (ttft, tpot, itl, e2e) = (
+        g.ttft.unwrap(),
+        g.tpot.unwrap(),
+        g.itl.unwrap(),
+        run.latency.unwrap(),
+    );
+    for l in [&ttft, &tpot, &itl, &e2e] {
+        assert!(
+            l.p50_ms > 0.0 && l.p50_ms <= l.p90_ms && l.p90_ms <= l.p99_ms && l.p99_ms <= l.max_ms,
+            "{l:?}"
+        );
+    }
+    assert!(
+        ttft.max_ms < e2e.max_ms && ttft.mean_ms < e2e.mean_ms,
+        "TTFT < E2E: {ttft:?} {e2e:?}"
+    );
+    // E2E = TTFT + (tokens - 1) x TPOT, request by request, so also on average (histogram precision).
+    let rebuilt = ttft.mean_ms + (OUTPUT_TOKENS - 1) as f64 * tpot.mean_ms;
+    assert!(
+        (rebuilt - e2e.mean_ms).abs() <= 0.02 * e2e.mean_ms + 0.05,
+        "TTFT {} + 15 x TPOT {} = {rebuilt} vs E2E {}",
+        ttft.mean_ms,
+        tpot.mean_ms,
+        e2e.mean_ms
+    );
+    // Every gap between tokens is an ITL sample; their mean is TPOT's (less the waiting, none here).
+    assert!(
+        (itl.mean_ms - tpot.mean_ms).abs() <= 0.25 * tpot.mean_ms + 0.05,
+        "ITL {itl:?} vs TPOT {tpot:?}"
+    );
+    let secs = run.duration_ms / 1e3;
+    assert!(
+        (g.output_tokens_per_s - g.output_tokens as f64 / secs).abs()
+            < 1e-6 * g.output_tokens_per_s.max(1.0)
+    );
+    assert!((g.requests_per_s - requests as f64 / secs).abs() < 1e-6 * g.requests_per_s.max(1.0));
+    assert!(g.goodput_per_s <= g.requests_per_s + 1e-9);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(models("llm/tiny-llama.json")).unwrap())
+            .unwrap();
+    let kv = 2
+        * meta["layers"].as_u64().unwrap()
+        * meta["heads"].as_u64().unwrap()
+        * meta["head_dim"].as_u64().unwrap()
+        * 4;
+    assert_eq!(g.kv_bytes_per_token, kv, "float32 K and V of every layer");
+    g
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_agents_generate_tokens_closed_and_open_loop_judged_by_slo_and_ranked_by_tokens_per_s()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
+    let client = coord.client().await;
+    let mut edge = coord.agent("edge-1", &["tier=edge", "cost_per_hour=0.05"], dir.path());
+    edge.cpus = "0".into();
+    let _edge = TestAgent::start(edge);
+    let _cloud =
+        TestAgent::start(coord.agent("cloud-1", &["tier=cloud", "cost_per_hour=0.2"], dir.path()));
+    wait_online(&client, 2).await;
+    model_cmd::push(
+        &client,
+        &models("llm/tiny-llama.onnx"),
+        "tiny-llama",
+        None,
+        None,
+        None,
+        None,
+    )
+    .await
+    .expect("push the decoder");
+    let store = fleetbench_coordinator::store::open(&coord.database)
+        .await
+        .unwrap();
+
+    // Closed loop, one and two streams, on both agents.
+    let requests = 12;
+    let mut closed = generate_job(requests);
+    closed.concurrency = vec![1, 2];
+    let id = jobs::submit(&client, &closed).await.unwrap();
+    let summary = wait_job(&client, &id, Duration::from_secs(180)).await;
+    assert_eq!(summary.state, "succeeded", "{summary:?}");
+    assert_eq!(summary.tasks_total, 4);
+    let detail = job_detail(&client, &id).await;
+    for t in &detail.tasks {
+        let run = t.run.as_ref().unwrap();
+        assert!(run.valid, "{run:?}");
+        let g = check_generate_run(run, requests as u64);
+        assert_eq!(
+            g.good_requests, requests as u64,
+            "without an SLO every request is good"
+        );
+        // What was stored: the windows' tokens add up to the run's.
+        let ctx = store.run_context(&run.run_id).await.unwrap().unwrap();
+        let stored: u64 = ctx
+            .windows
+            .iter()
+            .map(|w| {
+                w.generation
+                    .as_ref()
+                    .expect("token figures in every window")
+                    .output_tokens
+            })
+            .sum();
+        assert_eq!(stored, g.output_tokens);
+        let scenario: serde_json::Value = serde_json::from_str(&run.scenario_json).unwrap();
+        assert_eq!(scenario["loop"], "closed", "{scenario}");
+        let cph = if t.agent == "edge-1" { 0.05 } else { 0.2 };
+        let cpm = g.cost_per_million_tokens.unwrap();
+        assert!((cpm - cph / (g.output_tokens_per_s * 3600.0) * 1e6).abs() < 1e-9 * cpm.max(1.0));
+    }
+
+    // Open loop at a rate the model keeps up with: TTFT and E2E from each request's scheduled
+    // arrival, how late requests were issued reported; an SLO every request meets, and one none can.
+    for (slo, valid) in [
+        ("ttft_ms=60000,tpot_ms=60000", true),
+        ("tpot_ms=0.001", false),
+    ] {
+        let mut open = generate_job(10);
+        open.request_rate = Some(40.0);
+        open.slo = Some(slo.into());
+        open.selector = vec!["tier=cloud".into()];
+        let id = jobs::submit(&client, &open).await.unwrap();
+        let summary = wait_job(&client, &id, Duration::from_secs(120)).await;
+        assert_eq!(summary.state, "succeeded", "{summary:?}");
+        let detail = job_detail(&client, &id).await;
+        let run = detail.tasks[0].run.as_ref().unwrap();
+        let g = check_generate_run(run, 10);
+        let scenario: serde_json::Value = serde_json::from_str(&run.scenario_json).unwrap();
+        assert_eq!(scenario["loop"], "open", "{scenario}");
+        assert_eq!(scenario["issued"], 10, "{scenario}");
+        let late = scenario["issue_delay_ms"]["max"].as_f64().unwrap();
+        assert!(
+            (0.0..1000.0).contains(&late),
+            "issue delay bounded and reported: {scenario}"
+        );
+        assert_eq!(run.valid, valid, "{slo}: {run:?}");
+        if valid {
+            assert_eq!(g.good_requests, 10);
+            assert!((g.goodput_per_s - g.requests_per_s).abs() < 1e-9);
+        } else {
+            assert_eq!(g.good_requests, 0, "no request meets a TPOT of 1 µs");
+            assert_eq!(g.goodput_per_s, 0.0);
+            assert!(
+                run.invalid_reason.contains("p99 tpot"),
+                "{}",
+                run.invalid_reason
+            );
+            assert!(
+                run.invalid_reason.contains("> SLO 0.001 ms"),
+                "{}",
+                run.invalid_reason
+            );
+        }
+    }
+
+    // Ranked by output tokens per second, each row's figures pooled from its runs.
+    let ranking = client
+        .rankings()
+        .rank(RankRequest {
+            model: "tiny-llama".into(),
+            objective: "tokens-per-s".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ranking.rows.len() >= 5, "{ranking:?}");
+    assert_eq!(ranking.objective, "tokens-per-s");
+    for w in ranking.rows.windows(2) {
+        let (a, b) = (tokens_of(&w[0]), tokens_of(&w[1]));
+        assert!(
+            a.output_tokens_per_s >= b.output_tokens_per_s,
+            "sorted by tokens/s"
+        );
+    }
+    for r in &ranking.rows {
+        let g = tokens_of(r);
+        assert_eq!(g.output_tokens, g.requests * OUTPUT_TOKENS);
+    }
+    let by_ttft = client
+        .rankings()
+        .rank(RankRequest {
+            model: "tiny-llama".into(),
+            objective: "ttft-p99".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for w in by_ttft.rows.windows(2) {
+        assert!(tokens_of(&w[0]).ttft.unwrap().p99_ms <= tokens_of(&w[1]).ttft.unwrap().p99_ms);
+    }
+}
+
+fn tokens_of(r: &fleetbench_proto::v1::RankRow) -> GenerationStats {
+    r.generation
+        .unwrap_or_else(|| panic!("a generate row: {r:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_generate_job_the_model_cannot_run_is_refused_at_submit_naming_why() {
+    let fleet = SoloFleet::start().await;
+    let client = &fleet.client;
+    push_digits(client).await;
+    model_cmd::push(
+        client,
+        &models("llm/tiny-llama.onnx"),
+        "tiny-llama",
+        None,
+        None,
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    // Not a decoder: no input_ids (its output happens to be called logits).
+    let mut j = generate_job(4);
+    j.model = Some("digits".into());
+    let e = jobs::submit(client, &j).await.unwrap_err().to_string();
+    assert!(
+        e.contains("digits/fp32: not a decoder")
+            && e.contains("no input 'input_ids' (inputs: input)"),
+        "{e}"
+    );
+    // Longer than the model's 512 positions.
+    let mut j = generate_job(4);
+    j.prompt_tokens = Some("uniform:100-500".into());
+    j.output_tokens = Some("64".into());
+    let e = jobs::submit(client, &j).await.unwrap_err().to_string();
+    assert!(
+        e.contains("500 + 64 = 564 tokens exceed the model's 512 positions"),
+        "{e}"
+    );
+    // Nothing was queued by the refusals.
+    let listed = client
+        .jobs()
+        .list_jobs(fleetbench_proto::v1::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.jobs.is_empty(), "{listed:?}");
 }

@@ -7,6 +7,7 @@
 //! [`record`].
 
 pub mod eval;
+pub mod generate;
 pub mod record;
 pub mod recorder;
 pub mod scenario;
@@ -257,6 +258,11 @@ impl OrtRunner {
             Scenario::Offline => scenario::offline(&mut execs, c, &mut rec, cancel)?,
             Scenario::Server => scenario::server_run(&mut execs, c, &mut rec, cancel)?,
             Scenario::MaxQps => scenario::max_qps(&mut execs, c, &mut rec, cancel)?,
+            Scenario::Generate => {
+                return Err(RunError::Failed(
+                    "the generate scenario runs through run_generate".into(),
+                ));
+            }
         };
         let (_, elapsed) = rec.finish();
         Ok(Timed {
@@ -354,6 +360,9 @@ impl ModelRunner for OrtRunner {
         let c = effective_config(&task.config, &task.cpus);
         let started_at = fleetbench_common::now_ms();
         self.check_compatible(task)?;
+        if c.scenario == Scenario::Generate {
+            return self.run_generate(task, &c, emit, cancel, started_at);
+        }
         let mut sessions = self.open_sessions(task, &c)?;
         let timed = self.timed_phase(task, &c, &mut sessions, emit, cancel)?;
         let quality = self.evaluate(task, &c, &mut sessions)?;

@@ -21,6 +21,20 @@ impl OrtRunner {
         c: &RunConfig,
         values: &[DynValue],
     ) -> Result<BTreeMap<String, u64>> {
+        self.providers_used_by(task, c, &mut |session| {
+            let views: Vec<SessionInputValue<'_>> = values.iter().map(Into::into).collect();
+            session.run(views.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// [`OrtRunner::providers_used`] with `run` doing the profiled work on the session.
+    pub(crate) fn providers_used_by(
+        &self,
+        task: &PreparedTask,
+        c: &RunConfig,
+        run: &mut dyn FnMut(&mut ort::session::Session) -> Result<()>,
+    ) -> Result<BTreeMap<String, u64>> {
         let prefix =
             std::env::temp_dir().join(format!("fleetbench-profile-{}", task.assignment.run_id));
         let mut session = self
@@ -29,10 +43,7 @@ impl OrtRunner {
             .map_err(builder_error)?
             .commit_from_file(&task.model_path)
             .map_err(|e| AgentError::Task(format!("profiling session: {e}")))?;
-        {
-            let views: Vec<SessionInputValue<'_>> = values.iter().map(Into::into).collect();
-            session.run(views.as_slice())?;
-        }
+        run(&mut session)?;
         let file = session.end_profiling()?;
         let text = std::fs::read_to_string(&file).unwrap_or_default();
         let _ = std::fs::remove_file(&file);
@@ -85,6 +96,7 @@ impl OrtRunner {
                 "max_outstanding": c.max_outstanding,
                 "warmup_iterations": c.warmup_iterations,
                 "sample_ms": c.sample_ms,
+                "generate": c.generate,
             },
             "cpus": task.cpus,
             "host_id": task.host_id,

@@ -5,9 +5,106 @@
 use std::time::{Duration, Instant};
 
 use fleetbench_common::hist::{self, LatencyHistogram};
-use fleetbench_proto::v1::TelemetryWindow;
+use fleetbench_proto::v1::{GenerationWindow, TelemetryWindow};
 
+use super::scenario::RequestTiming;
 use crate::sampler::Sampler;
+
+/// Token figures of generate requests: per window (sent with it) and over the run.
+pub struct TokenRecorder {
+    /// SLO bounds in ns: time to first token, time per output token, end to end; 0 = not a term.
+    slo_ns: [u64; 3],
+    ttft: LatencyHistogram,
+    tpot: LatencyHistogram,
+    itl: LatencyHistogram,
+    prompt_tokens: u64,
+    output_tokens: u64,
+    good: u64,
+    /// TTFT of the whole run.
+    pub total_ttft: LatencyHistogram,
+    /// TPOT of the whole run.
+    pub total_tpot: LatencyHistogram,
+    /// Prompt tokens of the whole run.
+    pub total_prompt_tokens: u64,
+    /// Output tokens of the whole run.
+    pub total_output_tokens: u64,
+    /// Requests of the whole run that met every SLO term.
+    pub total_good: u64,
+}
+
+impl TokenRecorder {
+    /// A recorder judging requests by SLO bounds in ms (0: not a term).
+    pub fn new(slo_ttft_ms: f64, slo_tpot_ms: f64, slo_e2e_ms: f64) -> Self {
+        let ns = |ms: f64| (ms.max(0.0) * 1e6).round() as u64;
+        Self {
+            slo_ns: [ns(slo_ttft_ms), ns(slo_tpot_ms), ns(slo_e2e_ms)],
+            ttft: hist::new_histogram(),
+            tpot: hist::new_histogram(),
+            itl: hist::new_histogram(),
+            prompt_tokens: 0,
+            output_tokens: 0,
+            good: 0,
+            total_ttft: hist::new_histogram(),
+            total_tpot: hist::new_histogram(),
+            total_prompt_tokens: 0,
+            total_output_tokens: 0,
+            total_good: 0,
+        }
+    }
+
+    fn record(&mut self, t: &RequestTiming, e2e_ns: u64) {
+        let Some(&first) = t.token_ready_ns.first() else {
+            return;
+        };
+        let ttft = (t.lead_ns + first).min(e2e_ns);
+        hist::record_ns(&mut self.ttft, ttft);
+        hist::record_ns(&mut self.total_ttft, ttft);
+        let n = t.token_ready_ns.len() as u64;
+        // TPOT = (E2E - TTFT) / (tokens - 1); a request of one token has none.
+        let tpot = (n > 1).then(|| e2e_ns.saturating_sub(ttft) / (n - 1));
+        if let Some(tpot) = tpot {
+            hist::record_ns(&mut self.tpot, tpot);
+            hist::record_ns(&mut self.total_tpot, tpot);
+        }
+        for gap in t.token_ready_ns.windows(2) {
+            hist::record_ns(&mut self.itl, gap[1].saturating_sub(gap[0]));
+        }
+        let within = |bound: u64, v: Option<u64>| bound == 0 || v.is_none_or(|v| v <= bound);
+        let good = within(self.slo_ns[0], Some(ttft))
+            && within(self.slo_ns[1], tpot)
+            && within(self.slo_ns[2], Some(e2e_ns));
+        self.prompt_tokens += u64::from(t.prompt_tokens);
+        self.output_tokens += n;
+        self.good += u64::from(good);
+        self.total_prompt_tokens += u64::from(t.prompt_tokens);
+        self.total_output_tokens += n;
+        self.total_good += u64::from(good);
+    }
+
+    fn take_window(&mut self) -> GenerationWindow {
+        let encode = |h: &mut LatencyHistogram| {
+            let bytes = if h.is_empty() {
+                Vec::new()
+            } else {
+                hist::encode(h)
+            };
+            h.reset();
+            bytes
+        };
+        let w = GenerationWindow {
+            ttft_histogram: encode(&mut self.ttft),
+            tpot_histogram: encode(&mut self.tpot),
+            itl_histogram: encode(&mut self.itl),
+            prompt_tokens: self.prompt_tokens,
+            output_tokens: self.output_tokens,
+            good_requests: self.good,
+        };
+        self.prompt_tokens = 0;
+        self.output_tokens = 0;
+        self.good = 0;
+        w
+    }
+}
 
 /// Collects latencies into windows and hands closed windows to `emit`.
 pub struct Recorder<'a> {
@@ -37,6 +134,8 @@ pub struct Recorder<'a> {
     /// p99 (ns) of each closed window.
     pub window_p99: Vec<f64>,
     total_delay: LatencyHistogram,
+    /// Generate runs: the token figures.
+    pub tokens: Option<TokenRecorder>,
     sampler: Option<Sampler>,
     emit: &'a mut dyn FnMut(TelemetryWindow),
 }
@@ -71,6 +170,7 @@ impl<'a> Recorder<'a> {
             window_throughput: Vec::new(),
             window_p99: Vec::new(),
             total_delay: hist::new_histogram(),
+            tokens: None,
             sampler,
             emit,
         }
@@ -97,6 +197,14 @@ impl<'a> Recorder<'a> {
         self.window_queries += 1;
         self.queries += 1;
         self.maybe_close(now);
+    }
+
+    /// Records the token figures of one generate request that took `e2e_ns` end to end; call it
+    /// before [`Recorder::record`] for the same request, which may close the window.
+    pub fn record_request(&mut self, t: &RequestTiming, e2e_ns: u64) {
+        if let Some(tokens) = self.tokens.as_mut() {
+            tokens.record(t, e2e_ns);
+        }
     }
 
     /// Records how late a query was issued (server scenario); late beyond 1 ms counts as late.
@@ -163,6 +271,7 @@ impl<'a> Recorder<'a> {
                 hist::encode(&self.window_delay)
             },
             closed_at_ms: fleetbench_common::now_ms(),
+            generation: self.tokens.as_mut().map(TokenRecorder::take_window),
         };
         (self.emit)(w);
         self.seq += 1;

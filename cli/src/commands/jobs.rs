@@ -230,7 +230,21 @@ fn task_line(t: &TaskInfo) -> String {
         cfg,
         t.state
     );
-    if let Some(r) = &t.run {
+    if let Some(g) = t.run.as_ref().and_then(|r| r.generation.as_ref()) {
+        s.push_str(&format!(
+            " (TTFT p99 {} ms, TPOT p99 {} ms, {} tokens/s",
+            output::ms(g.ttft.unwrap_or_default().p99_ms),
+            output::ms(g.tpot.unwrap_or_default().p99_ms),
+            output::rate(g.output_tokens_per_s),
+        ));
+    }
+    if let Some(r) = t.run.as_ref().filter(|r| r.generation.is_some()) {
+        s.push_str(&if r.valid {
+            ")".to_string()
+        } else {
+            format!(", INVALID: {})", r.invalid_reason)
+        });
+    } else if let Some(r) = &t.run {
         let lat = r.latency.unwrap_or_default();
         s.push_str(&format!(
             " (p50 {} ms, p99 {} ms, {} samples/s, accuracy {}{})",
@@ -422,6 +436,37 @@ fn print_detail(d: &JobDetail) {
         t.add_row(row);
     }
     println!("{t}");
+    let generated: Vec<(&TaskInfo, &fleetbench_proto::v1::GenerationStats)> = d
+        .tasks
+        .iter()
+        .filter_map(|t| Some((t, t.run.as_ref()?.generation.as_ref()?)))
+        .collect();
+    if !generated.is_empty() {
+        let mut header = vec!["TASK", "VARIANT", "AGENT"];
+        header.extend_from_slice(output::TOKEN_HEADER);
+        header.extend(["ITL P99 ms", "E2E P99 ms", "KV/TOKEN"]);
+        let mut t = output::table(&header);
+        for (task, g) in generated {
+            let mut row = vec![
+                output::short(&task.task_id).to_string(),
+                task.variant.clone(),
+                task.agent.clone(),
+            ];
+            row.extend(output::token_cells(g));
+            row.push(output::ms(g.itl.unwrap_or_default().p99_ms));
+            row.push(output::ms(
+                task.run
+                    .as_ref()
+                    .and_then(|r| r.latency)
+                    .unwrap_or_default()
+                    .p99_ms,
+            ));
+            row.push(output::bytes(g.kv_bytes_per_token));
+            t.add_row(row);
+        }
+        println!("generated tokens (latencies per request; E2E is each request's whole latency)");
+        println!("{t}");
+    }
 }
 
 /// `jobs show --output json`: the job with one flat record per run.
@@ -527,6 +572,9 @@ pub struct RunJson {
     pub record: serde_json::Value,
     /// Scenario details.
     pub scenario_details: serde_json::Value,
+    /// Generate runs: TTFT, TPOT and ITL (ms), tokens and requests per second, goodput, KV-cache bytes
+    /// per token and cost per million output tokens; null otherwise.
+    pub generation: Option<fleetbench_proto::v1::GenerationStats>,
 }
 
 impl From<&RunSummary> for RunJson {
@@ -563,6 +611,7 @@ impl From<&RunSummary> for RunJson {
             resources: r.resources.clone(),
             record: serde_json::from_str(&r.record_json).unwrap_or_default(),
             scenario_details: serde_json::from_str(&r.scenario_json).unwrap_or_default(),
+            generation: r.generation,
         }
     }
 }

@@ -13,7 +13,8 @@ use crate::output::{self, Format};
 pub struct RankArgs {
     /// Model name.
     pub model: String,
-    /// What to optimise: p50, p90, p95, p99, throughput, cost or accuracy.
+    /// What to optimise: p50, p90, p95, p99, throughput, cost or accuracy; for generate runs also
+    /// tokens-per-s, ttft-p99, tpot-p99 or goodput (cost is then per million output tokens).
     #[arg(long, default_value = "p99")]
     pub objective: String,
     /// Only rows with p99 at most this many milliseconds.
@@ -113,6 +114,9 @@ pub struct RankJson {
     pub legacy: bool,
     /// What the pooled runs share (the work and how it ran); a string for legacy rows.
     pub pool: serde_json::Value,
+    /// Generate runs: TTFT, TPOT and ITL (ms), tokens and requests per second, goodput, KV-cache bytes
+    /// per token and cost per million output tokens; null otherwise.
+    pub generation: Option<fleetbench_proto::v1::GenerationStats>,
 }
 
 impl From<&RankRow> for RankJson {
@@ -145,6 +149,7 @@ impl From<&RankRow> for RankJson {
             legacy: r.legacy,
             pool: serde_json::from_str(&r.pool_key)
                 .unwrap_or_else(|_| serde_json::Value::String(r.pool_key.clone())),
+            generation: r.generation,
         }
     }
 }
@@ -170,8 +175,33 @@ pub async fn fetch(client: &Client, a: &RankArgs) -> Result<RankResponse> {
         .into_inner())
 }
 
+/// A ranking of generate rows: token figures instead of single-call latency and accuracy.
+pub fn token_table(resp: &RankResponse) -> comfy_table::Table {
+    let mut header = vec!["#", "PLATFORM", "VARIANT", "CONFIG"];
+    header.extend_from_slice(output::TOKEN_HEADER);
+    header.extend(["KV/TOKEN", "RUNS"]);
+    let mut t = output::table(&header);
+    for r in &resp.rows {
+        let g = r.generation.unwrap_or_default();
+        let mut row = vec![
+            r.rank.to_string(),
+            r.platform.clone(),
+            r.variant.clone(),
+            r.config.clone(),
+        ];
+        row.extend(output::token_cells(&g));
+        row.push(output::bytes(g.kv_bytes_per_token));
+        row.push(r.runs.to_string());
+        t.add_row(row);
+    }
+    t
+}
+
 /// The ranking as a table.
 pub fn table(resp: &RankResponse) -> comfy_table::Table {
+    if !resp.rows.is_empty() && resp.rows.iter().all(|r| r.generation.is_some()) {
+        return token_table(resp);
+    }
     let mut t = output::table(&[
         "#",
         "PLATFORM",
@@ -209,9 +239,7 @@ pub fn table(resp: &RankResponse) -> comfy_table::Table {
                 .unwrap_or_else(|| "-".into()),
             output::pct(r.agreement),
             output::bytes(r.size_bytes),
-            r.cost_per_million
-                .map(|c| format!("{c:.4}"))
-                .unwrap_or_else(|| "-".into()),
+            output::cost(r.cost_per_million),
             r.runs.to_string(),
         ]);
     }

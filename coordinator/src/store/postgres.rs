@@ -64,6 +64,11 @@ pub const MIGRATIONS: EmbeddedMigrations = &[
         "credential renewal",
         include_str!("../../../migrations/postgres/0010_credential_renewal.sql"),
     ),
+    (
+        11,
+        "generation windows",
+        include_str!("../../../migrations/postgres/0011_generation_windows.sql"),
+    ),
 ];
 
 /// Connects to a `postgres://` URL and migrates the database.

@@ -63,6 +63,11 @@ pub const MIGRATIONS: EmbeddedMigrations = &[
         "credential renewal",
         include_str!("../../../migrations/sqlite/0010_credential_renewal.sql"),
     ),
+    (
+        11,
+        "generation windows",
+        include_str!("../../../migrations/sqlite/0011_generation_windows.sql"),
+    ),
 ];
 
 /// Opens (creating when missing) a SQLite database from a `sqlite://PATH` URL and migrates it. Blob

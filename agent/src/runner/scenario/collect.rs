@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use fleetbench_common::hist;
 
-use super::{QueryExec, StopRule, check};
+use super::{QueryExec, RequestTiming, StopRule, check};
 use crate::runner::RunError;
 use crate::runner::recorder::Recorder;
 
@@ -20,6 +20,8 @@ pub(crate) enum Event {
         /// Time spent executing, from the moment a worker started it.
         service: Duration,
         end: Instant,
+        /// Generate: when the request's tokens were ready.
+        generation: Option<Box<RequestTiming>>,
     },
     Dropped,
     Failed(RunError),
@@ -33,14 +35,19 @@ pub(crate) fn execute(
     issue_delay: Option<Duration>,
 ) -> Event {
     let start = Instant::now();
-    match q.run() {
-        Ok(()) => {
+    match q.run_request() {
+        Ok(generation) => {
             let end = Instant::now();
+            let reference = scheduled.unwrap_or(start);
             Event::Done {
-                latency: end - scheduled.unwrap_or(start),
+                latency: end - reference,
                 issue_delay,
                 service: end - start,
                 end,
+                generation: generation.map(|mut g| {
+                    g.lead_ns = start.saturating_duration_since(reference).as_nanos() as u64;
+                    Box::new(g)
+                }),
             }
         }
         Err(e) => Event::Failed(e),
@@ -69,7 +76,11 @@ pub(crate) fn collect(
                     issue_delay,
                     service: s,
                     end,
+                    generation,
                 }) => {
+                    if let Some(g) = generation {
+                        rec.record_request(&g, latency.as_nanos() as u64);
+                    }
                     if let Some(d) = issue_delay {
                         rec.record_issue_delay(d.as_nanos() as u64);
                     }

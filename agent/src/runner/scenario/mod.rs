@@ -40,6 +40,23 @@ pub use stop::StopRule;
 pub trait QueryExec: Send {
     /// Runs one query to completion.
     fn run(&mut self) -> Result<(), RunError>;
+
+    /// Runs one query; a generate request also returns when each of its tokens was ready.
+    fn run_request(&mut self) -> Result<Option<RequestTiming>, RunError> {
+        self.run().map(|()| None)
+    }
+}
+
+/// When the tokens of one generate request were ready.
+#[derive(Debug, Clone, Default)]
+pub struct RequestTiming {
+    /// Prompt tokens of the request.
+    pub prompt_tokens: u32,
+    /// Nanoseconds from the start of the request's first call to each output token.
+    pub token_ready_ns: Vec<u64>,
+    /// Nanoseconds from the request's reference time (its scheduled arrival in an open loop) to the
+    /// start of its first call: the time it waited. TTFT counts it.
+    pub lead_ns: u64,
 }
 
 /// An ONNX Runtime session with the inputs of one query.

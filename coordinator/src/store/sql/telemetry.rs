@@ -13,7 +13,7 @@ use crate::store::{
 };
 
 /// Values bound per window in the multi-row INSERT.
-const WINDOW_COLUMNS: usize = 14;
+const WINDOW_COLUMNS: usize = 15;
 
 /// A window row as stored (columns of `run_context`'s query, in order).
 fn window(row: &AnyRow) -> Result<Window> {
@@ -33,6 +33,10 @@ fn window(row: &AnyRow) -> Result<Window> {
         dropped_queries: row.try_get::<i64, _>(9)? as u64,
         issue_delay_histogram: row.try_get(10)?,
         closed_at_ms: row.try_get(11)?,
+        generation: row
+            .try_get::<Option<String>, _>(12)?
+            .map(|g| from_json("windows.generation_json", &g))
+            .transpose()?,
     })
 }
 
@@ -91,13 +95,17 @@ impl TelemetryStore for SqlStore {
             let sql = format!(
                 "INSERT INTO windows (run_id, seq, queries, samples, start_offset_ns, end_offset_ns, histogram, \
                  issue_delay_histogram, resources_json, late_queries, dropped_queries, closed_at, stored_at, \
-                 ingest_batch) VALUES {} ON CONFLICT DO NOTHING",
+                 ingest_batch, generation_json) VALUES {} ON CONFLICT DO NOTHING",
                 values.join(", ")
             );
             let mut q = sqlx::query(&sql);
             for w in rows {
                 let resources = match &w.resources {
                     Some(r) => Some(to_json("window resources", r)?),
+                    None => None,
+                };
+                let generation = match &w.generation {
+                    Some(g) => Some(to_json("window generation", g)?),
                     None => None,
                 };
                 q = q
@@ -114,7 +122,8 @@ impl TelemetryStore for SqlStore {
                     .bind(w.dropped_queries as i64)
                     .bind(w.closed_at_ms)
                     .bind(now)
-                    .bind(tag);
+                    .bind(tag)
+                    .bind(generation);
             }
             inserted += q.execute(&mut *tx).await?.rows_affected();
         }
@@ -217,7 +226,8 @@ impl TelemetryStore for SqlStore {
         let Some(row) = row else { return Ok(None) };
         let windows = sqlx::query(
             "SELECT run_id, seq, start_offset_ns, end_offset_ns, queries, samples, histogram, resources_json, \
-             late_queries, dropped_queries, issue_delay_histogram, closed_at FROM windows WHERE run_id = $1 ORDER BY seq",
+             late_queries, dropped_queries, issue_delay_histogram, closed_at, generation_json FROM windows WHERE run_id = $1 \
+             ORDER BY seq",
         )
         .bind(run_id)
         .fetch_all(&self.pool)
