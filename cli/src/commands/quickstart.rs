@@ -386,6 +386,50 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
             dir.display()
         );
     }
+
+    // A generative model: the bundled Llama-style decoder (random weights), tokens per platform.
+    let llm = a.models.join("llm").join("tiny-llama.onnx");
+    let pushed = models::push(&client, &llm, "tiny-llama", Some("fp32"), None, None, None)
+        .await
+        .with_context(|| format!("bundled decoder {}", llm.display()))?;
+    eprintln!(
+        "pushed tiny-llama/{} ({} bytes)",
+        pushed.variant, pushed.size_bytes
+    );
+    let gen_args = JobArgs {
+        model: Some("tiny-llama".into()),
+        variants: vec!["all".into()],
+        name: Some("quickstart-generate".into()),
+        scenario: Some("generate".into()),
+        prompt_tokens: Some("128".into()),
+        output_tokens: Some("64".into()),
+        iterations: Some(a.iterations.map_or(40, |n| n.clamp(1, 40))),
+        warmup: Some(2),
+        window_ms: Some(500),
+        ..Default::default()
+    };
+    let gen_job = jobs::submit(&client, &gen_args).await?;
+    eprintln!("job {gen_job} submitted (generate: prompt 128, output 64 tokens, closed loop)");
+    let gen_summary = jobs::watch(&client, &gen_job, true).await?;
+    let resp = rank::fetch(
+        &client,
+        &rank::RankArgs {
+            model: "tiny-llama".into(),
+            objective: "tokens-per-s".into(),
+            job: Some(gen_job.clone()),
+            ..rank::RankArgs::for_model("tiny-llama")
+        },
+    )
+    .await?;
+    println!("ranking of 'tiny-llama' by output tokens per second (best first):");
+    println!("{}", rank::table(&resp));
+    if gen_summary.state != "succeeded" {
+        bail!(
+            "job {gen_job} ended {}; see `fleetbench jobs show {gen_job}` and the logs in {}",
+            gen_summary.state,
+            dir.display()
+        );
+    }
     eprintln!(
         "quickstart finished in {:.1}s; logs and database in {}",
         started.elapsed().as_secs_f64(),
