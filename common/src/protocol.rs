@@ -14,13 +14,16 @@
 //! agents join with a join token and then call with a credential of their own (RegisterResponse's
 //! `agent_credential`); an agent of protocol 3 sends no token, and a coordinator of protocol 4 tells
 //! it to upgrade rather than only "unauthenticated"; an agent of protocol 4 refuses a coordinator of
-//! protocol 3, which would let anyone register.
+//! protocol 3, which would let anyone register. 5 adds the generate scenario (decoder models: token
+//! figures in every telemetry window); an agent of protocol 4 would fail a generate task on the
+//! unknown scenario, so a coordinator of protocol 5 refuses it (upgrade it). An agent of protocol 5
+//! still works with a coordinator of protocol 4, which never assigns it a generate task.
 
 /// The protocol this build speaks.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The oldest agent protocol a coordinator of this build serves.
-pub const OLDEST_AGENT_PROTOCOL: u32 = 4;
+pub const OLDEST_AGENT_PROTOCOL: u32 = 5;
 
 /// The oldest coordinator protocol an agent of this build works with.
 pub const OLDEST_COORDINATOR_PROTOCOL: u32 = 4;

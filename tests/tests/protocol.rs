@@ -44,6 +44,14 @@ async fn a_coordinator_refuses_an_agent_of_another_protocol_naming_both_versions
             && old.message().contains("upgrade the agent"),
         "{old:?}"
     );
+    // An agent of protocol 4 knows tokens but not the generate scenario: told to upgrade.
+    let before_generate = agents.register(request(4)).await.unwrap_err();
+    assert_eq!(before_generate.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        before_generate.message().contains("agent protocol 4")
+            && before_generate.message().contains("upgrade the agent"),
+        "{before_generate:?}"
+    );
     // An agent of protocol 3 knew no tokens and sends none: it is told to upgrade, not only that it
     // is unauthenticated.
     let mut tokenless = agent_client(&coord.url, "").await;
