@@ -14,7 +14,7 @@ use ort::session::Session;
 /// Options shared by both commands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RecipeArgs {
-    /// fp16, int8-dynamic, int8-static, int8-weight-only or prune.
+    /// fp16, int8-dynamic, int8-static, int8-weight-only, int4-weight-only or prune.
     #[arg(long)]
     pub recipe: String,
     /// prune: fraction of weights (or, with --structured, of neurons/channels) removed, in [0, 1).
@@ -37,6 +37,15 @@ pub struct RecipeArgs {
     /// the default) or all (for GPU providers).
     #[arg(long)]
     pub fp16_ops: Option<String>,
+    /// int4-weight-only: weights per block along K: 16, 32 (default), 64, 128 or 256.
+    #[arg(long)]
+    pub block_size: Option<u32>,
+    /// int4-weight-only: symmetric blocks (no zero points) instead of min/max with zero points.
+    #[arg(long)]
+    pub symmetric: bool,
+    /// int4-weight-only: MatMulNBits' accuracy_level (0 unset: float compute; 4: int8 compute).
+    #[arg(long)]
+    pub accuracy_level: Option<u32>,
     /// Concrete shape of an input with symbolic dimensions for the check run, NAME=1x3x224x224;
     /// repeatable. Without it, symbolic dimensions are 1 (and the report says so).
     #[arg(long = "shape")]
@@ -54,6 +63,9 @@ impl RecipeArgs {
             calibration_method: None,
             percentile: None,
             fp16_ops: None,
+            block_size: None,
+            symmetric: false,
+            accuracy_level: None,
             shape: Vec::new(),
         }
     }
@@ -67,6 +79,11 @@ impl RecipeArgs {
             self.calibration_method.as_deref(),
             self.percentile,
             self.fp16_ops.as_deref(),
+            fleetbench_optimizer::Int4Options {
+                block_size: self.block_size,
+                symmetric: self.symmetric,
+                accuracy_level: self.accuracy_level,
+            },
         )?)
     }
 }

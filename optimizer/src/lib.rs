@@ -1,8 +1,8 @@
 //! fleetbench's model optimizer: rewrites an ONNX graph (onnx.proto through prost, no Python) into a
 //! smaller or faster variant.
 //!
-//! Recipes: `fp16`, `int8-dynamic`, `int8-static` (QDQ, calibrated), `int8-weight-only` (per-channel)
-//! and `prune` (unstructured magnitude pruning, or structured pruning that removes whole neurons or
+//! Recipes: `fp16`, `int8-dynamic`, `int8-static` (QDQ, calibrated), `int8-weight-only` (per-channel),
+//! `int4-weight-only` (block-wise 4-bit MatMul weights as ONNX Runtime's MatMulNBits) and `prune` (unstructured magnitude pruning, or structured pruning that removes whole neurons or
 //! channels and shrinks the shapes). Each works on a copy: it either returns a whole rewritten model
 //! with a report of what it rewrote and what it skipped (node, op, reason), or fails whole. Nodes a
 //! recipe does not apply to are left as they are; nodes it applies to but cannot rewrite are skipped
@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub use calibrate::{CalibrationMethod, RangeCollector, calibration_model};
 pub use fp16::{CPU_FP16_OPS, Fp16Ops};
+pub use quant::{INT4_BLOCK_SIZES, Int4Params};
 
 /// This tool, as recorded in every variant's lineage.
 pub const TOOL: &str = concat!("fleetbench-optimizer ", env!("CARGO_PKG_VERSION"));
@@ -77,6 +78,8 @@ pub enum Recipe {
     },
     /// Per-channel int8 weights, float compute.
     Int8WeightOnly,
+    /// Block-wise 4-bit MatMul weights as ONNX Runtime's MatMulNBits.
+    Int4WeightOnly(quant::Int4Params),
     /// Magnitude pruning.
     Prune {
         /// Fraction of weights (unstructured) or of neurons/channels (structured) removed, in [0, 1).
@@ -95,6 +98,7 @@ impl Recipe {
         method: Option<&str>,
         percentile: Option<f64>,
         fp16_ops: Option<&str>,
+        int4: Int4Options,
     ) -> Result<Recipe, OptError> {
         let only = |field: &'static str, set: bool, recipe: &str| {
             if set {
@@ -117,6 +121,11 @@ impl Recipe {
         if name != "fp16" {
             only("--fp16-ops", fp16_ops.is_some(), name)?;
         }
+        if name != "int4-weight-only" {
+            only("--block-size", int4.block_size.is_some(), name)?;
+            only("--symmetric", int4.symmetric, name)?;
+            only("--accuracy-level", int4.accuracy_level.is_some(), name)?;
+        }
         Ok(match name {
             "fp16" => Recipe::Fp16 {
                 ops: match fp16_ops.unwrap_or("cpu") {
@@ -132,6 +141,11 @@ impl Recipe {
             },
             "int8-dynamic" => Recipe::Int8Dynamic,
             "int8-weight-only" => Recipe::Int8WeightOnly,
+            "int4-weight-only" => Recipe::Int4WeightOnly(Int4Params {
+                block_size: int4.block_size.unwrap_or(32),
+                symmetric: int4.symmetric,
+                accuracy_level: int4.accuracy_level.unwrap_or(0),
+            }),
             "int8-static" => Recipe::Int8Static {
                 method: CalibrationMethod::parse(method.unwrap_or("minmax"), percentile)?,
             },
@@ -155,7 +169,7 @@ impl Recipe {
                 return Err(OptError::Param {
                     field: "--recipe",
                     reason: format!(
-                        "unknown recipe '{other}' (expected fp16, int8-dynamic, int8-static, int8-weight-only or prune)"
+                        "unknown recipe '{other}' (expected fp16, int8-dynamic, int8-static, int8-weight-only, int4-weight-only or prune)"
                     ),
                 });
             }
@@ -169,6 +183,7 @@ impl Recipe {
             Recipe::Int8Dynamic => "int8-dynamic",
             Recipe::Int8Static { .. } => "int8-static",
             Recipe::Int8WeightOnly => "int8-weight-only",
+            Recipe::Int4WeightOnly(_) => "int4-weight-only",
             Recipe::Prune { .. } => "prune",
         }
     }
@@ -193,6 +208,11 @@ impl Recipe {
                 sparsity * 100.0
             ),
             Recipe::Int8WeightOnly => "int8-wo".into(),
+            Recipe::Int4WeightOnly(p) => format!(
+                "int4-b{}{}",
+                p.block_size,
+                if p.symmetric { "-sym" } else { "" }
+            ),
             r => r.name().into(),
         }
     }
@@ -201,6 +221,17 @@ impl Recipe {
     pub fn needs_calibration(&self) -> bool {
         matches!(self, Recipe::Int8Static { .. })
     }
+}
+
+/// The command line's int4-weight-only options (each refused with another recipe).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Int4Options {
+    /// `--block-size`.
+    pub block_size: Option<u32>,
+    /// `--symmetric`.
+    pub symmetric: bool,
+    /// `--accuracy-level`.
+    pub accuracy_level: Option<u32>,
 }
 
 /// Calibrated (min, max) ranges of activation tensors.
@@ -299,6 +330,7 @@ pub fn optimize(
         Recipe::Fp16 { ops } => fp16::convert(&mut model, *ops, &mut report)?,
         Recipe::Int8Dynamic => quant::int8_dynamic(&mut model, &mut report)?,
         Recipe::Int8WeightOnly => quant::int8_weight_only(&mut model, &mut report)?,
+        Recipe::Int4WeightOnly(p) => quant::int4_weight_only(&mut model, *p, &mut report)?,
         Recipe::Int8Static { .. } => {
             let cal = calibration.ok_or_else(|| {
                 OptError::Calibration("int8-static needs calibration data".into())

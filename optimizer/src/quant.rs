@@ -655,3 +655,227 @@ pub fn int8_static(
     splice(g, before, replace, inits);
     Ok(())
 }
+
+/// Parameters of int4 weight-only quantization.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Int4Params {
+    /// Weights per block along K: 16, 32, 64, 128 or 256.
+    pub block_size: u32,
+    /// Symmetric blocks (zero point 8, no zero-point tensor) rather than min/max with zero points.
+    pub symmetric: bool,
+    /// MatMulNBits' `accuracy_level`: 0 (unset: float compute) or 1-4 (4: activations in int8).
+    pub accuracy_level: u32,
+}
+
+/// Block sizes MatMulNBits takes.
+pub const INT4_BLOCK_SIZES: &[u32] = &[16, 32, 64, 128, 256];
+
+/// One column's blocks quantized to 4 bits: (packed bytes, scales, zero points), as ONNX Runtime's
+/// `quantize_matmul_4bits` computes them. Asymmetric: the block's range widened to hold 0, scale =
+/// (max - min) / 15, zero point round(-min / scale). Symmetric: the value of largest magnitude maps to
+/// -8 (scale = that value / -8), zero point 8.
+pub(crate) fn quantize_column_4bit(
+    column: &[f32],
+    block_size: usize,
+    symmetric: bool,
+) -> (Vec<u8>, Vec<f32>, Vec<u8>) {
+    let blocks = column.len().div_ceil(block_size);
+    let mut packed = vec![0u8; blocks * block_size / 2];
+    let mut scales = Vec::with_capacity(blocks);
+    let mut zeros = Vec::with_capacity(blocks);
+    for b in 0..blocks {
+        let block = &column[b * block_size..((b + 1) * block_size).min(column.len())];
+        let (scale, zp) = if symmetric {
+            let vmax = block
+                .iter()
+                .copied()
+                .fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            (vmax / -8.0, 8u8)
+        } else {
+            let lo = block.iter().copied().fold(0.0f32, f32::min);
+            let hi = block.iter().copied().fold(0.0f32, f32::max);
+            let scale = (hi - lo) / 15.0;
+            let zp = if scale != 0.0 {
+                (-lo / scale).round().clamp(0.0, 15.0) as u8
+            } else {
+                0
+            };
+            (scale, zp)
+        };
+        let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+        for k in 0..block_size {
+            let q = match block.get(k) {
+                Some(v) => ((v * inv).round() + f32::from(zp)).clamp(0.0, 15.0) as u8,
+                None => zp,
+            };
+            let byte = &mut packed[(b * block_size + k) / 2];
+            *byte |= if k % 2 == 0 { q } else { q << 4 };
+        }
+        scales.push(scale);
+        zeros.push(zp);
+    }
+    (packed, scales, zeros)
+}
+
+/// int4 weight-only: MatMul weights in blocks of `block_size` along K, 4 bits each, as ONNX Runtime's
+/// `MatMulNBits` (com.microsoft) takes them — packed `[N, blocks, block_size / 2]` uint8, scales
+/// `[N, blocks]`, and zero points `[N, ceil(blocks / 2)]` (two per byte) unless symmetric — as
+/// `MatMulNBitsQuantizer` lays them out. MatMul nodes with a constant float32 2-D weight are rewritten;
+/// Gemm and Conv are left as they are, with the reason in the report.
+pub fn int4_weight_only(
+    model: &mut ModelProto,
+    p: Int4Params,
+    report: &mut Report,
+) -> Result<(), OptError> {
+    if !INT4_BLOCK_SIZES.contains(&p.block_size) {
+        return Err(OptError::Param {
+            field: "--block-size",
+            reason: format!(
+                "{} is not one of {:?} (MatMulNBits' block sizes)",
+                p.block_size, INT4_BLOCK_SIZES
+            ),
+        });
+    }
+    if p.accuracy_level > 4 {
+        return Err(OptError::Param {
+            field: "--accuracy-level",
+            reason: format!("{} is not 0-4", p.accuracy_level),
+        });
+    }
+    let g = graph::graph_mut(model)?;
+    let mut found = Vec::new();
+    for t in targets(g, report) {
+        if t.kind == Kind::MatMul {
+            found.push(t);
+        } else {
+            let n = &g.node[t.index];
+            report.skip(
+                n,
+                t.index,
+                "int4-weight-only rewrites MatMul (MatMulNBits) only",
+            );
+        }
+    }
+    let mut names = Names::of(g);
+    let mut replace = HashMap::new();
+    let mut inits = Vec::new();
+    let bs = p.block_size as usize;
+    for t in &found {
+        let n = &g.node[t.index];
+        let (w, dims) = weight_values(g, &t.weight, n, t.index)?;
+        let (k, cols) = (dims[0] as usize, dims[1] as usize);
+        let blocks = k.div_ceil(bs);
+        let (mut packed, mut scales, mut zeros) = (Vec::new(), Vec::new(), Vec::new());
+        let mut column = vec![0f32; k];
+        for c in 0..cols {
+            for (r, v) in column.iter_mut().enumerate() {
+                *v = w[r * cols + c];
+            }
+            let (q, s, z) = quantize_column_4bit(&column, bs, p.symmetric);
+            packed.extend(q);
+            scales.extend(s);
+            for pair in z.chunks(2) {
+                zeros.push(pair[0] | pair.get(1).map_or(0, |h| h << 4));
+            }
+        }
+        let base = t.weight.replace(['/', ':'], "_");
+        let wq = names.fresh(&format!("{base}_Q4"));
+        let ws = names.fresh(&format!("{base}_scales"));
+        inits.push(graph::u8_tensor(
+            &wq,
+            &[cols as i64, blocks as i64, (bs / 2) as i64],
+            &packed,
+        ));
+        inits.push(graph::f32_tensor(
+            &ws,
+            &[cols as i64, blocks as i64],
+            &scales,
+        ));
+        let mut inputs = vec![t.act.as_str(), wq.as_str(), ws.as_str()];
+        let wz = names.fresh(&format!("{base}_zero_points"));
+        if !p.symmetric {
+            inits.push(graph::u8_tensor(
+                &wz,
+                &[cols as i64, blocks.div_ceil(2) as i64],
+                &zeros,
+            ));
+            inputs.push(&wz);
+        }
+        let out: Vec<&str> = n.output.iter().map(String::as_str).collect();
+        let mut q = node(
+            "MatMulNBits",
+            names.fresh(&format!("{}_Q4", graph::node_label(n, t.index))),
+            &inputs,
+            &out,
+        );
+        q.domain = Some("com.microsoft".into());
+        q.attribute.push(graph::int_attr("K", k as i64));
+        q.attribute.push(graph::int_attr("N", cols as i64));
+        q.attribute.push(graph::int_attr("bits", 4));
+        q.attribute
+            .push(graph::int_attr("block_size", i64::from(p.block_size)));
+        if p.accuracy_level > 0 {
+            q.attribute.push(graph::int_attr(
+                "accuracy_level",
+                i64::from(p.accuracy_level),
+            ));
+        }
+        replace.insert(t.index, vec![q]);
+        report.rewrote(n, t.index);
+    }
+    splice(g, HashMap::new(), replace, inits);
+    if !found.is_empty()
+        && !model
+            .opset_import
+            .iter()
+            .any(|o| o.domain.as_deref() == Some("com.microsoft"))
+    {
+        model
+            .opset_import
+            .push(fleetbench_common::proto::onnx::OperatorSetIdProto {
+                domain: Some("com.microsoft".into()),
+                version: Some(1),
+            });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod int4_tests {
+    use super::*;
+
+    fn dequantize(packed: &[u8], scales: &[f32], zeros: &[u8], bs: usize, k: usize) -> Vec<f32> {
+        (0..k)
+            .map(|i| {
+                let byte = packed[i / 2];
+                let q = if i % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+                (f32::from(q) - f32::from(zeros[i / bs])) * scales[i / bs]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn four_bit_blocks_round_trip_within_half_a_step_and_pad_with_the_zero_point() {
+        let column: Vec<f32> = (0..70)
+            .map(|i| ((i * 37 % 23) as f32 - 9.0) * 0.11)
+            .collect();
+        for symmetric in [false, true] {
+            let (packed, scales, zeros) = quantize_column_4bit(&column, 32, symmetric);
+            assert_eq!(packed.len(), 3 * 16, "3 blocks of 32, two per byte");
+            assert_eq!(scales.len(), 3);
+            let back = dequantize(&packed, &scales, &zeros, 32, 96);
+            for (i, (a, b)) in column.iter().zip(&back).enumerate() {
+                let step = scales[i / 32].abs();
+                assert!(
+                    (a - b).abs() <= step * 0.5 + 1e-6,
+                    "{symmetric} {i}: {a} vs {b}"
+                );
+            }
+            // The padding past K dequantizes to 0.
+            assert!(back[70..].iter().all(|v| *v == 0.0), "{:?}", &back[70..]);
+            if symmetric {
+                assert!(zeros.iter().all(|z| *z == 8));
+            }
+        }
+    }
+}

@@ -361,6 +361,18 @@ fn argmax(row: &[f32]) -> usize {
     best.0
 }
 
+/// Every row of `logits` as float32, and the row width (the vocabulary).
+fn all_logits(logits: &DynValue) -> Result<(Vec<f32>, usize)> {
+    if let Ok((shape, data)) = logits.try_extract_tensor::<f32>() {
+        return Ok((data.to_vec(), *shape.last().unwrap_or(&0) as usize));
+    }
+    let (shape, data) = logits.try_extract_tensor::<half::f16>()?;
+    Ok((
+        data.iter().map(|x| x.to_f32()).collect(),
+        *shape.last().unwrap_or(&0) as usize,
+    ))
+}
+
 /// The token `pick` takes from the last row of `logits` [1, seq, vocab] (float32 or float16).
 fn pick_last(logits: &DynValue, pick: &mut Pick) -> Result<i64> {
     if let Ok((shape, data)) = logits.try_extract_tensor::<f32>() {
@@ -393,6 +405,29 @@ pub fn generate_with(
     prompt: &[i64],
     new_tokens: usize,
     pick: &mut Pick,
+) -> Result<Generation> {
+    generate_inner(session, io, prompt, new_tokens, pick, None)
+}
+
+/// The logits of every position of `tokens` from one call (teacher forcing: each position sees the
+/// true tokens before it), row-major `[tokens.len(), vocab]` as float32, and the vocabulary size.
+pub fn prefill_logits(
+    session: &mut Session,
+    io: &DecoderIo,
+    tokens: &[i64],
+) -> Result<(Vec<f32>, usize)> {
+    let mut sink = (Vec::new(), 0usize);
+    generate_inner(session, io, tokens, 1, &mut Pick::Greedy, Some(&mut sink))?;
+    Ok(sink)
+}
+
+fn generate_inner(
+    session: &mut Session,
+    io: &DecoderIo,
+    prompt: &[i64],
+    new_tokens: usize,
+    pick: &mut Pick,
+    mut prefill: Option<&mut (Vec<f32>, usize)>,
 ) -> Result<Generation> {
     if prompt.is_empty() || new_tokens == 0 {
         return Err(RuntimeError::Data(
@@ -467,6 +502,11 @@ pub fn generate_with(
         }
         let mut outputs = session.run(inputs.as_slice())?;
         let names: Vec<String> = outputs.keys().map(str::to_string).collect();
+        if step == 0
+            && let Some(sink) = prefill.as_deref_mut()
+        {
+            *sink = all_logits(&outputs[io.logits])?;
+        }
         let token = pick_last(&outputs[io.logits], pick)?;
         out.token_ready_ns.push(start.elapsed().as_nanos() as u64);
         out.tokens.push(token);

@@ -342,3 +342,71 @@ async fn a_generate_job_the_model_cannot_run_is_refused_at_submit_naming_why() {
         .into_inner();
     assert!(listed.jobs.is_empty(), "{listed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_int4_weight_only_decoder_generates_and_reports_its_fidelity_to_the_base() {
+    let fleet = SoloFleet::start().await;
+    let client = &fleet.client;
+    model_cmd::push(
+        client,
+        &models("llm/tiny-llama.onnx"),
+        "tiny-llama",
+        None,
+        None,
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    let args = fleetbench_cli::optimize::RecipeArgs {
+        block_size: Some(32),
+        ..fleetbench_cli::optimize::RecipeArgs::named("int4-weight-only")
+    };
+    let int4 = model_cmd::optimize(client, "tiny-llama", &args, None, None)
+        .await
+        .expect("int4-weight-only on the decoder");
+    assert_eq!(int4.variant.variant, "int4-b32");
+    assert!(
+        !int4.report.rewritten.is_empty(),
+        "MatMul nodes rewritten: {:?}",
+        int4.report
+    );
+    let base = std::fs::metadata(models("llm/tiny-llama.onnx"))
+        .unwrap()
+        .len();
+    assert!(
+        (int4.variant.size_bytes as f64) < 0.4 * base as f64,
+        "4-bit weights: {} vs {base} bytes",
+        int4.variant.size_bytes
+    );
+    let id = jobs::submit(client, &generate_job(6)).await.unwrap();
+    let summary = wait_job(client, &id, Duration::from_secs(120)).await;
+    assert_eq!(summary.state, "succeeded", "{summary:?}");
+    let detail = job_detail(client, &id).await;
+    assert_eq!(detail.tasks.len(), 2);
+    for t in &detail.tasks {
+        let run = t.run.as_ref().unwrap();
+        check_generate_run(run, 6);
+        let quality: serde_json::Value = if run.quality_json.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&run.quality_json).unwrap()
+        };
+        if t.variant == "int4-b32" {
+            let f = &quality["fidelity"];
+            let agreement = f["top1_agreement"].as_f64().expect("next-token agreement");
+            let cosine = f["cosine"].as_f64().unwrap();
+            eprintln!("int4-b32 fidelity to fp32: {f}");
+            assert!(f["samples"].as_u64().unwrap() >= 100, "{f}");
+            // Random weights make near-ties common, so agreement is far from perfect; it is
+            // far above chance (1/512) all the same, and the logits stay close.
+            assert!(agreement > 0.3 && agreement <= 1.0, "{f}");
+            assert!(cosine > 0.9 && cosine < 1.0, "{f}");
+        } else {
+            assert!(
+                quality["fidelity"].is_null(),
+                "the base has nothing to compare with"
+            );
+        }
+    }
+}

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use fleetbench_common::config::position_limit_error;
 use fleetbench_common::domain::{GenerateConfig, RunConfig};
+use fleetbench_common::quality::{self, Quality};
 use fleetbench_proto::v1::{RunReport, TelemetryWindow};
 use fleetbench_runtime::decoder::{self, DecoderIo, Pick};
 use ort::session::Session;
@@ -223,6 +224,12 @@ impl OrtRunner {
         }
         let (queries, late, dropped) = (rec.queries, rec.late, rec.dropped);
         drop(rec);
+        let quality = match &task.base_model_path {
+            Some(base) if !c.skip_accuracy => {
+                Some(self.generative_fidelity(c, &mut sessions[0], &io, base, draw_vocab)?)
+            }
+            _ => None,
+        };
         drop(sessions);
         let probe = vec![0; (g.prompt_tokens.min as usize).min(8)];
         let used = self.providers_used_by(task, c, &mut |session| {
@@ -244,10 +251,56 @@ impl OrtRunner {
             late_queries: late,
             dropped_queries: dropped,
             scenario_json: scenario_json.to_string(),
-            quality_json: String::new(),
+            quality_json: quality
+                .map(|q| serde_json::to_string(&q).unwrap_or_default())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Fidelity of a derived variant (int4, int8, fp16 …) to its base with teacher forcing: both
+    /// read the same seeded token sequence in one call, and every position's next-token logits are
+    /// compared (top-1 agreement, cosine of all logits, largest difference).
+    fn generative_fidelity(
+        &self,
+        c: &RunConfig,
+        session: &mut Session,
+        io: &DecoderIo,
+        base_path: &std::path::Path,
+        vocab: i64,
+    ) -> Result<Quality, RunError> {
+        let mut base = self.builder(c)?.commit_from_file(base_path).map_err(|e| {
+            RunError::Failed(format!(
+                "cannot load the base variant {}: {e}",
+                base_path.display()
+            ))
+        })?;
+        let base_io = DecoderIo::detect(&base)
+            .map_err(|e| RunError::Failed(format!("the base variant is not a decoder: {e}")))?;
+        let limit = [io.max_positions, base_io.max_positions]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or(FIDELITY_TOKENS, |m| (m as usize).saturating_sub(1))
+            .clamp(1, FIDELITY_TOKENS);
+        let mut rng = StdRng::seed_from_u64(c.seed ^ 0xF1DE_11E7);
+        let tokens: Vec<i64> = (0..limit).map(|_| rng.random_range(0..vocab)).collect();
+        let (ours, width) = decoder::prefill_logits(session, io, &tokens)?;
+        let (theirs, base_width) = decoder::prefill_logits(&mut base, &base_io, &tokens)?;
+        if width != base_width || ours.len() != theirs.len() {
+            return Err(RunError::Failed(format!(
+                "fidelity: the variant's logits are {width} wide and its base's {base_width}"
+            )));
+        }
+        let wide = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<_>>();
+        Ok(Quality {
+            fidelity: Some(quality::fidelity(&wide(ours), &wide(theirs), width, false)),
+            ..Default::default()
         })
     }
 }
+
+/// Tokens of the seeded sequence the fidelity pass compares (fewer when the model has fewer positions).
+const FIDELITY_TOKENS: usize = 128;
 
 fn execs<'a>(
     sessions: &'a mut [Session],

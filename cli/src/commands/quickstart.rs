@@ -317,14 +317,9 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
     fleetbench_runtime::load(Some(&ort_lib)).map_err(|e| anyhow::anyhow!("{e}"))?;
     for (recipe, sparsity) in [("int8-dynamic", None), ("prune", Some(0.5))] {
         let args = crate::optimize::RecipeArgs {
-            recipe: recipe.into(),
             sparsity,
             structured: sparsity.is_some(),
-            calibration: None,
-            calibration_method: None,
-            percentile: None,
-            fp16_ops: None,
-            shape: Vec::new(),
+            ..crate::optimize::RecipeArgs::named(recipe)
         };
         let v = models::optimize(&client, "digits", &args, None, None).await?;
         eprintln!(
