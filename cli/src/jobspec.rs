@@ -505,7 +505,14 @@ mod tests {
         assert!(field(a).starts_with("concurrency"));
         let mut a = generate();
         a.batch_size = vec![4];
-        assert!(field(a).starts_with("batch_size"));
+        a.request_rate = Some(2.0);
+        assert!(field(a).starts_with("batch_size: static batches of 4 run in the closed loop"));
+        let mut a = generate();
+        a.batch_size = vec![3];
+        assert!(field(a).starts_with("iterations: 100 requests do not fill whole batches of 3"));
+        let mut a = generate();
+        a.batch_size = vec![1, 4];
+        assert_eq!(a.to_spec(256).unwrap().sweep.batch_sizes, vec![1, 4]);
         let mut a = generate();
         a.top_k = Some(40);
         assert!(field(a).starts_with("top_k"));

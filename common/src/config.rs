@@ -300,12 +300,22 @@ fn validate_generate(c: &RunConfig) -> Result<(), ConfigError> {
             return Err(ConfigError::new(name, format!("must be > 0 ms (got {v})")));
         }
     }
-    if c.batch_size > 1 {
+    if c.batch_size > 1 && g.request_rate > 0.0 {
         return Err(ConfigError::new(
             "batch_size",
             format!(
-                "the generate scenario runs one request per call (batch 1) in this version; got {}",
+                "static batches of {} run in the closed loop (--concurrency); the open loop (--request-rate) \
+                 issues requests one by one",
                 c.batch_size
+            ),
+        ));
+    }
+    if c.batch_size > 1 && !c.iterations.is_multiple_of(u64::from(c.batch_size)) {
+        return Err(ConfigError::new(
+            "iterations",
+            format!(
+                "{} requests do not fill whole batches of {}: give a multiple of the batch size",
+                c.iterations, c.batch_size
             ),
         ));
     }

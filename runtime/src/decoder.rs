@@ -373,15 +373,21 @@ fn all_logits(logits: &DynValue) -> Result<(Vec<f32>, usize)> {
     ))
 }
 
-/// The token `pick` takes from the last row of `logits` [1, seq, vocab] (float32 or float16).
-fn pick_last(logits: &DynValue, pick: &mut Pick) -> Result<i64> {
+/// The token `pick` takes from the last position of row `row` of `logits` [rows, seq, vocab]
+/// (float32 or float16).
+fn pick_row(logits: &DynValue, row: usize, rows: usize, pick: &mut Pick) -> Result<i64> {
+    let last = |len: usize, vocab: usize| {
+        let per_row = len / rows.max(1);
+        let end = (row + 1) * per_row;
+        end.saturating_sub(vocab)..end
+    };
     if let Ok((shape, data)) = logits.try_extract_tensor::<f32>() {
         let vocab = *shape.last().unwrap_or(&0) as usize;
-        return Ok(pick.pick(&data[data.len().saturating_sub(vocab)..]));
+        return Ok(pick.pick(&data[last(data.len(), vocab)]));
     }
     let (shape, data) = logits.try_extract_tensor::<half::f16>()?;
     let vocab = *shape.last().unwrap_or(&0) as usize;
-    let row: Vec<f32> = data[data.len().saturating_sub(vocab)..]
+    let row: Vec<f32> = data[last(data.len(), vocab)]
         .iter()
         .map(|x| x.to_f32())
         .collect();
@@ -427,19 +433,60 @@ fn generate_inner(
     prompt: &[i64],
     new_tokens: usize,
     pick: &mut Pick,
-    mut prefill: Option<&mut (Vec<f32>, usize)>,
+    prefill: Option<&mut (Vec<f32>, usize)>,
 ) -> Result<Generation> {
-    if prompt.is_empty() || new_tokens == 0 {
+    let mut out = generate_rows(
+        session,
+        io,
+        &[prompt],
+        &[new_tokens],
+        std::slice::from_mut(pick),
+        prefill,
+    )?;
+    Ok(out.pop().unwrap_or_default())
+}
+
+/// Generates for a static batch of requests in one sequence of calls: prompts left-padded to the
+/// longest under the attention mask (position ids count each row's own tokens), one new token per row
+/// per call until the longest output is done. Row `r` makes `new_tokens[r]` tokens, picked by
+/// `picks[r]`; its tokens after that are computed (the batch runs on) but not returned.
+pub fn generate_batch(
+    session: &mut Session,
+    io: &DecoderIo,
+    prompts: &[&[i64]],
+    new_tokens: &[usize],
+    picks: &mut [Pick],
+) -> Result<Vec<Generation>> {
+    generate_rows(session, io, prompts, new_tokens, picks, None)
+}
+
+fn generate_rows(
+    session: &mut Session,
+    io: &DecoderIo,
+    prompts: &[&[i64]],
+    new_tokens: &[usize],
+    picks: &mut [Pick],
+    mut prefill: Option<&mut (Vec<f32>, usize)>,
+) -> Result<Vec<Generation>> {
+    let rows = prompts.len();
+    if rows == 0
+        || new_tokens.len() != rows
+        || picks.len() != rows
+        || prompts.iter().any(|p| p.is_empty())
+        || new_tokens.contains(&0)
+    {
         return Err(RuntimeError::Data(
-            "generation needs a prompt of at least one token and at least one new token".into(),
+            "generation needs a prompt of at least one token and at least one new token per request"
+                .into(),
         ));
     }
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let steps = new_tokens.iter().copied().max().unwrap_or(0);
     if let Some(max) = io.max_positions
-        && (prompt.len() + new_tokens) as i64 > max
+        && (longest + steps) as i64 > max
     {
         return Err(RuntimeError::Data(format!(
-            "prompt ({}) plus output ({new_tokens}) tokens exceed the model's {max} positions",
-            prompt.len()
+            "prompt ({longest}) plus output ({steps}) tokens exceed the model's {max} positions"
         )));
     }
     let int_ty = |slot: Slot| {
@@ -460,34 +507,71 @@ fn generate_inner(
         int_ty(Slot::PositionIds),
     );
     let cached = io.layers() > 0;
-    let mut all: Vec<i64> = prompt.to_vec();
+    // Every row as long as the longest: pads (token 0, mask 0) on the left.
+    let mut all: Vec<Vec<i64>> = prompts
+        .iter()
+        .map(|p| {
+            let mut row = vec![0; longest - p.len()];
+            row.extend_from_slice(p);
+            row
+        })
+        .collect();
+    let mut mask: Vec<Vec<i64>> = prompts
+        .iter()
+        .map(|p| {
+            let mut row = vec![0; longest - p.len()];
+            row.resize(longest, 1);
+            row
+        })
+        .collect();
+    let b = rows as i64;
     let mut past: Vec<Option<DynValue>> = Vec::new();
-    let mut out = Generation::default();
+    let mut out = vec![Generation::default(); rows];
     let start = Instant::now();
-    for step in 0..new_tokens {
-        // The tokens this call reads: the prompt first, then the one new token (or everything, without
-        // a cache); `done` of them are in the cache.
-        let done = if cached && step > 0 { all.len() - 1 } else { 0 };
-        let fresh = &all[done..];
-        let seq = fresh.len() as i64;
+    for step in 0..steps {
+        // The columns this call reads: the prompts first, then the one new token (or everything,
+        // without a cache); `done` of them are in the cache.
+        let width = all[0].len();
+        let done = if cached && step > 0 { width - 1 } else { 0 };
+        let seq = (width - done) as i64;
+        let column = |rows: &[Vec<i64>]| -> Vec<i64> {
+            rows.iter()
+                .flat_map(|r| r[done..].iter().copied())
+                .collect()
+        };
         let mut inputs: Vec<SessionInputValue<'_>> = Vec::with_capacity(io.slots.len());
         for slot in &io.slots {
             let v = match *slot {
-                Slot::InputIds => ints(ids_ty, vec![1, seq], fresh.to_vec())?,
-                Slot::AttentionMask => {
-                    ints(mask_ty, vec![1, all.len() as i64], vec![1; all.len()])?
-                }
-                Slot::PositionIds => ints(
-                    pos_ty,
-                    vec![1, seq],
-                    (done as i64..all.len() as i64).collect(),
+                Slot::InputIds => ints(ids_ty, vec![b, seq], column(&all))?,
+                Slot::AttentionMask => ints(
+                    mask_ty,
+                    vec![b, width as i64],
+                    mask.iter().flatten().copied().collect(),
                 )?,
+                Slot::PositionIds => {
+                    // Each row's own count of real tokens before a position (pads read 0).
+                    let positions: Vec<i64> = mask
+                        .iter()
+                        .flat_map(|m| {
+                            let mut seen = 0i64;
+                            let pos: Vec<i64> = m
+                                .iter()
+                                .map(|&on| {
+                                    seen += on;
+                                    (seen - 1).max(0)
+                                })
+                                .collect();
+                            pos[done..].to_vec()
+                        })
+                        .collect();
+                    ints(pos_ty, vec![b, seq], positions)?
+                }
                 Slot::PastKey(l) | Slot::PastValue(l) => {
                     let j = 2 * l + usize::from(matches!(slot, Slot::PastValue(_)));
                     match past.get_mut(j).and_then(Option::take) {
                         Some(v) => v,
                         None => {
-                            let shape = vec![1, io.kv_heads, 0, io.head_dim];
+                            let shape = vec![b, io.kv_heads, 0, io.head_dim];
                             match io.kv_type {
                                 TensorElementType::Float16 => {
                                     Tensor::from_array((shape, Vec::<half::f16>::new()))?.into_dyn()
@@ -507,10 +591,16 @@ fn generate_inner(
         {
             *sink = all_logits(&outputs[io.logits])?;
         }
-        let token = pick_last(&outputs[io.logits], pick)?;
-        out.token_ready_ns.push(start.elapsed().as_nanos() as u64);
-        out.tokens.push(token);
-        all.push(token);
+        let ready = start.elapsed().as_nanos() as u64;
+        for r in 0..rows {
+            let token = pick_row(&outputs[io.logits], r, rows, &mut picks[r])?;
+            if step < new_tokens[r] {
+                out[r].token_ready_ns.push(ready);
+                out[r].tokens.push(token);
+            }
+            all[r].push(token);
+            mask[r].push(1);
+        }
         if cached {
             past = io
                 .present

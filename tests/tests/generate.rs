@@ -10,7 +10,7 @@ use std::time::Duration;
 use fleetbench_cli::commands::{jobs, models as model_cmd};
 use fleetbench_cli::jobspec::JobArgs;
 use fleetbench_proto::v1::{GenerationStats, RankRequest, RunSummary};
-use fleetbench_runtime::decoder::{DecoderIo, generate};
+use fleetbench_runtime::decoder::{DecoderIo, Pick, generate, generate_batch};
 use fleetbench_tests::*;
 
 fn session(path: &std::path::Path) -> ort::session::Session {
@@ -52,6 +52,32 @@ fn the_bundled_decoder_generates_what_onnxruntime_in_python_generated() {
     let max = io.max_positions.unwrap() as usize;
     let e = generate(&mut s, &io, &prompt, max).unwrap_err().to_string();
     assert!(e.contains(&format!("{max} positions")), "{e}");
+}
+
+#[test]
+fn a_static_batch_left_padded_under_the_mask_makes_each_request_s_own_tokens() {
+    let mut s = session(&models("llm/tiny-llama.onnx"));
+    let io = DecoderIo::detect(&s).unwrap();
+    let prompts: Vec<Vec<i64>> = vec![
+        (0..5).map(|i| (i * 37 + 11) % 512).collect(),
+        (0..19).map(|i| (i * 53 + 7) % 512).collect(),
+        (0..12).map(|i| (i * 101 + 3) % 512).collect(),
+    ];
+    let lengths = [6, 9, 3];
+    let alone: Vec<Vec<i64>> = prompts
+        .iter()
+        .zip(lengths)
+        .map(|(p, n)| generate(&mut s, &io, p, n).unwrap().tokens)
+        .collect();
+    let refs: Vec<&[i64]> = prompts.iter().map(Vec::as_slice).collect();
+    let mut picks = vec![Pick::Greedy; 3];
+    let batch = generate_batch(&mut s, &io, &refs, &lengths, &mut picks).unwrap();
+    for (r, g) in batch.iter().enumerate() {
+        assert_eq!(g.tokens, alone[r], "row {r}: the pads change nothing");
+        assert_eq!(g.token_ready_ns.len(), lengths[r]);
+    }
+    // Rows that finish early stop counting; the batch's calls are shared.
+    assert_eq!(batch[2].token_ready_ns[2], batch[0].token_ready_ns[2]);
 }
 
 #[test]
@@ -178,14 +204,23 @@ async fn two_agents_generate_tokens_closed_and_open_loop_judged_by_slo_and_ranke
     let requests = 12;
     let mut closed = generate_job(requests);
     closed.concurrency = vec![1, 2];
+    closed.batch_size = vec![1, 3];
     let id = jobs::submit(&client, &closed).await.unwrap();
     let summary = wait_job(&client, &id, Duration::from_secs(180)).await;
     assert_eq!(summary.state, "succeeded", "{summary:?}");
-    assert_eq!(summary.tasks_total, 4);
+    assert_eq!(
+        summary.tasks_total, 8,
+        "(1, 2 streams) x (batch 1, 3) x 2 agents"
+    );
     let detail = job_detail(&client, &id).await;
     for t in &detail.tasks {
         let run = t.run.as_ref().unwrap();
         assert!(run.valid, "{run:?}");
+        let batch = run.config.as_ref().unwrap().batch_size;
+        assert_eq!(
+            run.samples, requests as u64,
+            "batch {batch}: samples count requests"
+        );
         let g = check_generate_run(run, requests as u64);
         assert_eq!(
             g.good_requests, requests as u64,
@@ -206,6 +241,7 @@ async fn two_agents_generate_tokens_closed_and_open_loop_judged_by_slo_and_ranke
         assert_eq!(stored, g.output_tokens);
         let scenario: serde_json::Value = serde_json::from_str(&run.scenario_json).unwrap();
         assert_eq!(scenario["loop"], "closed", "{scenario}");
+        assert_eq!(scenario["batch_size"], batch, "{scenario}");
         let cph = if t.agent == "edge-1" { 0.05 } else { 0.2 };
         let cpm = g.cost_per_million_tokens.unwrap();
         assert!((cpm - cph / (g.output_tokens_per_s * 3600.0) * 1e6).abs() < 1e-9 * cpm.max(1.0));
@@ -266,7 +302,7 @@ async fn two_agents_generate_tokens_closed_and_open_loop_judged_by_slo_and_ranke
         .await
         .unwrap()
         .into_inner();
-    assert!(ranking.rows.len() >= 5, "{ranking:?}");
+    assert!(ranking.rows.len() >= 9, "{ranking:?}");
     assert_eq!(ranking.objective, "tokens-per-s");
     for w in ranking.rows.windows(2) {
         let (a, b) = (tokens_of(&w[0]), tokens_of(&w[1]));

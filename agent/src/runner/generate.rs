@@ -95,6 +95,8 @@ pub struct DecoderExec<'a> {
     pub io: &'a DecoderIo,
     /// Where requests come from.
     pub requests: &'a Requests,
+    /// Requests per call sequence: a static batch.
+    pub batch: usize,
 }
 
 impl QueryExec for DecoderExec<'_> {
@@ -102,27 +104,42 @@ impl QueryExec for DecoderExec<'_> {
         self.run_request().map(|_| ())
     }
 
-    fn run_request(&mut self) -> Result<Option<RequestTiming>, RunError> {
-        let mut r = self.requests.next_request();
-        let g = decoder::generate_with(
-            self.session,
-            self.io,
-            &r.prompt,
-            r.output_tokens,
-            &mut r.pick,
-        )?;
-        if g.tokens.len() != r.output_tokens {
-            return Err(RunError::Failed(format!(
-                "a request asked for {} tokens and got {}",
-                r.output_tokens,
-                g.tokens.len()
-            )));
-        }
-        Ok(Some(RequestTiming {
-            prompt_tokens: r.prompt.len() as u32,
-            token_ready_ns: g.token_ready_ns,
-            lead_ns: 0,
-        }))
+    fn run_request(&mut self) -> Result<Vec<RequestTiming>, RunError> {
+        let batch: Vec<Request> = (0..self.batch)
+            .map(|_| self.requests.next_request())
+            .collect();
+        let prompts: Vec<&[i64]> = batch.iter().map(|r| r.prompt.as_slice()).collect();
+        let lengths: Vec<usize> = batch.iter().map(|r| r.output_tokens).collect();
+        let mut picks: Vec<Pick> = batch.iter().map(|r| r.pick.clone()).collect();
+        let made = if self.batch == 1 {
+            vec![decoder::generate_with(
+                self.session,
+                self.io,
+                prompts[0],
+                lengths[0],
+                &mut picks[0],
+            )?]
+        } else {
+            decoder::generate_batch(self.session, self.io, &prompts, &lengths, &mut picks)?
+        };
+        batch
+            .iter()
+            .zip(made)
+            .map(|(r, g)| {
+                if g.tokens.len() != r.output_tokens {
+                    return Err(RunError::Failed(format!(
+                        "a request asked for {} tokens and got {}",
+                        r.output_tokens,
+                        g.tokens.len()
+                    )));
+                }
+                Ok(RequestTiming {
+                    prompt_tokens: r.prompt.len() as u32,
+                    token_ready_ns: g.token_ready_ns,
+                    lead_ns: 0,
+                })
+            })
+            .collect()
     }
 }
 
@@ -138,6 +155,7 @@ impl OrtRunner {
         started_at: i64,
     ) -> Result<RunReport, RunError> {
         let g = c.generate.clone().unwrap_or_default();
+        let batch = c.batch_size.max(1) as usize;
         let t = Instant::now();
         let mut first = self.session(task, c)?;
         let session_create_ns = t.elapsed().as_nanos() as u64;
@@ -162,7 +180,7 @@ impl OrtRunner {
         // whatever the warm-up.
         let warm = Requests::new(&g, draw_vocab, c.seed ^ 0x5741_524D);
         {
-            let mut execs = execs(&mut sessions, &io, &warm);
+            let mut execs = execs(&mut sessions, &io, &warm, batch);
             scenario::warm_up(&mut execs, c.warmup_iterations, cancel)?;
         }
         let requests = Requests::new(&g, draw_vocab, c.seed);
@@ -184,7 +202,7 @@ impl OrtRunner {
             g.slo_e2e_ms,
         ));
         let mut scenario_json = {
-            let mut execs = execs(&mut sessions, &io, &requests);
+            let mut execs = execs(&mut sessions, &io, &requests, batch);
             if g.request_rate > 0.0 {
                 let s = scenario::server(&mut execs, c, g.request_rate, &mut rec, cancel)?;
                 json!({
@@ -210,6 +228,7 @@ impl OrtRunner {
         let tokens = rec.tokens.as_ref().expect("set above");
         scenario_json["scenario"] = json!("generate");
         scenario_json["streams"] = json!(sessions.len());
+        scenario_json["batch_size"] = json!(batch);
         scenario_json["prompt_tokens"] = json!(tokens.total_prompt_tokens);
         scenario_json["output_tokens"] = json!(tokens.total_output_tokens);
         scenario_json["good_requests"] = json!(tokens.total_good);
@@ -306,6 +325,7 @@ fn execs<'a>(
     sessions: &'a mut [Session],
     io: &'a DecoderIo,
     requests: &'a Requests,
+    batch: usize,
 ) -> Vec<Box<dyn QueryExec + 'a>> {
     sessions
         .iter_mut()
@@ -314,6 +334,7 @@ fn execs<'a>(
                 session,
                 io,
                 requests,
+                batch,
             }) as Box<dyn QueryExec + 'a>
         })
         .collect()

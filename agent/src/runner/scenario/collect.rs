@@ -20,8 +20,8 @@ pub(crate) enum Event {
         /// Time spent executing, from the moment a worker started it.
         service: Duration,
         end: Instant,
-        /// Generate: when the request's tokens were ready.
-        generation: Option<Box<RequestTiming>>,
+        /// Generate: when each request's tokens were ready (empty for other scenarios).
+        generation: Vec<RequestTiming>,
     },
     Dropped,
     Failed(RunError),
@@ -44,10 +44,13 @@ pub(crate) fn execute(
                 issue_delay,
                 service: end - start,
                 end,
-                generation: generation.map(|mut g| {
-                    g.lead_ns = start.saturating_duration_since(reference).as_nanos() as u64;
-                    Box::new(g)
-                }),
+                generation: generation
+                    .into_iter()
+                    .map(|mut g| {
+                        g.lead_ns = start.saturating_duration_since(reference).as_nanos() as u64;
+                        g
+                    })
+                    .collect(),
             }
         }
         Err(e) => Event::Failed(e),
@@ -78,16 +81,30 @@ pub(crate) fn collect(
                     end,
                     generation,
                 }) => {
-                    if let Some(g) = generation {
-                        rec.record_request(&g, latency.as_nanos() as u64);
-                    }
                     if let Some(d) = issue_delay {
                         rec.record_issue_delay(d.as_nanos() as u64);
                     }
                     if let Some(h) = service.as_deref_mut() {
                         hist::record_ns(h, s.as_nanos() as u64);
                     }
-                    rec.record(latency.as_nanos() as u64, end);
+                    if generation.len() > 1 {
+                        // A batch's requests end when their own last token is ready: each is
+                        // recorded with its own end-to-end latency, where it completed.
+                        let last =
+                            |g: &RequestTiming| g.token_ready_ns.last().copied().unwrap_or(0);
+                        let batch_end = generation.iter().map(last).max().unwrap_or(0);
+                        for g in &generation {
+                            let early = Duration::from_nanos(batch_end - last(g));
+                            let e2e = latency.saturating_sub(early).as_nanos() as u64;
+                            rec.record_request(g, e2e);
+                            rec.record(e2e, end - early);
+                        }
+                    } else {
+                        if let Some(g) = generation.first() {
+                            rec.record_request(g, latency.as_nanos() as u64);
+                        }
+                        rec.record(latency.as_nanos() as u64, end);
+                    }
                     if !stop.load(Ordering::Relaxed) && rule.done_for(rec, end) {
                         stop.store(true, Ordering::Relaxed);
                     }

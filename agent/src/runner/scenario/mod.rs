@@ -41,9 +41,10 @@ pub trait QueryExec: Send {
     /// Runs one query to completion.
     fn run(&mut self) -> Result<(), RunError>;
 
-    /// Runs one query; a generate request also returns when each of its tokens was ready.
-    fn run_request(&mut self) -> Result<Option<RequestTiming>, RunError> {
-        self.run().map(|()| None)
+    /// Runs one query; a generate query also returns, for each of its requests (one, or a static
+    /// batch), when each of its tokens was ready.
+    fn run_request(&mut self) -> Result<Vec<RequestTiming>, RunError> {
+        self.run().map(|()| Vec::new())
     }
 }
 

@@ -29,7 +29,7 @@ pub fn offline(
             s.spawn(move || {
                 while !stop.load(Ordering::Relaxed) && !cancel.load(Ordering::Relaxed) {
                     if rule.iterations > 0
-                        && tickets.fetch_add(1, Ordering::Relaxed) >= rule.iterations
+                        && tickets.fetch_add(rule.per_call, Ordering::Relaxed) >= rule.iterations
                     {
                         break;
                     }

@@ -29,6 +29,8 @@ pub struct StopRule {
     pub stability_windows: usize,
     /// Stability max/min ratio.
     pub stability_ratio: f64,
+    /// Queries (generate: requests) one call of an executor completes: a static batch's size.
+    pub per_call: u64,
 }
 
 impl StopRule {
@@ -43,6 +45,11 @@ impl StopRule {
             min_duration: Duration::from_millis(c.min_duration_ms),
             stability_windows: c.stability_windows as usize,
             stability_ratio: c.stability_ratio,
+            per_call: if c.scenario == fleetbench_common::domain::Scenario::Generate {
+                u64::from(c.batch_size.max(1))
+            } else {
+                1
+            },
         }
     }
 
