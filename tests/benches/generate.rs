@@ -7,8 +7,11 @@
 //!         [--output 64] [--threads 1] [--runs 5] [--cpus 0]
 //!
 //! `--size gpt2-small` writes the GPT-2-small-shaped decoder (`models/make_llm.py`, seeded random
-//! weights, ~500 MB, git-ignored) on first use. onnxruntime-genai is not compared: it is not installed
-//! here, and it loads only the model layouts its own builder writes.
+//! weights, ~500 MB, git-ignored) on first use; `--model PATH` benchmarks another decoder file (an
+//! int4 variant, say). onnxruntime-genai runs beside them when `.venv-genai` holds it
+//! (`python3 -m venv .venv-genai && .venv-genai/bin/pip install onnxruntime-genai onnx`;
+//! `scripts/genai_greedy.py` writes its genai_config.json); its wheel brings its own ONNX Runtime,
+//! whose version the table names.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -76,10 +79,11 @@ fn main() {
     let threads: usize = arg(&args, "--threads", "1").parse().unwrap();
     let runs: usize = arg(&args, "--runs", "5").parse().unwrap();
     let cpus = arg(&args, "--cpus", "0");
-    let model = match size.as_str() {
-        "tiny" => repo().join("models/llm/tiny-llama.onnx"),
-        "gpt2-small" => repo().join("models/llm-large/gpt2-small-llama.onnx"),
-        other => panic!("--size: '{other}' is not tiny or gpt2-small"),
+    let model = match (arg(&args, "--model", ""), size.as_str()) {
+        (m, _) if !m.is_empty() => PathBuf::from(m),
+        (_, "tiny") => repo().join("models/llm/tiny-llama.onnx"),
+        (_, "gpt2-small") => repo().join("models/llm-large/gpt2-small-llama.onnx"),
+        (_, other) => panic!("--size: '{other}' is not tiny or gpt2-small"),
     };
     if !model.exists() {
         let ok = Command::new(python())
@@ -117,35 +121,44 @@ fn main() {
         }
     }
     drop(session);
-    // The Python loop, pinned to the same cores.
-    let out = Command::new("taskset")
-        .args(["-c", &cpus])
-        .arg(python())
-        .arg(repo().join("scripts/ort_greedy.py"))
-        .arg(&model)
-        .args([
-            "--prompt",
-            &prompt_len.to_string(),
-            "--output",
-            &output.to_string(),
-        ])
-        .args([
-            "--threads",
-            &threads.to_string(),
-            "--runs",
-            &runs.to_string(),
-        ])
-        .output()
-        .expect("run scripts/ort_greedy.py");
-    assert!(
-        out.status.success(),
-        "scripts/ort_greedy.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let py: serde_json::Value = serde_json::from_slice(&out.stdout).expect("its JSON");
-    let col = |k: &str| -> Vec<f64> {
-        py[k]
-            .as_array()
+    // The Python loops, pinned to the same cores.
+    let peer = |python: &Path, script: &str| -> Option<serde_json::Value> {
+        let out = Command::new("taskset")
+            .args(["-c", &cpus])
+            .arg(python)
+            .arg(repo().join("scripts").join(script))
+            .arg(&model)
+            .args([
+                "--prompt",
+                &prompt_len.to_string(),
+                "--output",
+                &output.to_string(),
+            ])
+            .args([
+                "--threads",
+                &threads.to_string(),
+                "--runs",
+                &runs.to_string(),
+            ])
+            .output()
+            .unwrap_or_else(|e| panic!("run scripts/{script}: {e}"));
+        if !out.status.success() {
+            eprintln!(
+                "scripts/{script}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(serde_json::from_slice(&out.stdout).expect("its JSON"))
+    };
+    let py = peer(&python(), "ort_greedy.py").expect("the onnxruntime Python loop runs");
+    let genai_python = repo().join(".venv-genai/bin/python");
+    let genai = genai_python
+        .exists()
+        .then(|| peer(&genai_python, "genai_greedy.py"))
+        .flatten();
+    let col = |v: &serde_json::Value, k: &str| -> Vec<f64> {
+        v[k].as_array()
             .unwrap()
             .iter()
             .map(|v| v.as_f64().unwrap())
@@ -168,16 +181,35 @@ fn main() {
         median(ours.1.clone()),
         median(ours.2.clone())
     );
-    println!(
-        "{:<28} {:>10.2} {:>10.3} {:>12.1}",
-        "onnxruntime Python loop",
-        median(col("ttft_ms")),
-        median(col("tpot_ms")),
-        median(col("tokens_per_s"))
-    );
-    let (a, b) = (median(ours.2), median(col("tokens_per_s")));
-    println!(
-        "fleetbench vs Python: {:+.1} % tokens/s",
-        (a / b - 1.0) * 100.0
-    );
+    let mut peers = vec![("onnxruntime Python loop".to_string(), &py)];
+    if let Some(g) = &genai {
+        peers.push((
+            format!(
+                "onnxruntime-genai {}",
+                g["genai_version"].as_str().unwrap_or("?")
+            ),
+            g,
+        ));
+    }
+    for (name, v) in &peers {
+        println!(
+            "{:<28} {:>10.2} {:>10.3} {:>12.1}",
+            name,
+            median(col(v, "ttft_ms")),
+            median(col(v, "tpot_ms")),
+            median(col(v, "tokens_per_s"))
+        );
+    }
+    let ours = median(ours.2);
+    for (name, v) in &peers {
+        println!(
+            "fleetbench vs {name}: {:+.1} % tokens/s",
+            (ours / median(col(v, "tokens_per_s")) - 1.0) * 100.0
+        );
+    }
+    if genai.is_none() {
+        println!(
+            "(onnxruntime-genai not compared: no .venv-genai with it, or it could not load the model)"
+        );
+    }
 }
