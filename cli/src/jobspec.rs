@@ -63,9 +63,10 @@ pub struct JobArgs {
     #[arg(long)]
     pub output_tokens: Option<String>,
     /// Generate: open loop at this many requests per second (seeded Poisson arrivals; TTFT and E2E
-    /// from each request's scheduled arrival). Without it, a closed loop of --concurrency streams.
+    /// from each request's scheduled arrival), or `max`: the highest rate whose p99s meet --slo,
+    /// found by bisection. Without it, a closed loop of --concurrency streams.
     #[arg(long, allow_hyphen_values = true)]
-    pub request_rate: Option<f64>,
+    pub request_rate: Option<String>,
     /// Generate: sampling temperature (default 0: greedy).
     #[arg(long, allow_hyphen_values = true)]
     pub temperature: Option<f64>,
@@ -256,12 +257,14 @@ impl JobArgs {
         let mut g = GenerateConfig {
             prompt_tokens: lengths("prompt_tokens", &self.prompt_tokens, DEFAULT_PROMPT_TOKENS)?,
             output_tokens: lengths("output_tokens", &self.output_tokens, DEFAULT_OUTPUT_TOKENS)?,
-            request_rate: match self.request_rate {
-                Some(r) if !(r.is_finite() && r > 0.0) => {
-                    bail!("request_rate: must be > 0 requests/s (got {r})")
-                }
-                r => r.unwrap_or(0.0),
+            request_rate: match self.request_rate.as_deref().map(str::trim) {
+                None | Some("max") => 0.0,
+                Some(r) => match r.parse::<f64>() {
+                    Ok(v) if v.is_finite() && v > 0.0 => v,
+                    _ => bail!("request_rate: must be > 0 requests/s, or max (got {r})"),
+                },
             },
+            max_rate: self.request_rate.as_deref().map(str::trim) == Some("max"),
             temperature: self.temperature.unwrap_or(0.0),
             top_k: self.top_k.unwrap_or(0),
             ..Default::default()
@@ -353,13 +356,12 @@ impl JobArgs {
             generate,
         };
         if let Some(g) = &config.generate
-            && g.request_rate > 0.0
+            && g.open_loop()
             && concurrency.len() > 1
         {
             bail!(
-                "concurrency: an open loop's load is its --request-rate ({} requests/s); --concurrency only caps \
-                 the streams serving it, so sweep one or the other, not both",
-                g.request_rate
+                "concurrency: an open loop's load is its --request-rate; --concurrency only caps the streams \
+                 serving it, so sweep one or the other, not both"
             );
         }
         if config.generate.is_some() && config.target_qps > 0.0 {
@@ -470,7 +472,7 @@ mod tests {
         a.scenario = Some("generate".into());
         a.prompt_tokens = Some("uniform:32-256".into());
         a.slo = Some("ttft_ms=500,tpot_ms=50".into());
-        a.request_rate = Some(2.0);
+        a.request_rate = Some("2".into());
         let spec = a.to_spec(256).unwrap();
         let g = spec.config.generate.clone().unwrap();
         assert_eq!((g.prompt_tokens.min, g.prompt_tokens.max), (32, 256));
@@ -500,12 +502,12 @@ mod tests {
         a.slo = Some("ttft_ms=fast".into());
         assert!(field(a).starts_with("slo"));
         let mut a = generate();
-        a.request_rate = Some(2.0);
+        a.request_rate = Some("2".into());
         a.concurrency = vec![1, 4];
         assert!(field(a).starts_with("concurrency"));
         let mut a = generate();
         a.batch_size = vec![4];
-        a.request_rate = Some(2.0);
+        a.request_rate = Some("2".into());
         assert!(field(a).starts_with("batch_size: static batches of 4 run in the closed loop"));
         let mut a = generate();
         a.batch_size = vec![3];
@@ -516,6 +518,17 @@ mod tests {
         let mut a = generate();
         a.top_k = Some(40);
         assert!(field(a).starts_with("top_k"));
+        let mut a = generate();
+        a.request_rate = Some("max".into());
+        assert!(field(a).starts_with("slo: max-rate searches"));
+        let mut a = generate();
+        a.request_rate = Some("fast".into());
+        assert!(field(a).starts_with("request_rate"));
+        let mut a = generate();
+        a.request_rate = Some("max".into());
+        a.slo = Some("ttft_ms=500".into());
+        let g = a.to_spec(256).unwrap().config.generate.unwrap();
+        assert!(g.max_rate && g.request_rate == 0.0);
         let mut a = args("digits");
         a.output_tokens = Some("64".into());
         assert!(field(a).starts_with("output_tokens: belongs to --scenario generate"));

@@ -300,7 +300,22 @@ fn validate_generate(c: &RunConfig) -> Result<(), ConfigError> {
             return Err(ConfigError::new(name, format!("must be > 0 ms (got {v})")));
         }
     }
-    if c.batch_size > 1 && g.request_rate > 0.0 {
+    if g.max_rate && g.request_rate > 0.0 {
+        return Err(ConfigError::new(
+            "request_rate",
+            format!(
+                "max-rate searches the rate; a request rate of {} as well conflicts with it",
+                g.request_rate
+            ),
+        ));
+    }
+    if g.max_rate && g.slo_ttft_ms <= 0.0 && g.slo_tpot_ms <= 0.0 && g.slo_e2e_ms <= 0.0 {
+        return Err(ConfigError::new(
+            "slo",
+            "max-rate searches the highest rate that meets an SLO: give --slo (e.g. ttft_ms=500,tpot_ms=50)",
+        ));
+    }
+    if c.batch_size > 1 && g.open_loop() {
         return Err(ConfigError::new(
             "batch_size",
             format!(
@@ -319,7 +334,7 @@ fn validate_generate(c: &RunConfig) -> Result<(), ConfigError> {
             ),
         ));
     }
-    if g.request_rate > 0.0 && c.latency_bound_ms > 0.0 {
+    if g.open_loop() && c.latency_bound_ms > 0.0 {
         return Err(ConfigError::new(
             "latency_bound_ms",
             "a generate run is judged by --slo (ttft_ms, tpot_ms, e2e_ms), not by a latency bound",
@@ -591,6 +606,9 @@ pub fn config_label(c: &RunConfig) -> String {
         ));
         if g.request_rate > 0.0 {
             s.push_str(&format!(" {}rps", g.request_rate));
+        }
+        if g.max_rate {
+            s.push_str(" max-rate");
         }
         if g.temperature > 0.0 {
             s.push_str(&format!(" temp={}", g.temperature));

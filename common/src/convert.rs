@@ -136,6 +136,7 @@ impl From<&GenerateConfig> for pb::GenerateConfig {
             slo_ttft_ms: g.slo_ttft_ms,
             slo_tpot_ms: g.slo_tpot_ms,
             slo_e2e_ms: g.slo_e2e_ms,
+            max_rate: g.max_rate,
         }
     }
 }
@@ -158,6 +159,7 @@ impl From<pb::GenerateConfig> for GenerateConfig {
             slo_ttft_ms: g.slo_ttft_ms,
             slo_tpot_ms: g.slo_tpot_ms,
             slo_e2e_ms: g.slo_e2e_ms,
+            max_rate: g.max_rate,
         }
     }
 }

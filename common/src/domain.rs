@@ -65,9 +65,16 @@ pub struct GenerateConfig {
     pub slo_tpot_ms: f64,
     /// SLO: p99 end-to-end latency, ms.
     pub slo_e2e_ms: f64,
+    /// Open loop at the highest request rate whose p99s meet the SLO (bisection, as max-qps).
+    pub max_rate: bool,
 }
 
 impl GenerateConfig {
+    /// True for an open loop: at a given request rate, or at the highest one the SLO allows.
+    pub fn open_loop(&self) -> bool {
+        self.request_rate > 0.0 || self.max_rate
+    }
+
     /// True when any SLO term is set.
     pub fn has_slo(&self) -> bool {
         self.slo_ttft_ms > 0.0 || self.slo_tpot_ms > 0.0 || self.slo_e2e_ms > 0.0

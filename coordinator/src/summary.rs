@@ -214,8 +214,8 @@ pub fn validity(
     }
     // A max-qps run's timed phase is its final server run, judged as a server run is; an open-loop
     // generate run drops requests as a server run drops queries.
-    let open_loop = c.scenario == Scenario::Generate
-        && c.generate.as_ref().is_some_and(|g| g.request_rate > 0.0);
+    let open_loop =
+        c.scenario == Scenario::Generate && c.generate.as_ref().is_some_and(|g| g.open_loop());
     if open_loop && dropped > 0 {
         reasons.push(format!("{dropped} requests dropped (too many outstanding)"));
     }

@@ -254,7 +254,7 @@ async fn two_agents_generate_tokens_closed_and_open_loop_judged_by_slo_and_ranke
         ("tpot_ms=0.001", false),
     ] {
         let mut open = generate_job(10);
-        open.request_rate = Some(40.0);
+        open.request_rate = Some("40".into());
         open.slo = Some(slo.into());
         open.selector = vec!["tier=cloud".into()];
         let id = jobs::submit(&client, &open).await.unwrap();
@@ -290,6 +290,35 @@ async fn two_agents_generate_tokens_closed_and_open_loop_judged_by_slo_and_ranke
             );
         }
     }
+
+    // max-rate: the highest open-loop rate whose p99 TTFT meets the SLO, found by bisection; the
+    // final run at that rate is the run's telemetry and is VALID by the same SLO.
+    let mut search = generate_job(10);
+    search.request_rate = Some("max".into());
+    search.slo = Some("ttft_ms=20".into());
+    search.selector = vec!["tier=cloud".into()];
+    let id = jobs::submit(&client, &search).await.unwrap();
+    let summary = wait_job(&client, &id, Duration::from_secs(180)).await;
+    assert_eq!(summary.state, "succeeded", "{summary:?}");
+    let detail = job_detail(&client, &id).await;
+    let run = detail.tasks[0].run.as_ref().unwrap();
+    let g = check_generate_run(run, 10);
+    let scenario: serde_json::Value = serde_json::from_str(&run.scenario_json).unwrap();
+    let rate = scenario["max_rate"].as_f64().expect("the rate found");
+    let steps = scenario["search"].as_array().unwrap();
+    assert!(steps.len() >= 3, "{scenario}");
+    assert!(
+        steps.iter().any(|s| s["pass"] == true) && steps.iter().any(|s| s["pass"] == false),
+        "the search brackets the knee: {scenario}"
+    );
+    for s in steps.iter().filter(|s| s["pass"] == true) {
+        assert!(s["figures"]["ttft_p99_ms"].as_f64().unwrap() <= 20.0, "{s}");
+        assert!(
+            s["rate"].as_f64().unwrap() <= rate * 1.0001,
+            "the highest passing rate: {scenario}"
+        );
+    }
+    assert!(rate > 0.0 && g.requests_per_s > 0.0);
 
     // Ranked by output tokens per second, each row's figures pooled from its runs.
     let ranking = client

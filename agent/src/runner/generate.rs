@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use super::recorder::{Recorder, TokenRecorder};
-use super::scenario::{self, QueryExec, RequestTiming};
+use super::scenario::{self, QueryExec, RequestTiming, Target};
 use super::{OrtRunner, PreparedTask, RunError, session_count};
 use crate::sampler::Sampler;
 
@@ -203,11 +203,18 @@ impl OrtRunner {
         ));
         let mut scenario_json = {
             let mut execs = execs(&mut sessions, &io, &requests, batch);
-            if g.request_rate > 0.0 {
-                let s = scenario::server(&mut execs, c, g.request_rate, &mut rec, cancel)?;
-                json!({
+            if g.open_loop() {
+                let (rate, s, search) = if g.max_rate {
+                    let (rate, s, search) =
+                        scenario::search(&mut execs, c, &mut rec, cancel, Target::Slo(&g))?;
+                    (rate, s, Some(search))
+                } else {
+                    let s = scenario::server(&mut execs, c, g.request_rate, &mut rec, cancel)?;
+                    (g.request_rate, s, None)
+                };
+                let mut j = json!({
                     "loop": "open",
-                    "request_rate": g.request_rate,
+                    "request_rate": rate,
                     "scheduled_rate": s.scheduled_qps,
                     "achieved_rate": s.achieved_qps,
                     "issued": s.issued,
@@ -218,7 +225,13 @@ impl OrtRunner {
                         "max": s.issue_delay_max_ms,
                     },
                     "service_p99_ms": s.service_p99_ms,
-                })
+                });
+                if let Some(search) = search {
+                    j["max_rate"] = json!(rate);
+                    j["capacity_estimate_rate"] = search["capacity_estimate"].clone();
+                    j["search"] = search["search"].clone();
+                }
+                j
             } else {
                 scenario::offline(&mut execs, c, &mut rec, cancel)?;
                 json!({ "loop": "closed" })
