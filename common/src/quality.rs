@@ -21,6 +21,64 @@ pub struct Quality {
     /// Against reference outputs shipped with the eval set (an ONNX test_data_set's output_0.pb).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<Fidelity>,
+    /// Decoders: next-token prediction over a token eval set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<LanguageModeling>,
+}
+
+/// Next-token prediction over token sequences (teacher forcing): perplexity and top-1 accuracy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LanguageModeling {
+    /// Sequences read.
+    pub sequences: u64,
+    /// Tokens predicted (each sequence's length less one).
+    pub tokens: u64,
+    /// exp(mean negative log-likelihood of the true next token).
+    pub perplexity: f64,
+    /// Share of positions whose most likely next token is the true one.
+    pub next_token_accuracy: f64,
+}
+
+/// Sums for [`LanguageModeling`] over sequences: negative log-likelihood, hits, count.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NextTokenSums {
+    nll: f64,
+    hits: u64,
+    tokens: u64,
+    sequences: u64,
+}
+
+impl NextTokenSums {
+    /// Adds one sequence: `logits` row t (`vocab` wide) predicts `targets[t]`.
+    pub fn add(&mut self, logits: &[f32], vocab: usize, targets: &[i64]) {
+        for (row, &target) in logits.chunks(vocab.max(1)).zip(targets) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+            let t = target.clamp(0, row.len() as i64 - 1) as usize;
+            self.nll += max + sum.ln() - row[t] as f64;
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                )
+                .0;
+            self.hits += u64::from(best == t);
+            self.tokens += 1;
+        }
+        self.sequences += 1;
+    }
+
+    /// The figures, or None when nothing was predicted.
+    pub fn finish(&self) -> Option<LanguageModeling> {
+        (self.tokens > 0).then(|| LanguageModeling {
+            sequences: self.sequences,
+            tokens: self.tokens,
+            perplexity: (self.nll / self.tokens as f64).exp(),
+            next_token_accuracy: self.hits as f64 / self.tokens as f64,
+        })
+    }
 }
 
 /// Classification figures.
@@ -218,6 +276,24 @@ pub fn fidelity(outputs: &[f64], base: &[f64], width: usize, eval_set: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn perplexity_is_the_exponent_of_the_mean_next_token_nll() {
+        // Uniform logits over 4 tokens: perplexity 4, whatever the targets.
+        let mut s = NextTokenSums::default();
+        s.add(&[0.0; 12], 4, &[1, 2, 3]);
+        let lm = s.finish().unwrap();
+        assert!((lm.perplexity - 4.0).abs() < 1e-9, "{lm:?}");
+        // A confident right guess and a confident wrong one.
+        let mut s = NextTokenSums::default();
+        s.add(&[10.0, 0.0, 0.0, 10.0], 2, &[0, 0]);
+        let lm = s.finish().unwrap();
+        assert_eq!((lm.tokens, lm.sequences), (2, 1));
+        assert!((lm.next_token_accuracy - 0.5).abs() < 1e-12);
+        let nll = (1.0f64 + (-10.0f64).exp()).ln() + (10.0 + (1.0f64 + (-10.0f64).exp()).ln());
+        assert!((lm.perplexity - (nll / 2.0).exp()).abs() < 1e-6, "{lm:?}");
+        assert!(NextTokenSums::default().finish().is_none());
+    }
 
     #[test]
     fn classification_figures_match_a_hand_count() {

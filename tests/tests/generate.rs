@@ -444,11 +444,24 @@ async fn an_int4_weight_only_decoder_generates_and_reports_its_fidelity_to_the_b
         "4-bit weights: {} vs {base} bytes",
         int4.variant.size_bytes
     );
+    // The other weight recipes work on decoders too.
+    for recipe in ["int8-weight-only", "fp16"] {
+        let v = model_cmd::optimize(
+            client,
+            "tiny-llama",
+            &fleetbench_cli::optimize::RecipeArgs::named(recipe),
+            None,
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{recipe} on the decoder: {e:#}"));
+        assert!(v.variant.size_bytes < base, "{recipe}: {:?}", v.variant);
+    }
     let id = jobs::submit(client, &generate_job(6)).await.unwrap();
     let summary = wait_job(client, &id, Duration::from_secs(120)).await;
     assert_eq!(summary.state, "succeeded", "{summary:?}");
     let detail = job_detail(client, &id).await;
-    assert_eq!(detail.tasks.len(), 2);
+    assert_eq!(detail.tasks.len(), 4, "fp32, int4, int8 weight-only, fp16");
     for t in &detail.tasks {
         let run = t.run.as_ref().unwrap();
         check_generate_run(run, 6);
@@ -457,21 +470,90 @@ async fn an_int4_weight_only_decoder_generates_and_reports_its_fidelity_to_the_b
         } else {
             serde_json::from_str(&run.quality_json).unwrap()
         };
+        if t.variant != "fp32" {
+            let f = &quality["fidelity"];
+            eprintln!("{} fidelity to fp32: {f}", t.variant);
+            assert!(f["cosine"].as_f64().unwrap() > 0.9, "{}: {f}", t.variant);
+        }
         if t.variant == "int4-b32" {
             let f = &quality["fidelity"];
             let agreement = f["top1_agreement"].as_f64().expect("next-token agreement");
             let cosine = f["cosine"].as_f64().unwrap();
-            eprintln!("int4-b32 fidelity to fp32: {f}");
             assert!(f["samples"].as_u64().unwrap() >= 100, "{f}");
             // Random weights make near-ties common, so agreement is far from perfect; it is
             // far above chance (1/512) all the same, and the logits stay close.
             assert!(agreement > 0.3 && agreement <= 1.0, "{f}");
             assert!(cosine > 0.9 && cosine < 1.0, "{f}");
-        } else {
+        } else if t.variant == "fp32" {
             assert!(
                 quality["fidelity"].is_null(),
                 "the base has nothing to compare with"
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_eval_set_gives_the_perplexity_onnxruntime_in_python_gives() {
+    let fleet = SoloFleet::start().await;
+    let client = &fleet.client;
+    // Four seeded sequences of 40 token ids; for a causal LM the labels are the sequence itself.
+    let tokens =
+        ndarray::Array2::from_shape_fn((4, 40), |(r, t)| ((r * 131 + t * 29 + 7) % 512) as i64);
+    let path = fleet.dir.path().join("tokens.npy");
+    ndarray_npy::write_npy(&path, &tokens).unwrap();
+    model_cmd::push(
+        client,
+        &models("llm/tiny-llama.onnx"),
+        "tiny-llama",
+        None,
+        None,
+        None,
+        Some((&path, &path)),
+    )
+    .await
+    .unwrap();
+    let id = jobs::submit(client, &generate_job(3)).await.unwrap();
+    let summary = wait_job(client, &id, Duration::from_secs(120)).await;
+    assert_eq!(summary.state, "succeeded", "{summary:?}");
+    let detail = job_detail(client, &id).await;
+    let run = detail.tasks[0].run.as_ref().unwrap();
+    let quality: serde_json::Value = serde_json::from_str(&run.quality_json).unwrap();
+    let lm = &quality["language"];
+    assert_eq!(lm["sequences"], 4, "{quality}");
+    assert_eq!(lm["tokens"], 4 * 39, "{quality}");
+    let ours = lm["perplexity"].as_f64().unwrap();
+    assert_eq!(run.accuracy, lm["next_token_accuracy"].as_f64());
+    let script = r#"
+import sys, numpy as np, onnxruntime as ort
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+x = np.load(sys.argv[2]); nll = []
+for row in x:
+    feed = {"input_ids": row[None, :], "attention_mask": np.ones((1, len(row)), np.int64),
+            "position_ids": np.arange(len(row), dtype=np.int64)[None, :]}
+    for i in s.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    z = s.run(["logits"], feed)[0][0].astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    nll += [-logp[t, row[t + 1]] for t in range(len(row) - 1)]
+print(float(np.exp(np.mean(nll))))
+"#;
+    let out = std::process::Command::new(python())
+        .args(["-c", script])
+        .arg(models("llm/tiny-llama.onnx"))
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let python: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(
+        (ours - python).abs() <= 1e-4 * python,
+        "perplexity {ours} vs onnxruntime in Python {python}"
+    );
 }

@@ -256,12 +256,16 @@ impl OrtRunner {
         }
         let (queries, late, dropped) = (rec.queries, rec.late, rec.dropped);
         drop(rec);
-        let quality = match &task.base_model_path {
+        let mut quality = match &task.base_model_path {
             Some(base) if !c.skip_accuracy => {
                 Some(self.generative_fidelity(c, &mut sessions[0], &io, base, draw_vocab)?)
             }
             _ => None,
         };
+        if let Some((inputs, labels)) = task.eval.as_ref().filter(|_| !c.skip_accuracy) {
+            let lm = language_modeling(&mut sessions[0], &io, inputs, labels)?;
+            quality.get_or_insert_with(Quality::default).language = lm;
+        }
         drop(sessions);
         let probe = vec![0; (g.prompt_tokens.min as usize).min(8)];
         let used = self.providers_used_by(task, c, &mut |session| {
@@ -276,8 +280,15 @@ impl OrtRunner {
             elapsed_ns: elapsed.as_nanos() as u64,
             session_create_ns,
             first_inference_ns,
-            accuracy: None,
-            eval_samples: 0,
+            // Next-token accuracy over the token eval set stands for accuracy in rankings.
+            accuracy: quality
+                .as_ref()
+                .and_then(|q| q.language.as_ref())
+                .map(|l| l.next_token_accuracy),
+            eval_samples: quality
+                .as_ref()
+                .and_then(|q| q.language.as_ref())
+                .map_or(0, |l| l.tokens),
             record_json: record.to_string(),
             effective_config: Some(c.into()),
             late_queries: late,
@@ -329,6 +340,48 @@ impl OrtRunner {
             ..Default::default()
         })
     }
+}
+
+/// Perplexity and next-token accuracy over a token eval set: `inputs` and `labels` are .npy token
+/// ids `[sequences, length]` (labels as Hugging Face takes them for causal language models: the
+/// sequence itself, so the same file may serve as both); position t's logits predict `labels[t + 1]`.
+/// Sequences longer than the model's positions are cut to fit.
+fn language_modeling(
+    session: &mut Session,
+    io: &DecoderIo,
+    inputs: &std::path::Path,
+    labels: &std::path::Path,
+) -> Result<Option<quality::LanguageModeling>, RunError> {
+    let read = |p: &std::path::Path, what: &str| {
+        fleetbench_runtime::data::read_npy(p)
+            .map_err(|e| RunError::Failed(format!("the token eval set's {what}: {e}")))
+    };
+    let (x, y) = (read(inputs, "inputs")?, read(labels, "labels")?);
+    if x.shape.len() != 2 || x.shape != y.shape {
+        return Err(RunError::Failed(format!(
+            "the token eval set: inputs {:?} and labels {:?} must both be [sequences, length] token ids",
+            x.shape, y.shape
+        )));
+    }
+    let len = io.max_positions.map_or(x.shape[1], |m| {
+        x.shape[1].min((m as usize).saturating_sub(1))
+    });
+    let mut sums = quality::NextTokenSums::default();
+    for r in 0..x.shape[0] {
+        let row = |a: &fleetbench_runtime::data::HostArray| -> Vec<i64> {
+            a.data[r * a.shape[1]..r * a.shape[1] + len]
+                .iter()
+                .map(|v| *v as i64)
+                .collect()
+        };
+        let (tokens, targets) = (row(&x), row(&y));
+        if tokens.len() < 2 {
+            continue;
+        }
+        let (logits, vocab) = decoder::prefill_logits(session, io, &tokens)?;
+        sums.add(&logits[..(tokens.len() - 1) * vocab], vocab, &targets[1..]);
+    }
+    Ok(sums.finish())
 }
 
 /// Tokens of the seeded sequence the fidelity pass compares (fewer when the model has fewer positions).
