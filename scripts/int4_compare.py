@@ -73,7 +73,7 @@ def speed(path, a):
     out = subprocess.run([sys.executable, ORT_GREEDY, path, "--prompt", str(a.prompt), "--output",
                           str(a.output), "--threads", str(a.threads), "--runs", str(a.runs)],
                          check=True, capture_output=True, text=True).stdout
-    return {k: statistics.median(v) for k, v in json.loads(out).items()}
+    return {k: statistics.median(v) for k, v in json.loads(out).items() if isinstance(v, list)}
 
 
 def main():

@@ -29,7 +29,7 @@ def main():
     outputs = [o.name for o in sess.get_outputs()]
     vocab = sess.get_outputs()[0].shape[-1]
     prompt = [(i * 7919 + 13) % vocab for i in range(a.prompt)]
-    result = {"ttft_ms": [], "tpot_ms": [], "tokens_per_s": []}
+    result = {"onnxruntime_version": ort.__version__, "ttft_ms": [], "tpot_ms": [], "tokens_per_s": []}
     for run in range(a.runs + 1):
         start = time.perf_counter()
         ready = []

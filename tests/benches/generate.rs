@@ -176,12 +176,18 @@ fn main() {
     );
     println!(
         "{:<28} {:>10.2} {:>10.3} {:>12.1}",
-        "fleetbench (Rust, ort)",
+        format!("fleetbench (onnxruntime {})", rt.version),
         median(ours.0.clone()),
         median(ours.1.clone()),
         median(ours.2.clone())
     );
-    let mut peers = vec![("onnxruntime Python loop".to_string(), &py)];
+    let mut peers = vec![(
+        format!(
+            "onnxruntime {} Python loop",
+            py["onnxruntime_version"].as_str().unwrap_or("?")
+        ),
+        &py,
+    )];
     if let Some(g) = &genai {
         peers.push((
             format!(
