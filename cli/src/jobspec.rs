@@ -33,6 +33,25 @@ where
     })
 }
 
+/// Accepts `output_tokens = 64` as well as `output_tokens = "uniform:32-64"` in job files.
+fn string_or_number<'de, D>(d: D) -> std::result::Result<Option<String>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum StringOrNumber {
+        Text(String),
+        Int(i64),
+        Float(f64),
+    }
+    Ok(Option::<StringOrNumber>::deserialize(d)?.map(|v| match v {
+        StringOrNumber::Text(s) => s,
+        StringOrNumber::Int(i) => i.to_string(),
+        StringOrNumber::Float(f) => f.to_string(),
+    }))
+}
+
 /// What to benchmark and how. Every field is a flag of `jobs submit` and a key of a job file.
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -57,15 +76,18 @@ pub struct JobArgs {
     /// Generate: prompt tokens per request, a count (128) or uniform:MIN-MAX drawn per request
     /// (default 128).
     #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
     pub prompt_tokens: Option<String>,
     /// Generate: output tokens per request, a count (64) or uniform:MIN-MAX; every request makes
     /// exactly this many (default 64).
     #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
     pub output_tokens: Option<String>,
     /// Generate: open loop at this many requests per second (seeded Poisson arrivals; TTFT and E2E
     /// from each request's scheduled arrival), or `max`: the highest rate whose p99s meet --slo,
     /// found by bisection. Without it, a closed loop of --concurrency streams.
     #[arg(long, allow_hyphen_values = true)]
+    #[serde(deserialize_with = "string_or_number")]
     pub request_rate: Option<String>,
     /// Generate: sampling temperature (default 0: greedy).
     #[arg(long, allow_hyphen_values = true)]
@@ -293,6 +315,7 @@ impl JobArgs {
         let max_duration_ms = seconds_to_ms("max_duration_s", self.max_duration_s)?;
         let min_duration_ms = seconds_to_ms("min_duration_s", self.min_duration_s)?;
         let generate = self.generate_config(scenario)?;
+        let batches = positive_list("batch_size", &self.batch_size, false)?;
         // Without an exact count, the duration and the minimums decide how long a run lasts; with
         // none of them, a run is 1000 queries (100 requests when generating).
         let iterations = if iterations == 0
@@ -301,11 +324,25 @@ impl JobArgs {
             && self.min_queries.unwrap_or(0) == 0
             && scenario != Scenario::MaxQps
         {
-            if generate.is_some() { 100 } else { 1000 }
+            if generate.is_some() {
+                // Whole static batches of every batch size swept.
+                let lcm = batches.iter().fold(1u64, |l, &b| {
+                    let b = u64::from(b.max(1));
+                    let gcd = |mut a: u64, mut b: u64| {
+                        while b != 0 {
+                            (a, b) = (b, a % b);
+                        }
+                        a
+                    };
+                    l / gcd(l, b) * b
+                });
+                100u64.div_ceil(lcm) * lcm
+            } else {
+                1000
+            }
         } else {
             iterations
         };
-        let batches = positive_list("batch_size", &self.batch_size, false)?;
         let concurrency = positive_list("concurrency", &self.concurrency, false)?;
         let threads = positive_list("threads", &self.threads, true)?;
         let opts = self
@@ -511,7 +548,12 @@ mod tests {
         assert!(field(a).starts_with("batch_size: static batches of 4 run in the closed loop"));
         let mut a = generate();
         a.batch_size = vec![3];
+        a.iterations = Some(100);
         assert!(field(a).starts_with("iterations: 100 requests do not fill whole batches of 3"));
+        // Without --iterations, the default fills whole batches of every size swept.
+        let mut a = generate();
+        a.batch_size = vec![3, 4];
+        assert_eq!(a.to_spec(256).unwrap().config.iterations, 108);
         let mut a = generate();
         a.batch_size = vec![1, 4];
         assert_eq!(a.to_spec(256).unwrap().sweep.batch_sizes, vec![1, 4]);
@@ -532,6 +574,19 @@ mod tests {
         let mut a = args("digits");
         a.output_tokens = Some("64".into());
         assert!(field(a).starts_with("output_tokens: belongs to --scenario generate"));
+    }
+
+    #[test]
+    fn job_files_give_token_counts_and_rates_as_numbers_or_strings() {
+        let file: JobArgs = toml::from_str(
+            "model = \"tiny-llama\"\nscenario = \"generate\"\noutput_tokens = 64\nprompt_tokens = \"uniform:8-32\"\nrequest_rate = 2.5\n",
+        )
+        .unwrap();
+        let g = file.to_spec(256).unwrap().config.generate.unwrap();
+        assert_eq!(
+            (g.output_tokens.min, g.prompt_tokens.max, g.request_rate),
+            (64, 32, 2.5)
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The README's main job, as a user runs it: `fleetbench quickstart` starts a coordinator and two agents
 //! as separate processes (one pinned to one core), makes quantized and pruned variants of the bundled
-//! model, pushes its distilled student, benchmarks them all and prints a ranking.
+//! model, pushes its distilled student, benchmarks them all and prints a ranking; then the bundled
+//! decoder generates on both agents and is ranked by tokens per second.
 
 use std::process::Command;
 
@@ -34,7 +35,23 @@ fn quickstart_prints_a_ranking_of_both_platforms() {
         out.status.success(),
         "quickstart failed:\n{stdout}\n{stderr}"
     );
-    let rows: Vec<&str> = stdout.lines().filter(|l| l.contains("tier=")).collect();
+    let (digits, llm) = stdout
+        .split_once("ranking of 'tiny-llama'")
+        .unwrap_or_else(|| panic!("a ranking of the bundled decoder:\n{stdout}"));
+    let rows: Vec<&str> = digits.lines().filter(|l| l.contains("tier=")).collect();
+    // The decoder generated on both platforms, ranked by tokens per second.
+    let llm_rows: Vec<&str> = llm.lines().filter(|l| l.contains("tier=")).collect();
+    assert_eq!(llm_rows.len(), 2, "tiny-llama on both platforms:\n{stdout}");
+    assert!(
+        llm_rows
+            .iter()
+            .all(|r| r.contains("generate") && r.contains("p128 o64")),
+        "{stdout}"
+    );
+    assert!(
+        llm.contains("TOKENS/S") && llm.contains("TTFT P99 ms"),
+        "{stdout}"
+    );
     assert_eq!(
         rows.len(),
         8,

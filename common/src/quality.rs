@@ -49,12 +49,22 @@ pub struct NextTokenSums {
 }
 
 impl NextTokenSums {
-    /// Adds one sequence: `logits` row t (`vocab` wide) predicts `targets[t]`.
-    pub fn add(&mut self, logits: &[f32], vocab: usize, targets: &[i64]) {
+    /// Adds one sequence: `logits` row t (`vocab` wide) predicts `targets[t]`. Negative targets (the
+    /// ignore index, -100, that pads Hugging Face label arrays) are skipped; a target outside the
+    /// vocabulary is an error naming it.
+    pub fn add(&mut self, logits: &[f32], vocab: usize, targets: &[i64]) -> Result<(), String> {
+        if let Some(bad) = targets.iter().find(|&&t| t >= vocab as i64) {
+            return Err(format!(
+                "label {bad} is outside the model's vocabulary of {vocab}"
+            ));
+        }
         for (row, &target) in logits.chunks(vocab.max(1)).zip(targets) {
+            if target < 0 {
+                continue;
+            }
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
             let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-            let t = target.clamp(0, row.len() as i64 - 1) as usize;
+            let t = target as usize;
             self.nll += max + sum.ln() - row[t] as f64;
             let best = row
                 .iter()
@@ -68,6 +78,7 @@ impl NextTokenSums {
             self.tokens += 1;
         }
         self.sequences += 1;
+        Ok(())
     }
 
     /// The figures, or None when nothing was predicted.
@@ -281,12 +292,21 @@ mod tests {
     fn perplexity_is_the_exponent_of_the_mean_next_token_nll() {
         // Uniform logits over 4 tokens: perplexity 4, whatever the targets.
         let mut s = NextTokenSums::default();
-        s.add(&[0.0; 12], 4, &[1, 2, 3]);
+        s.add(&[0.0; 12], 4, &[1, 2, 3]).unwrap();
         let lm = s.finish().unwrap();
         assert!((lm.perplexity - 4.0).abs() < 1e-9, "{lm:?}");
+        // The ignore index is skipped; a label past the vocabulary is refused.
+        let mut s = NextTokenSums::default();
+        s.add(&[0.0; 12], 4, &[1, -100, 3]).unwrap();
+        assert_eq!(s.finish().unwrap().tokens, 2);
+        assert!(
+            s.add(&[0.0; 8], 4, &[1, 4])
+                .unwrap_err()
+                .contains("label 4")
+        );
         // A confident right guess and a confident wrong one.
         let mut s = NextTokenSums::default();
-        s.add(&[10.0, 0.0, 0.0, 10.0], 2, &[0, 0]);
+        s.add(&[10.0, 0.0, 0.0, 10.0], 2, &[0, 0]).unwrap();
         let lm = s.finish().unwrap();
         assert_eq!((lm.tokens, lm.sequences), (2, 1));
         assert!((lm.next_token_accuracy - 0.5).abs() < 1e-12);

@@ -77,6 +77,23 @@ pub fn check(c: &RunConfig, l: &CoordinatorConfig) -> Result<()> {
         l.max_queries_outstanding,
         "max_queries_outstanding",
     )?;
+    if let Some(g) = &c.generate {
+        over(
+            "request_rate",
+            g.request_rate,
+            l.max_target_qps,
+            "max_target_qps",
+        )?;
+        // A call holds batch x (prompt + output) tokens at most, in its ids and its mask.
+        let batch = u64::from(c.batch_size.max(1));
+        let tokens = u64::from(g.prompt_tokens.max) + u64::from(g.output_tokens.max);
+        over(
+            "prompt_tokens + output_tokens",
+            batch.saturating_mul(tokens),
+            l.max_input_elements,
+            "max_input_elements",
+        )?;
+    }
     Ok(())
 }
 

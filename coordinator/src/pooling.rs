@@ -53,8 +53,8 @@ pub struct PoolKey {
     pub ort_version: String,
     /// Execution providers that ran the graph's nodes, sorted.
     pub providers_used: Vec<String>,
-    /// Generate scenario: prompt and output lengths, request rate and outstanding cap, sampling and
-    /// SLO, e.g. `p128 o64 rate=2 out=1024 greedy slo=ttft_ms=500`; empty (and not stored) otherwise,
+    /// Generate scenario: prompt and output lengths, request rate (or `max`) and outstanding cap,
+    /// sampling and SLO, e.g. `p128 o64 rate=2 out=1024 greedy slo=ttft_ms=500`; empty (and not stored) otherwise,
     /// so keys of other scenarios read as before.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub generate: String,
@@ -78,6 +78,9 @@ fn generate_key(c: &RunConfig) -> String {
             " rate={} out={}",
             g.request_rate, c.max_outstanding
         ));
+    }
+    if g.max_rate {
+        s.push_str(&format!(" rate=max out={}", c.max_outstanding));
     }
     if g.temperature > 0.0 {
         s.push_str(&format!(" temp={} top_k={}", g.temperature, g.top_k));

@@ -591,11 +591,13 @@ fn generate_rows(
         {
             *sink = all_logits(&outputs[io.logits])?;
         }
-        let ready = start.elapsed().as_nanos() as u64;
         for r in 0..rows {
             let token = pick_row(&outputs[io.logits], r, rows, &mut picks[r])?;
             if step < new_tokens[r] {
-                out[r].token_ready_ns.push(ready);
+                // A token is ready once it is picked (sampling time counts where it is spent).
+                out[r]
+                    .token_ready_ns
+                    .push(start.elapsed().as_nanos() as u64);
                 out[r].tokens.push(token);
             }
             all[r].push(token);

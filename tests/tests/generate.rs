@@ -76,8 +76,10 @@ fn a_static_batch_left_padded_under_the_mask_makes_each_request_s_own_tokens() {
         assert_eq!(g.tokens, alone[r], "row {r}: the pads change nothing");
         assert_eq!(g.token_ready_ns.len(), lengths[r]);
     }
-    // Rows that finish early stop counting; the batch's calls are shared.
-    assert_eq!(batch[2].token_ready_ns[2], batch[0].token_ready_ns[2]);
+    // Rows that finish early stop counting; the batch's calls are shared: each row's token of a
+    // step is ready between the previous step's and the next step's.
+    assert!(batch[2].token_ready_ns[2] > batch[0].token_ready_ns[1]);
+    assert!(batch[2].token_ready_ns[2] < batch[0].token_ready_ns[3]);
 }
 
 #[test]
@@ -312,13 +314,49 @@ async fn two_agents_generate_tokens_closed_and_open_loop_judged_by_slo_and_ranke
         "the search brackets the knee: {scenario}"
     );
     for s in steps.iter().filter(|s| s["pass"] == true) {
-        assert!(s["figures"]["ttft_p99_ms"].as_f64().unwrap() <= 20.0, "{s}");
+        assert!(s["ttft_p99_ms"].as_f64().unwrap() <= 20.0, "{s}");
+        assert_eq!(s["keeps_up"], true, "{s}");
         assert!(
             s["rate"].as_f64().unwrap() <= rate * 1.0001,
             "the highest passing rate: {scenario}"
         );
     }
     assert!(rate > 0.0 && g.requests_per_s > 0.0);
+    // An SLO that requests miss even alone fails at once, saying so, instead of searching down.
+    let mut impossible = generate_job(10);
+    impossible.request_rate = Some("max".into());
+    impossible.slo = Some("ttft_ms=0.001".into());
+    impossible.selector = vec!["tier=cloud".into()];
+    let id = jobs::submit(&client, &impossible).await.unwrap();
+    let summary = wait_job(&client, &id, Duration::from_secs(120)).await;
+    assert_eq!(summary.state, "failed", "{summary:?}");
+    let detail = job_detail(&client, &id).await;
+    assert!(
+        detail.tasks[0]
+            .error
+            .contains("requests alone, without load, miss the SLO: ttft"),
+        "{:?}",
+        detail.tasks[0]
+    );
+    // An open loop far beyond what the model serves: requests still queued when the phase ends are
+    // dropped and counted, not run for seconds past it, and the run is INVALID.
+    let mut flood = generate_job(1);
+    flood.iterations = None;
+    flood.duration_s = Some(1.0);
+    flood.request_rate = Some("20000".into());
+    flood.selector = vec!["tier=cloud".into()];
+    let id = jobs::submit(&client, &flood).await.unwrap();
+    let summary = wait_job(&client, &id, Duration::from_secs(120)).await;
+    assert_eq!(summary.state, "succeeded", "{summary:?}");
+    let detail = job_detail(&client, &id).await;
+    let run = detail.tasks[0].run.as_ref().unwrap();
+    assert!(
+        !run.valid && run.invalid_reason.contains("requests dropped"),
+        "{run:?}"
+    );
+    assert!(run.dropped_queries > 0, "{run:?}");
+    // Draining the 1024 requests the queue holds would take seconds more.
+    assert!(run.duration_ms < 2500.0, "{run:?}");
 
     // Ranked by output tokens per second, each row's figures pooled from its runs.
     let ranking = client
@@ -396,6 +434,21 @@ async fn a_generate_job_the_model_cannot_run_is_refused_at_submit_naming_why() {
     let e = jobs::submit(client, &j).await.unwrap_err().to_string();
     assert!(
         e.contains("500 + 64 = 564 tokens exceed the model's 512 positions"),
+        "{e}"
+    );
+    // Past the coordinator's limits, whatever the model states: refused before an agent allocates it.
+    let mut j = generate_job(4);
+    j.prompt_tokens = Some("4000000000".into());
+    let e = jobs::submit(client, &j).await.unwrap_err().to_string();
+    assert!(
+        e.contains("prompt_tokens + output_tokens: 4000000016 is above the coordinator's limit"),
+        "{e}"
+    );
+    let mut j = generate_job(4);
+    j.request_rate = Some("1e12".into());
+    let e = jobs::submit(client, &j).await.unwrap_err().to_string();
+    assert!(
+        e.contains("request_rate") && e.contains("max_target_qps"),
         "{e}"
     );
     // Nothing was queued by the refusals.

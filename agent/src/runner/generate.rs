@@ -201,41 +201,30 @@ impl OrtRunner {
             g.slo_tpot_ms,
             g.slo_e2e_ms,
         ));
-        let mut scenario_json = {
-            let mut execs = execs(&mut sessions, &io, &requests, batch);
-            if g.open_loop() {
-                let (rate, s, search) = if g.max_rate {
-                    let (rate, s, search) =
-                        scenario::search(&mut execs, c, &mut rec, cancel, Target::Slo(&g))?;
-                    (rate, s, Some(search))
-                } else {
-                    let s = scenario::server(&mut execs, c, g.request_rate, &mut rec, cancel)?;
-                    (g.request_rate, s, None)
-                };
-                let mut j = json!({
-                    "loop": "open",
-                    "request_rate": rate,
-                    "scheduled_rate": s.scheduled_qps,
-                    "achieved_rate": s.achieved_qps,
-                    "issued": s.issued,
-                    "dropped": s.dropped,
-                    "issue_delay_ms": {
-                        "p50": s.issue_delay_p50_ms,
-                        "p99": s.issue_delay_p99_ms,
-                        "max": s.issue_delay_max_ms,
-                    },
-                    "service_p99_ms": s.service_p99_ms,
-                });
-                if let Some(search) = search {
-                    j["max_rate"] = json!(rate);
-                    j["capacity_estimate_rate"] = search["capacity_estimate"].clone();
-                    j["search"] = search["search"].clone();
-                }
-                j
-            } else {
-                scenario::offline(&mut execs, c, &mut rec, cancel)?;
-                json!({ "loop": "closed" })
-            }
+        let mut scenario_json = if g.max_rate {
+            // The search draws its own requests, so the run at the rate it finds gets the job's
+            // sequence from its start, as on every agent.
+            let probes = Requests::new(&g, draw_vocab, c.seed ^ 0x5345_4152_4348);
+            let found = {
+                let mut search = execs(&mut sessions, &io, &probes, batch);
+                scenario::find_rate(&mut search, c, cancel, Target::Slo(&g))?
+            };
+            let mut run = execs(&mut sessions, &io, &requests, batch);
+            let final_cfg = scenario::final_config(c, found.rate);
+            let s = scenario::server(&mut run, &final_cfg, found.rate, &mut rec, cancel)?;
+            let mut j = open_loop_json(found.rate, &s);
+            j["max_rate"] = json!(found.rate);
+            j["capacity_estimate_rate"] = json!(found.capacity);
+            j["search"] = json!(found.steps);
+            j
+        } else if g.request_rate > 0.0 {
+            let mut run = execs(&mut sessions, &io, &requests, batch);
+            let s = scenario::server(&mut run, c, g.request_rate, &mut rec, cancel)?;
+            open_loop_json(g.request_rate, &s)
+        } else {
+            let mut run = execs(&mut sessions, &io, &requests, batch);
+            scenario::offline(&mut run, c, &mut rec, cancel)?;
+            json!({ "loop": "closed" })
         };
         let (_, elapsed) = rec.finish();
         let tokens = rec.tokens.as_ref().expect("set above");
@@ -328,6 +317,7 @@ impl OrtRunner {
         let mut rng = StdRng::seed_from_u64(c.seed ^ 0xF1DE_11E7);
         let tokens: Vec<i64> = (0..limit).map(|_| rng.random_range(0..vocab)).collect();
         let (ours, width) = decoder::prefill_logits(session, io, &tokens)?;
+        check_every_position(&ours, width, tokens.len())?;
         let (theirs, base_width) = decoder::prefill_logits(&mut base, &base_io, &tokens)?;
         if width != base_width || ours.len() != theirs.len() {
             return Err(RunError::Failed(format!(
@@ -379,13 +369,46 @@ fn language_modeling(
             continue;
         }
         let (logits, vocab) = decoder::prefill_logits(session, io, &tokens)?;
-        sums.add(&logits[..(tokens.len() - 1) * vocab], vocab, &targets[1..]);
+        check_every_position(&logits, vocab, tokens.len())?;
+        sums.add(&logits[..(tokens.len() - 1) * vocab], vocab, &targets[1..])
+            .map_err(|e| RunError::Failed(format!("the token eval set: {e}")))?;
     }
     Ok(sums.finish())
 }
 
+/// Teacher forcing needs the logits of every position, not only the last.
+fn check_every_position(logits: &[f32], vocab: usize, tokens: usize) -> Result<(), RunError> {
+    if logits.len() != vocab * tokens {
+        return Err(RunError::Failed(format!(
+            "quality: the model returned {} logits for {tokens} tokens of a {vocab}-token vocabulary; \
+             teacher forcing needs every position's (a model that returns the last position's only \
+             cannot be scored this way)",
+            logits.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Tokens of the seeded sequence the fidelity pass compares (fewer when the model has fewer positions).
 const FIDELITY_TOKENS: usize = 128;
+
+/// What an open-loop run reports besides its windows.
+fn open_loop_json(rate: f64, s: &scenario::ServerStats) -> serde_json::Value {
+    json!({
+        "loop": "open",
+        "request_rate": rate,
+        "scheduled_rate": s.scheduled_qps,
+        "achieved_rate": s.achieved_qps,
+        "issued": s.issued,
+        "dropped": s.dropped,
+        "issue_delay_ms": {
+            "p50": s.issue_delay_p50_ms,
+            "p99": s.issue_delay_p99_ms,
+            "max": s.issue_delay_max_ms,
+        },
+        "service_p99_ms": s.service_p99_ms,
+    })
+}
 
 fn execs<'a>(
     sessions: &'a mut [Session],

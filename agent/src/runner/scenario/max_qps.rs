@@ -8,13 +8,20 @@ use fleetbench_common::config::slo_label;
 use fleetbench_common::domain::{GenerateConfig, RunConfig};
 use serde_json::json;
 
-use super::server::{ServerStats, server};
-use super::{QueryExec, check};
+use super::server::server;
+use super::{QueryExec, RequestTiming, check};
 use crate::runner::RunError;
 use crate::runner::recorder::{Recorder, TokenRecorder};
 
-/// Requests in each probe of a max-rate search.
+/// Requests a probe of a max-rate search expects at its rate (it lasts at least that long).
 pub const SLO_PROBE_REQUESTS: u64 = 12;
+
+/// An open-loop probe that completes less than this share of the rate it was offered has fallen
+/// behind (a generate request's TPOT does not show a queue; its throughput does).
+const KEEPS_UP: f64 = 0.85;
+
+/// The search never offers more than this many times the capacity estimated from unloaded queries.
+const MAX_OVER_CAPACITY: f64 = 8.0;
 
 /// What a probe of the search must meet.
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +32,17 @@ pub enum Target<'a> {
     Slo(&'a GenerateConfig),
 }
 
+/// What a search found.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The highest rate that passed.
+    pub rate: f64,
+    /// Capacity estimated from back-to-back queries.
+    pub capacity: f64,
+    /// Every probe, in order.
+    pub steps: Vec<serde_json::Value>,
+}
+
 /// Max-QPS search: the highest server QPS whose p99 meets the latency bound without drops.
 pub fn max_qps(
     execs: &mut [Box<dyn QueryExec + '_>],
@@ -32,47 +50,94 @@ pub fn max_qps(
     rec: &mut Recorder<'_>,
     cancel: &AtomicBool,
 ) -> Result<serde_json::Value, RunError> {
-    let (rate, stats, report) = search(
-        execs,
-        c,
-        rec,
-        cancel,
-        Target::LatencyBound(c.latency_bound_ms),
-    )?;
-    let mut out = stats.to_json(c.latency_bound_ms);
-    out["scenario"] = json!("max-qps");
-    out["max_qps"] = json!(rate);
-    out["capacity_estimate_qps"] = report["capacity_estimate"].clone();
-    out["search"] = report["search"].clone();
-    Ok(out)
+    let found = find_rate(execs, c, cancel, Target::LatencyBound(c.latency_bound_ms))?;
+    let stats = server(execs, &final_config(c, found.rate), found.rate, rec, cancel)?;
+    let mut report = stats.to_json(c.latency_bound_ms);
+    report["scenario"] = json!("max-qps");
+    report["max_qps"] = json!(found.rate);
+    report["capacity_estimate_qps"] = json!(found.capacity);
+    report["search"] = json!(found.steps);
+    Ok(report)
 }
 
-/// Bisection over short open-loop runs for the highest rate whose probe meets `target` without
-/// drops, then an open-loop run at that rate into `rec`. Returns the rate, the final run's figures,
-/// and the search (`capacity_estimate`, `search` steps) as JSON.
-pub fn search(
-    execs: &mut [Box<dyn QueryExec + '_>],
-    c: &RunConfig,
-    rec: &mut Recorder<'_>,
-    cancel: &AtomicBool,
-    target: Target<'_>,
-) -> Result<(f64, ServerStats, serde_json::Value), RunError> {
-    let probe_ms = if c.duration_ms > 0 {
+/// The configuration of the run at the rate a search found.
+pub fn final_config(c: &RunConfig, rate: f64) -> RunConfig {
+    let mut f = c.clone();
+    f.target_qps = rate;
+    if f.iterations == 0 && f.duration_ms == 0 && f.max_duration_ms == 0 {
+        f.duration_ms = probe_ms(c);
+    }
+    f
+}
+
+fn probe_ms(c: &RunConfig) -> u64 {
+    if c.duration_ms > 0 {
         c.duration_ms
     } else {
         1000
+    }
+}
+
+/// The longest of `timings`' TTFT, TPOT and E2E against `g`'s SLO: why even unloaded requests miss
+/// it, or None.
+fn unloaded_miss(g: &GenerateConfig, timings: &[RequestTiming]) -> Option<String> {
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let worst = |f: &dyn Fn(&RequestTiming) -> Option<f64>| {
+        timings.iter().filter_map(f).fold(0.0, f64::max)
     };
-    // Capacity estimate from back-to-back queries (a generate request is many calls: a few do).
+    let ttft = worst(&|t| t.token_ready_ns.first().map(|&v| ms(v)));
+    let e2e = worst(&|t| t.token_ready_ns.last().map(|&v| ms(v)));
+    let tpot = worst(&|t| {
+        let n = t.token_ready_ns.len();
+        (n > 1).then(|| ms(t.token_ready_ns[n - 1] - t.token_ready_ns[0]) / (n - 1) as f64)
+    });
+    [
+        ("ttft", ttft, g.slo_ttft_ms),
+        ("tpot", tpot, g.slo_tpot_ms),
+        ("e2e", e2e, g.slo_e2e_ms),
+    ]
+    .iter()
+    .find(|(_, v, bound)| *bound > 0.0 && v > bound)
+    .map(|(name, v, bound)| {
+        format!(
+            "max rate: requests alone, without load, miss the SLO: {name} {v:.3} ms > {bound} ms"
+        )
+    })
+}
+
+/// Bisection over short open-loop runs for the highest rate whose probe meets `target` without
+/// drops (and, for generate requests, keeps up with the rate it is offered). Never offers more than
+/// eight times the capacity estimate, and stops at the configuration's maximum duration with the
+/// best rate so far.
+pub fn find_rate(
+    execs: &mut [Box<dyn QueryExec + '_>],
+    c: &RunConfig,
+    cancel: &AtomicBool,
+    target: Target<'_>,
+) -> Result<Found, RunError> {
+    let started = Instant::now();
+    let deadline =
+        (c.max_duration_ms > 0).then(|| started + Duration::from_millis(c.max_duration_ms));
+    let late = || deadline.is_some_and(|d| Instant::now() >= d);
+    let probe_ms = probe_ms(c);
+    // Capacity estimate from back-to-back queries (a generate request is many calls: a few do, and
+    // they must meet the SLO on their own, or no rate can).
     let n = match target {
         Target::LatencyBound(_) => 50u64,
         Target::Slo(_) => 3,
     };
     let t = Instant::now();
+    let mut unloaded = Vec::new();
     for _ in 0..n {
         check(cancel)?;
-        execs[0].run()?;
+        unloaded.extend(execs[0].run_request()?);
     }
     let mean = t.elapsed().as_secs_f64() / n as f64;
+    if let Target::Slo(g) = target
+        && let Some(why) = unloaded_miss(g, &unloaded)
+    {
+        return Err(RunError::Failed(why));
+    }
     let capacity = execs.len() as f64 / mean.max(1e-9);
     let mut probe_cfg = c.clone();
     probe_cfg.iterations = 0;
@@ -82,18 +147,20 @@ pub fn search(
     // The job's minimums are for the final run, not for each probe.
     probe_cfg.min_duration_ms = 0;
     probe_cfg.min_queries = 0;
-    if let Target::Slo(_) = target {
-        // A generate request takes many calls: a probe is a fixed number of requests, whatever the
-        // rate, so that slow rates are judged on as many requests as fast ones.
-        probe_cfg.iterations = SLO_PROBE_REQUESTS;
-        probe_cfg.duration_ms = 0;
-    }
     let mut steps = Vec::new();
     let mut probe = |qps: f64| -> Result<bool, RunError> {
+        let mut cfg = probe_cfg.clone();
+        if let Target::Slo(_) = target {
+            // Long enough for a dozen requests at this rate, so a slow rate is judged on as many
+            // requests as a fast one, and a backlog has time to show.
+            cfg.duration_ms = cfg
+                .duration_ms
+                .max((SLO_PROBE_REQUESTS as f64 / qps * 1e3).ceil() as u64);
+        }
         let mut sink = |_: fleetbench_proto::v1::TelemetryWindow| {};
         let mut scratch = Recorder::new(
             "probe",
-            Duration::from_millis(probe_ms),
+            Duration::from_millis(cfg.duration_ms),
             0,
             1,
             None,
@@ -106,9 +173,12 @@ pub fn search(
                 g.slo_e2e_ms,
             ));
         }
-        let s = server(execs, &probe_cfg, qps, &mut scratch, cancel)?;
-        let (pass, figures) = match target {
-            Target::LatencyBound(bound) => (s.p99_ms <= bound, json!({ "p99_ms": s.p99_ms })),
+        let s = server(execs, &cfg, qps, &mut scratch, cancel)?;
+        let step = match target {
+            Target::LatencyBound(bound) => {
+                let pass = s.p99_ms <= bound && s.dropped == 0;
+                json!({ "qps": qps, "p99_ms": s.p99_ms, "dropped": s.dropped, "achieved_qps": s.achieved_qps, "pass": pass })
+            }
             Target::Slo(g) => {
                 let tokens = scratch.tokens.as_ref().expect("set above");
                 let p99 = |h: &fleetbench_common::hist::LatencyHistogram| {
@@ -116,16 +186,22 @@ pub fn search(
                 };
                 let (ttft, tpot) = (p99(&tokens.total_ttft), p99(&tokens.total_tpot));
                 let meets = |bound: f64, v: f64| bound <= 0.0 || v <= bound;
-                (
-                    meets(g.slo_ttft_ms, ttft)
-                        && meets(g.slo_tpot_ms, tpot)
-                        && meets(g.slo_e2e_ms, s.p99_ms),
-                    json!({ "ttft_p99_ms": ttft, "tpot_p99_ms": tpot, "e2e_p99_ms": s.p99_ms }),
-                )
+                let keeps_up = s.achieved_qps >= KEEPS_UP * s.scheduled_qps;
+                let pass = meets(g.slo_ttft_ms, ttft)
+                    && meets(g.slo_tpot_ms, tpot)
+                    && meets(g.slo_e2e_ms, s.p99_ms)
+                    && keeps_up
+                    && s.dropped == 0
+                    && scratch.queries > 0;
+                json!({
+                    "rate": qps, "ttft_p99_ms": ttft, "tpot_p99_ms": tpot, "e2e_p99_ms": s.p99_ms,
+                    "scheduled": s.scheduled_qps, "achieved": s.achieved_qps, "keeps_up": keeps_up,
+                    "dropped": s.dropped, "pass": pass,
+                })
             }
         };
-        let pass = pass && s.dropped == 0 && scratch.queries > 0;
-        steps.push(json!({ "rate": qps, "figures": figures, "dropped": s.dropped, "achieved": s.achieved_qps, "pass": pass }));
+        let pass = step["pass"] == true;
+        steps.push(step);
         Ok(pass)
     };
     let what = match target {
@@ -135,19 +211,19 @@ pub fn search(
     let mut lo = capacity * 0.25;
     while !probe(lo)? {
         lo /= 2.0;
-        if lo < capacity * 1e-3 || lo < 0.01 {
+        if lo < capacity * 1e-3 || late() {
             return Err(RunError::Failed(format!(
                 "max rate: even {lo:.3}/s misses {what}"
             )));
         }
     }
     let mut hi = capacity * 1.25;
-    while probe(hi)? {
+    while hi <= capacity * MAX_OVER_CAPACITY && !late() && probe(hi)? {
         lo = hi;
         hi *= 2.0;
     }
     for _ in 0..8 {
-        if hi / lo <= 1.03 {
+        if hi / lo <= 1.03 || late() {
             break;
         }
         let mid = (lo * hi).sqrt();
@@ -157,17 +233,11 @@ pub fn search(
             hi = mid;
         }
     }
-    let mut final_cfg = c.clone();
-    final_cfg.target_qps = lo;
-    if final_cfg.iterations == 0 && final_cfg.duration_ms == 0 && final_cfg.max_duration_ms == 0 {
-        final_cfg.duration_ms = probe_ms;
-    }
-    let stats = server(execs, &final_cfg, lo, rec, cancel)?;
-    Ok((
-        lo,
-        stats,
-        json!({ "capacity_estimate": capacity, "search": steps }),
-    ))
+    Ok(Found {
+        rate: lo,
+        capacity,
+        steps,
+    })
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use serde_json::json;
 use super::RunError;
 use super::recorder::Recorder;
 
-pub use max_qps::{Target, max_qps, search};
+pub use max_qps::{Found, Target, final_config, find_rate, max_qps};
 pub use offline::offline;
 pub use server::{ServerStats, poisson_schedule, server, server_run};
 pub use stop::StopRule;

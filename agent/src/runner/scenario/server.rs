@@ -138,13 +138,24 @@ pub fn server(
     let mut service = hist::new_histogram();
     rec.restart();
     let t0 = rec.t0;
+    // A generate request takes many calls: once the phase is over, requests still queued are
+    // dropped (and counted) rather than run for what could be minutes past its end.
+    let drop_queued = c.scenario == fleetbench_common::domain::Scenario::Generate;
     let failure = std::thread::scope(|s| {
         for q in execs.iter_mut() {
-            let (jobs_rx, tx, outstanding) = (jobs_rx.clone(), tx.clone(), &outstanding);
+            let (jobs_rx, tx, outstanding, stop) =
+                (jobs_rx.clone(), tx.clone(), &outstanding, &stop);
             s.spawn(move || {
                 for (scheduled, issued_at) in jobs_rx.iter() {
                     if cancel.load(Ordering::Relaxed) {
                         break;
+                    }
+                    if drop_queued && stop.load(Ordering::Relaxed) {
+                        outstanding.fetch_sub(1, Ordering::Relaxed);
+                        if tx.send(Event::Dropped).is_err() {
+                            break;
+                        }
+                        continue;
                     }
                     let event = execute(
                         q.as_mut(),
