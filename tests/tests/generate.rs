@@ -92,6 +92,21 @@ fn a_model_that_is_not_a_decoder_is_refused_naming_what_is_missing() {
 
 const OUTPUT_TOKENS: u64 = 16;
 
+/// Pushes the bundled decoder as model `tiny-llama` (its base, fp32).
+async fn push_tiny_llama(client: &fleetbench_cli::client::Client) {
+    model_cmd::push(
+        client,
+        &models("llm/tiny-llama.onnx"),
+        "tiny-llama",
+        None,
+        None,
+        None,
+        None,
+    )
+    .await
+    .expect("push the decoder");
+}
+
 fn generate_job(requests: i64) -> JobArgs {
     JobArgs {
         model: Some("tiny-llama".into()),
@@ -187,17 +202,7 @@ async fn two_agents_generate_tokens_closed_and_open_loop_judged_by_slo_and_ranke
     let _cloud =
         TestAgent::start(coord.agent("cloud-1", &["tier=cloud", "cost_per_hour=0.2"], dir.path()));
     wait_online(&client, 2).await;
-    model_cmd::push(
-        &client,
-        &models("llm/tiny-llama.onnx"),
-        "tiny-llama",
-        None,
-        None,
-        None,
-        None,
-    )
-    .await
-    .expect("push the decoder");
+    push_tiny_llama(&client).await;
     let store = fleetbench_coordinator::store::open(&coord.database)
         .await
         .unwrap();
@@ -407,17 +412,7 @@ async fn a_generate_job_the_model_cannot_run_is_refused_at_submit_naming_why() {
     let fleet = SoloFleet::start().await;
     let client = &fleet.client;
     push_digits(client).await;
-    model_cmd::push(
-        client,
-        &models("llm/tiny-llama.onnx"),
-        "tiny-llama",
-        None,
-        None,
-        None,
-        None,
-    )
-    .await
-    .unwrap();
+    push_tiny_llama(client).await;
     // Not a decoder: no input_ids (its output happens to be called logits).
     let mut j = generate_job(4);
     j.model = Some("digits".into());
@@ -465,17 +460,7 @@ async fn a_generate_job_the_model_cannot_run_is_refused_at_submit_naming_why() {
 async fn an_int4_weight_only_decoder_generates_and_reports_its_fidelity_to_the_base() {
     let fleet = SoloFleet::start().await;
     let client = &fleet.client;
-    model_cmd::push(
-        client,
-        &models("llm/tiny-llama.onnx"),
-        "tiny-llama",
-        None,
-        None,
-        None,
-        None,
-    )
-    .await
-    .unwrap();
+    push_tiny_llama(client).await;
     let args = fleetbench_cli::optimize::RecipeArgs {
         block_size: Some(32),
         ..fleetbench_cli::optimize::RecipeArgs::named("int4-weight-only")
