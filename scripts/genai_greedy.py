@@ -12,6 +12,10 @@ onnxruntime-genai pins its own onnxruntime, so it lives in its own venv:
 
     python3 -m venv .venv-genai && .venv-genai/bin/pip install onnxruntime-genai onnx
     .venv-genai/bin/python scripts/genai_greedy.py MODEL.onnx [--prompt 128] [--output 64] [--threads 1] [--runs 5]
+    .venv-genai/bin/python scripts/genai_greedy.py MODEL.onnx --serve [...]
+
+--serve works as in ort_greedy.py: one line naming the versions once loaded (and checked), then one run
+per line read from stdin, its figures printed on one line.
 
 Exits non-zero with one line saying why when onnxruntime-genai is missing, cannot load the model, or
 does not reproduce the reference tokens.
@@ -90,8 +94,16 @@ def generate(model, prompt, n):
     return tokens, ready
 
 
+def figures(ready, output):
+    """TTFT, TPOT (ms) and tokens/s of one run from the seconds at which each token was ready."""
+    ttft, e2e = ready[0] * 1e3, ready[-1] * 1e3
+    return {"ttft_ms": ttft, "tpot_ms": (e2e - ttft) / max(1, output - 1),
+            "tokens_per_s": output / (e2e / 1e3)}
+
+
 def measure(model, path, d, a):
-    """Checks the reference tokens beside the model, if any, then prints the timed runs."""
+    """Checks the reference tokens beside the model, if any, then prints the timed runs (or serves
+    them one per stdin line)."""
     ref = os.path.splitext(path)[0] + ".json"
     if os.path.exists(ref):
         with open(ref) as f:
@@ -102,18 +114,25 @@ def measure(model, path, d, a):
                  f"expected {want['greedy']}")
     prompt = [(i * 7919 + 13) % d["vocab"] for i in range(a.prompt)]
     import onnxruntime
-    result = {"genai_version": f"{og.__version__} (onnxruntime {onnxruntime.__version__})",
-              "ttft_ms": [], "tpot_ms": [], "tokens_per_s": []}
-    for run in range(a.runs + 1):
+
+    def run():
         tokens, ready = generate(model, prompt, a.output)
         if len(tokens) != a.output:
             fail(f"generated {len(tokens)} tokens, not {a.output}")
-        if run == 0:
-            continue
-        ttft, e2e = ready[0] * 1e3, ready[-1] * 1e3
-        result["ttft_ms"].append(ttft)
-        result["tpot_ms"].append((e2e - ttft) / max(1, a.output - 1))
-        result["tokens_per_s"].append(a.output / (e2e / 1e3))
+        return figures(ready, a.output)
+
+    version = f"{og.__version__} (onnxruntime {onnxruntime.__version__})"
+    if a.serve:
+        print(json.dumps({"genai_version": version}), flush=True)
+        for _ in sys.stdin:
+            print(json.dumps(run()), flush=True)
+        return
+    result = {"genai_version": version, "ttft_ms": [], "tpot_ms": [], "tokens_per_s": []}
+    for i in range(a.runs + 1):
+        r = run()
+        if i > 0:  # the first run warms up
+            for k, v in r.items():
+                result[k].append(v)
     print(json.dumps(result))
 
 
@@ -124,6 +143,7 @@ def main():
     ap.add_argument("--output", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--serve", action="store_true")
     a = ap.parse_args()
     path = os.path.abspath(a.model)
     try:

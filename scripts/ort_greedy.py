@@ -4,13 +4,26 @@ call's past (as numpy arrays, the way Python users write it). Prints TTFT, TPOT 
 run as JSON.
 
     python scripts/ort_greedy.py MODEL.onnx [--prompt 128] [--output 64] [--threads 1] [--runs 5]
+    python scripts/ort_greedy.py MODEL.onnx --serve [--prompt 128] [--output 64] [--threads 1]
+
+With --serve it loads the model, prints {"onnxruntime_version": ...} on one line, then runs once per
+line read from stdin and prints that run's {"ttft_ms", "tpot_ms", "tokens_per_s"} on one line, so a
+benchmark can interleave its runs with other implementations' (machine drift then hits all alike).
 """
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
 import onnxruntime as ort
+
+
+def figures(ready, output):
+    """TTFT, TPOT (ms) and tokens/s of one run from the seconds at which each token was ready."""
+    ttft, e2e = ready[0] * 1e3, ready[-1] * 1e3
+    return {"ttft_ms": ttft, "tpot_ms": (e2e - ttft) / max(1, output - 1),
+            "tokens_per_s": output / (e2e / 1e3)}
 
 
 def main():
@@ -20,6 +33,7 @@ def main():
     ap.add_argument("--output", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--serve", action="store_true")
     a = ap.parse_args()
     so = ort.SessionOptions()
     so.intra_op_num_threads = a.threads
@@ -29,8 +43,8 @@ def main():
     outputs = [o.name for o in sess.get_outputs()]
     vocab = sess.get_outputs()[0].shape[-1]
     prompt = [(i * 7919 + 13) % vocab for i in range(a.prompt)]
-    result = {"onnxruntime_version": ort.__version__, "ttft_ms": [], "tpot_ms": [], "tokens_per_s": []}
-    for run in range(a.runs + 1):
+
+    def run():
         start = time.perf_counter()
         ready = []
         ids = list(prompt)
@@ -50,12 +64,19 @@ def main():
             ids.append(token)
             fresh = [token]
             past = {n: out[n.replace("past_key_values.", "present.")] for n in past}
-        if run == 0:
-            continue
-        ttft, e2e = ready[0] * 1e3, ready[-1] * 1e3
-        result["ttft_ms"].append(ttft)
-        result["tpot_ms"].append((e2e - ttft) / max(1, a.output - 1))
-        result["tokens_per_s"].append(a.output / (e2e / 1e3))
+        return figures(ready, a.output)
+
+    if a.serve:
+        print(json.dumps({"onnxruntime_version": ort.__version__}), flush=True)
+        for _ in sys.stdin:
+            print(json.dumps(run()), flush=True)
+        return
+    result = {"onnxruntime_version": ort.__version__, "ttft_ms": [], "tpot_ms": [], "tokens_per_s": []}
+    for i in range(a.runs + 1):
+        r = run()
+        if i > 0:  # the first run warms up
+            for k, v in r.items():
+                result[k].append(v)
     print(json.dumps(result))
 
 

@@ -270,6 +270,9 @@ pub struct Generation {
     pub tokens: Vec<i64>,
     /// Nanoseconds from the start of the prefill call to each new token (the first is TTFT).
     pub token_ready_ns: Vec<u64>,
+    /// Nanoseconds spent inside ONNX Runtime's Run calls of the decode steps (every call after the
+    /// prefill), shared by every row of a batch: the rest of each step is the loop's own overhead.
+    pub decode_run_ns: u64,
 }
 
 fn ints(ty: TensorElementType, shape: Vec<i64>, v: Vec<i64>) -> Result<DynValue> {
@@ -527,6 +530,7 @@ fn generate_rows(
     let b = rows as i64;
     let mut past: Vec<Option<DynValue>> = Vec::new();
     let mut out = vec![Generation::default(); rows];
+    let mut decode_run_ns = 0u64;
     let start = Instant::now();
     for step in 0..steps {
         // The columns this call reads: the prompts first, then the one new token (or everything,
@@ -584,7 +588,11 @@ fn generate_rows(
             };
             inputs.push(v.into());
         }
+        let called = Instant::now();
         let mut outputs = session.run(inputs.as_slice())?;
+        if step > 0 {
+            decode_run_ns += called.elapsed().as_nanos() as u64;
+        }
         let names: Vec<String> = outputs.keys().map(str::to_string).collect();
         if step == 0
             && let Some(sink) = prefill.as_deref_mut()
@@ -611,6 +619,9 @@ fn generate_rows(
                 .map(|i| outputs.remove(&names[i]))
                 .collect();
         }
+    }
+    for g in &mut out {
+        g.decode_run_ns = decode_run_ns;
     }
     Ok(out)
 }

@@ -1,10 +1,16 @@
 //! Decoding speed of fleetbench's generation loop (the runtime's `decoder::generate`: prefill, then one
 //! call per token with the present KV tensors moved into the next call's past) beside a plain Python
 //! onnxruntime greedy loop on the same model, prompt, output length and threads, pinned to the same
-//! cores. Median of `--runs` runs after one warm-up run each.
+//! cores. Each implementation is a process of its own (this binary with `--serve` for fleetbench's
+//! loop), started under `taskset` and driven alike; they take turns run by run, so the machine's drift
+//! in speed hits them all alike. Median of `--runs` runs after one warm-up run each, and each peer's
+//! tokens/s against fleetbench's as the median of the per-round ratios with a distribution-free 95 %
+//! interval. It also prints fleetbench's own time per output token outside ONNX Runtime's Run.
 //!
 //!     cargo bench -p fleetbench-tests --bench generate -- [--size tiny|gpt2-small] [--prompt 128]
-//!         [--output 64] [--threads 1] [--runs 5] [--cpus 0]
+//!         [--output 64] [--threads 1] [--runs 10] [--cpus 0] [--alone]
+//!
+//! `--alone` times fleetbench's loop without the peers (to profile it).
 //!
 //! `--size gpt2-small` writes the GPT-2-small-shaped decoder (`models/make_llm.py`, seeded random
 //! weights, ~500 MB, git-ignored) on first use; `--model PATH` benchmarks another decoder file (an
@@ -13,8 +19,9 @@
 //! `scripts/genai_greedy.py` writes its genai_config.json); its wheel brings its own ONNX Runtime,
 //! whose version the table names.
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, ChildStdout, Command, Stdio};
 
 use fleetbench_runtime::decoder::{DecoderIo, generate};
 
@@ -44,6 +51,25 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A distribution-free interval for the median of `v` with at least 95 % coverage: the order statistics
+/// x(k) and x(n+1-k) for the largest k with P(Binomial(n, 1/2) <= k - 1) <= 2.5 % (the whole range
+/// when n is too small for that).
+fn median_interval(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let pmf = |i: usize| -> f64 {
+        let ln_choose: f64 = (1..=i).map(|j| ((n + 1 - j) as f64 / j as f64).ln()).sum();
+        (ln_choose - n as f64 * std::f64::consts::LN_2).exp()
+    };
+    // P(Binomial <= k - 1) for the current k.
+    let (mut k, mut cdf) = (1, pmf(0));
+    while k < n / 2 && cdf + pmf(k) <= 0.025 {
+        cdf += pmf(k);
+        k += 1;
+    }
+    (v[k - 1], v[n - k])
+}
+
 /// TTFT (ms), TPOT (ms) and output tokens/s of one request.
 fn figures(token_ready_ns: &[u64]) -> (f64, f64, f64) {
     let ttft = token_ready_ns[0] as f64 / 1e6;
@@ -57,27 +83,16 @@ fn figures(token_ready_ns: &[u64]) -> (f64, f64, f64) {
     (ttft, tpot, n as f64 / (e2e / 1e3))
 }
 
-fn pin(cpus: &str) {
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for c in cpus.split(',') {
-        let c: usize = c
-            .trim()
-            .parse()
-            .expect("--cpus: a comma-separated list of CPU numbers");
-        unsafe { libc::CPU_SET(c, &mut set) };
-    }
-    // SAFETY: a valid cpu_set_t for this thread (pid 0), before ONNX Runtime starts its threads.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-    assert_eq!(rc, 0, "sched_setaffinity");
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--serve") {
+        return serve(&args);
+    }
     let size = arg(&args, "--size", "tiny");
     let prompt_len: usize = arg(&args, "--prompt", "128").parse().unwrap();
     let output: usize = arg(&args, "--output", "64").parse().unwrap();
     let threads: usize = arg(&args, "--threads", "1").parse().unwrap();
-    let runs: usize = arg(&args, "--runs", "5").parse().unwrap();
+    let runs: usize = arg(&args, "--runs", "10").parse().unwrap();
     let cpus = arg(&args, "--cpus", "0");
     let model = match (arg(&args, "--model", ""), size.as_str()) {
         (m, _) if !m.is_empty() => PathBuf::from(m),
@@ -93,7 +108,117 @@ fn main() {
             .expect("run models/make_llm.py");
         assert!(ok.success(), "models/make_llm.py --size {size} failed");
     }
-    pin(&cpus);
+    let flags: Vec<String> = vec![
+        model.to_string_lossy().into_owned(),
+        "--prompt".into(),
+        prompt_len.to_string(),
+        "--output".into(),
+        output.to_string(),
+        "--threads".into(),
+        threads.to_string(),
+        "--serve".into(),
+    ];
+    let script = |name: &str| repo().join("scripts").join(name);
+    // Every implementation is a process of its own, pinned to the same cores and driven alike.
+    let exe = std::env::current_exe().unwrap();
+    let ours = Peer::spawn(&exe, &[], &flags, &cpus).expect("fleetbench's loop runs");
+    let mut peers = vec![ours];
+    let alone = args.iter().any(|a| a == "--alone");
+    if !alone {
+        peers.push(
+            Peer::spawn(&python(), &[script("ort_greedy.py")], &flags, &cpus)
+                .expect("the onnxruntime Python loop runs"),
+        );
+    }
+    let genai_python = repo().join(".venv-genai/bin/python");
+    if !alone
+        && genai_python.exists()
+        && let Some(p) = Peer::spawn(&genai_python, &[script("genai_greedy.py")], &flags, &cpus)
+    {
+        peers.push(p);
+    }
+    // Round r runs every implementation once, starting one further along each round, so drift in
+    // the machine's speed hits them all alike; round 0 warms up.
+    let n = peers.len();
+    let mut figures_of: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); n];
+    // fleetbench's TPOT less its time inside ONNX Runtime's Run, per output token (ms).
+    let mut outside_run = Vec::new();
+    for round in 0..=runs {
+        for k in 0..n {
+            let which = (round + k) % n;
+            let v = peers[which].run();
+            let f = |k: &str| v[k].as_f64().unwrap();
+            if round > 0 {
+                figures_of[which].push((f("ttft_ms"), f("tpot_ms"), f("tokens_per_s")));
+                if let Some(o) = v["outside_run_ms"].as_f64() {
+                    outside_run.push(o);
+                }
+            }
+        }
+    }
+    let hello = &peers[0].hello;
+    println!(
+        "{} ({} layers, KV {} B/token), prompt {prompt_len}, output {output}, {threads} thread(s) on CPU {cpus}, median of {runs} interleaved runs after a warm-up",
+        model.file_name().unwrap().to_string_lossy(),
+        hello["layers"],
+        hello["kv_bytes_per_token"]
+    );
+    println!(
+        "{:<46} {:>10} {:>10} {:>10}",
+        "", "TTFT ms", "TPOT ms", "tokens/s"
+    );
+    let medians: Vec<(f64, f64, f64)> = figures_of
+        .iter()
+        .map(|f| {
+            (
+                median(f.iter().map(|x| x.0).collect()),
+                median(f.iter().map(|x| x.1).collect()),
+                median(f.iter().map(|x| x.2).collect()),
+            )
+        })
+        .collect();
+    for (p, m) in peers.iter().zip(&medians) {
+        println!("{:<46} {:>10.2} {:>10.3} {:>10.1}", p.name, m.0, m.1, m.2);
+    }
+    if !outside_run.is_empty() {
+        let o = median(outside_run);
+        println!(
+            "fleetbench's loop outside ONNX Runtime's Run: {o:.3} ms per output token ({:.2} % of its TPOT)",
+            o / medians[0].1 * 100.0
+        );
+    }
+    // Paired by round: the same stretch of machine time for both, so drift cancels.
+    for k in 1..n {
+        let ratios: Vec<f64> = figures_of[0]
+            .iter()
+            .zip(&figures_of[k])
+            .map(|(a, b)| (a.2 / b.2 - 1.0) * 100.0)
+            .collect();
+        let (lo, hi) = median_interval(ratios.clone());
+        println!(
+            "fleetbench vs {}: {:+.1} % tokens/s (median of {} paired runs; 95 % interval {:+.1} to {:+.1} %)",
+            peers[k].name,
+            median(ratios.clone()),
+            ratios.len(),
+            lo,
+            hi
+        );
+    }
+    if !alone && n < 3 {
+        println!(
+            "(onnxruntime-genai not compared: no .venv-genai with it, or it could not load the model)"
+        );
+    }
+}
+
+/// `--serve MODEL`: fleetbench's side as a process like the Python peers (see scripts/ort_greedy.py):
+/// one line naming it once the model is loaded, then one greedy run per stdin line, its figures on
+/// one line.
+fn serve(args: &[String]) {
+    let model = &args[1];
+    let prompt_len: usize = arg(args, "--prompt", "128").parse().unwrap();
+    let output: usize = arg(args, "--output", "64").parse().unwrap();
+    let threads: usize = arg(args, "--threads", "1").parse().unwrap();
     let rt = fleetbench_runtime::load(None)
         .expect("load ONNX Runtime (run `eval \"$(scripts/dev.sh env)\"`)");
     let mut session = ort::session::Session::builder(&rt.env)
@@ -102,120 +227,88 @@ fn main() {
         .unwrap()
         .with_inter_threads(1)
         .unwrap()
-        .commit_from_file(&model)
+        .commit_from_file(model)
         .unwrap();
     let io = DecoderIo::detect(&session).unwrap();
     let vocab = io.vocab.unwrap_or(512);
     let prompt: Vec<i64> = (0..prompt_len as i64)
         .map(|i| (i * 7919 + 13) % vocab)
         .collect();
-    let mut ours = (Vec::new(), Vec::new(), Vec::new());
-    for run in 0..=runs {
+    println!(
+        "{}",
+        serde_json::json!({
+            "name": format!("fleetbench (onnxruntime {})", rt.version),
+            "layers": io.layers(),
+            "kv_bytes_per_token": io.kv_bytes_per_token(),
+        })
+    );
+    for _ in std::io::stdin().lines() {
         let g = generate(&mut session, &io, &prompt, output).unwrap();
         assert_eq!(g.tokens.len(), output);
-        if run > 0 {
-            let (a, b, c) = figures(&g.token_ready_ns);
-            ours.0.push(a);
-            ours.1.push(b);
-            ours.2.push(c);
-        }
+        let (ttft, tpot, tps) = figures(&g.token_ready_ns);
+        let outside =
+            (output > 1).then(|| tpot - g.decode_run_ns as f64 / 1e6 / (output - 1) as f64);
+        println!(
+            "{}",
+            serde_json::json!({"ttft_ms": ttft, "tpot_ms": tpot, "tokens_per_s": tps,
+                               "outside_run_ms": outside})
+        );
     }
-    drop(session);
-    // The Python loops, pinned to the same cores.
-    let peer = |python: &Path, script: &str| -> Option<serde_json::Value> {
-        let out = Command::new("taskset")
-            .args(["-c", &cpus])
-            .arg(python)
-            .arg(repo().join("scripts").join(script))
-            .arg(&model)
-            .args([
-                "--prompt",
-                &prompt_len.to_string(),
-                "--output",
-                &output.to_string(),
-            ])
-            .args([
-                "--threads",
-                &threads.to_string(),
-                "--runs",
-                &runs.to_string(),
-            ])
-            .output()
-            .unwrap_or_else(|e| panic!("run scripts/{script}: {e}"));
-        if !out.status.success() {
-            eprintln!(
-                "scripts/{script}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+}
+
+/// One implementation in a process of its own, pinned to the benchmark's cores, that runs once per
+/// request (`--serve`).
+struct Peer {
+    name: String,
+    hello: serde_json::Value,
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Peer {
+    /// Starts `program` with `pre` then `flags` under taskset; `None` when it exits before saying
+    /// hello (it says why on stderr).
+    fn spawn(program: &Path, pre: &[PathBuf], flags: &[String], cpus: &str) -> Option<Peer> {
+        let mut child = Command::new("taskset")
+            .args(["-c", cpus])
+            .arg(program)
+            .args(pre)
+            .args(flags)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let Ok(hello) = serde_json::from_str::<serde_json::Value>(&line) else {
+            let _ = child.wait();
             return None;
-        }
-        Some(serde_json::from_slice(&out.stdout).expect("its JSON"))
-    };
-    let py = peer(&python(), "ort_greedy.py").expect("the onnxruntime Python loop runs");
-    let genai_python = repo().join(".venv-genai/bin/python");
-    let genai = genai_python
-        .exists()
-        .then(|| peer(&genai_python, "genai_greedy.py"))
-        .flatten();
-    let col = |v: &serde_json::Value, k: &str| -> Vec<f64> {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect()
-    };
-    println!(
-        "{} ({} layers, KV {} B/token), prompt {prompt_len}, output {output}, {threads} thread(s) on CPU {cpus}, median of {runs} runs after a warm-up",
-        model.file_name().unwrap().to_string_lossy(),
-        io.layers(),
-        io.kv_bytes_per_token()
-    );
-    println!(
-        "{:<28} {:>10} {:>10} {:>12}",
-        "", "TTFT ms", "TPOT ms", "tokens/s"
-    );
-    println!(
-        "{:<28} {:>10.2} {:>10.3} {:>12.1}",
-        format!("fleetbench (onnxruntime {})", rt.version),
-        median(ours.0.clone()),
-        median(ours.1.clone()),
-        median(ours.2.clone())
-    );
-    let mut peers = vec![(
-        format!(
-            "onnxruntime {} Python loop",
-            py["onnxruntime_version"].as_str().unwrap_or("?")
-        ),
-        &py,
-    )];
-    if let Some(g) = &genai {
-        peers.push((
+        };
+        let name = if let Some(v) = hello["name"].as_str() {
+            v.to_string()
+        } else if let Some(v) = hello["onnxruntime_version"].as_str() {
+            format!("onnxruntime {v} Python loop")
+        } else {
             format!(
                 "onnxruntime-genai {}",
-                g["genai_version"].as_str().unwrap_or("?")
-            ),
-            g,
-        ));
-    }
-    for (name, v) in &peers {
-        println!(
-            "{:<28} {:>10.2} {:>10.3} {:>12.1}",
+                hello["genai_version"].as_str().unwrap_or("?")
+            )
+        };
+        Some(Peer {
             name,
-            median(col(v, "ttft_ms")),
-            median(col(v, "tpot_ms")),
-            median(col(v, "tokens_per_s"))
-        );
+            hello,
+            child,
+            stdout,
+        })
     }
-    let ours = median(ours.2);
-    for (name, v) in &peers {
-        println!(
-            "fleetbench vs {name}: {:+.1} % tokens/s",
-            (ours / median(col(v, "tokens_per_s")) - 1.0) * 100.0
-        );
-    }
-    if genai.is_none() {
-        println!(
-            "(onnxruntime-genai not compared: no .venv-genai with it, or it could not load the model)"
-        );
+
+    /// The figures of one run, as the implementation printed them.
+    fn run(&mut self) -> serde_json::Value {
+        writeln!(self.child.stdin.as_mut().unwrap(), "run").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line)
+            .unwrap_or_else(|_| panic!("{} failed a run (its stderr says why)", self.name))
     }
 }

@@ -48,6 +48,13 @@ fn the_bundled_decoder_generates_what_onnxruntime_in_python_generated() {
     assert_eq!(g.tokens, expected);
     assert_eq!(g.token_ready_ns.len(), expected.len());
     assert!(g.token_ready_ns.windows(2).all(|w| w[0] < w[1]));
+    // The decode steps' time inside Run: some, and less than the time from the first token to the last.
+    let decoding = g.token_ready_ns.last().unwrap() - g.token_ready_ns[0];
+    assert!(
+        g.decode_run_ns > 0 && g.decode_run_ns < decoding,
+        "{} of {decoding}",
+        g.decode_run_ns
+    );
     // Beyond the model's positions: refused, naming both lengths.
     let max = io.max_positions.unwrap() as usize;
     let e = generate(&mut s, &io, &prompt, max).unwrap_err().to_string();
