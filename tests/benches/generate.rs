@@ -2,13 +2,15 @@
 //! call per token with the present KV tensors moved into the next call's past) beside a plain Python
 //! onnxruntime greedy loop on the same model, prompt, output length and threads, pinned to the same
 //! cores. Each implementation is a process of its own (this binary with `--serve` for fleetbench's
-//! loop), started under `taskset` and driven alike; they take turns run by run, so the machine's drift
-//! in speed hits them all alike. Median of `--runs` runs after one warm-up run each, and each peer's
-//! tokens/s against fleetbench's as the median of the per-round ratios with a distribution-free 95 %
-//! interval. It also prints fleetbench's own time per output token outside ONNX Runtime's Run.
+//! loop), started under `taskset` and driven alike; they take turns run by run, each round in the next
+//! of all orders (12 runs cycle the six orders of three twice), with the core left idle between runs,
+//! so the machine's drift in speed and one run's after-effects hit them all alike. Median of `--runs`
+//! runs after one warm-up run each, and each peer's tokens/s against fleetbench's as the median of the
+//! per-round ratios with a distribution-free 95 % interval. It also prints fleetbench's own time per
+//! output token outside ONNX Runtime's Run.
 //!
 //!     cargo bench -p fleetbench-tests --bench generate -- [--size tiny|gpt2-small] [--prompt 128]
-//!         [--output 64] [--threads 1] [--runs 10] [--cpus 0] [--alone]
+//!         [--output 64] [--threads 1] [--runs 12] [--cpus 0] [--alone]
 //!
 //! `--alone` times fleetbench's loop without the peers (to profile it).
 //!
@@ -49,6 +51,22 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// Every order of 0..n, lexicographically.
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![Vec::new()];
+    }
+    let mut out = Vec::new();
+    for first in 0..n {
+        for rest in permutations(n - 1) {
+            let mut p = vec![first];
+            p.extend(rest.into_iter().map(|x| if x >= first { x + 1 } else { x }));
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// A distribution-free interval for the median of `v` with at least 95 % coverage: the order statistics
@@ -92,7 +110,7 @@ fn main() {
     let prompt_len: usize = arg(&args, "--prompt", "128").parse().unwrap();
     let output: usize = arg(&args, "--output", "64").parse().unwrap();
     let threads: usize = arg(&args, "--threads", "1").parse().unwrap();
-    let runs: usize = arg(&args, "--runs", "10").parse().unwrap();
+    let runs: usize = arg(&args, "--runs", "12").parse().unwrap();
     let cpus = arg(&args, "--cpus", "0");
     let model = match (arg(&args, "--model", ""), size.as_str()) {
         (m, _) if !m.is_empty() => PathBuf::from(m),
@@ -137,15 +155,16 @@ fn main() {
     {
         peers.push(p);
     }
-    // Round r runs every implementation once, starting one further along each round, so drift in
-    // the machine's speed hits them all alike; round 0 warms up.
+    // Round r runs every implementation once, in the order of the r-th of all orders (cycling), so
+    // each follows each other equally often and drift in the machine's speed hits them all alike;
+    // round 0 warms up.
     let n = peers.len();
+    let orders = permutations(n);
     let mut figures_of: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); n];
     // fleetbench's TPOT less its time inside ONNX Runtime's Run, per output token (ms).
     let mut outside_run = Vec::new();
     for round in 0..=runs {
-        for k in 0..n {
-            let which = (round + k) % n;
+        for &which in &orders[round % orders.len()] {
             let v = peers[which].run();
             let f = |k: &str| v[k].as_f64().unwrap();
             if round > 0 {
@@ -180,6 +199,7 @@ fn main() {
     for (p, m) in peers.iter().zip(&medians) {
         println!("{:<46} {:>10.2} {:>10.3} {:>10.1}", p.name, m.0, m.1, m.2);
     }
+
     if !outside_run.is_empty() {
         let o = median(outside_run);
         println!(
@@ -303,12 +323,35 @@ impl Peer {
         })
     }
 
-    /// The figures of one run, as the implementation printed them.
+    /// The figures of one run, as the implementation printed them. Returns once the process has used
+    /// no CPU for 20 ms: work done after replying (freeing buffers, by the process or by the kernel
+    /// on its behalf) would otherwise share the pinned core with the next implementation's run. In
+    /// measurements without this pause, whichever implementation followed onnxruntime-genai ran
+    /// 4-6 % slower.
     fn run(&mut self) -> serde_json::Value {
         writeln!(self.child.stdin.as_mut().unwrap(), "run").unwrap();
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
+        let mut last = self.cpu_ms();
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let now = self.cpu_ms();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
         serde_json::from_str(&line)
             .unwrap_or_else(|_| panic!("{} failed a run (its stderr says why)", self.name))
+    }
+
+    /// The process's user and system CPU time so far, in ms (all its threads).
+    fn cpu_ms(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name (which may hold spaces) start at its closing parenthesis.
+        let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let ticks: f64 = rest[11].parse::<f64>().unwrap() + rest[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        ticks * 1e3 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
     }
 }
