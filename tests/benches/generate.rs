@@ -2,15 +2,17 @@
 //! call per token with the present KV tensors moved into the next call's past) beside a plain Python
 //! onnxruntime greedy loop on the same model, prompt, output length and threads, pinned to the same
 //! cores. Each implementation is a process of its own (this binary with `--serve` for fleetbench's
-//! loop), started under `taskset` and driven alike; they take turns run by run, each round in the next
-//! of all orders (12 runs cycle the six orders of three twice), with the core left idle between runs,
-//! so the machine's drift in speed and one run's after-effects hit them all alike. Median of `--runs`
-//! runs after one warm-up run each, and each peer's tokens/s against fleetbench's as the median of the
-//! per-round ratios with a distribution-free 95 % interval. It also prints fleetbench's own time per
+//! loop), started under `taskset` and driven alike. They take turns run by run, each round in the next
+//! of all orders, with the core left idle between runs, so the machine's drift in speed and one run's
+//! after-effects hit them all alike. Where a process's memory lands moves its speed by a few percent
+//! for its whole life, so `--processes` sets of fresh processes each do `--runs` rounds after a
+//! warm-up round (the defaults, 4 and 6, cycle the six orders of three implementations once per set).
+//! The table holds the medians over all runs; each peer's tokens/s against fleetbench's is the median
+//! per set of the per-round ratios, and the median of those. It also prints fleetbench's own time per
 //! output token outside ONNX Runtime's Run.
 //!
 //!     cargo bench -p fleetbench-tests --bench generate -- [--size tiny|gpt2-small] [--prompt 128]
-//!         [--output 64] [--threads 1] [--runs 12] [--cpus 0] [--alone]
+//!         [--output 64] [--threads 1] [--runs 6] [--processes 4] [--cpus 0] [--alone]
 //!
 //! `--alone` times fleetbench's loop without the peers (to profile it).
 //!
@@ -69,25 +71,6 @@ fn permutations(n: usize) -> Vec<Vec<usize>> {
     out
 }
 
-/// A distribution-free interval for the median of `v` with at least 95 % coverage: the order statistics
-/// x(k) and x(n+1-k) for the largest k with P(Binomial(n, 1/2) <= k - 1) <= 2.5 % (the whole range
-/// when n is too small for that).
-fn median_interval(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let pmf = |i: usize| -> f64 {
-        let ln_choose: f64 = (1..=i).map(|j| ((n + 1 - j) as f64 / j as f64).ln()).sum();
-        (ln_choose - n as f64 * std::f64::consts::LN_2).exp()
-    };
-    // P(Binomial <= k - 1) for the current k.
-    let (mut k, mut cdf) = (1, pmf(0));
-    while k < n / 2 && cdf + pmf(k) <= 0.025 {
-        cdf += pmf(k);
-        k += 1;
-    }
-    (v[k - 1], v[n - k])
-}
-
 /// TTFT (ms), TPOT (ms) and output tokens/s of one request.
 fn figures(token_ready_ns: &[u64]) -> (f64, f64, f64) {
     let ttft = token_ready_ns[0] as f64 / 1e6;
@@ -110,7 +93,8 @@ fn main() {
     let prompt_len: usize = arg(&args, "--prompt", "128").parse().unwrap();
     let output: usize = arg(&args, "--output", "64").parse().unwrap();
     let threads: usize = arg(&args, "--threads", "1").parse().unwrap();
-    let runs: usize = arg(&args, "--runs", "12").parse().unwrap();
+    let runs: usize = arg(&args, "--runs", "6").parse().unwrap();
+    let processes: usize = arg(&args, "--processes", "4").parse().unwrap();
     let cpus = arg(&args, "--cpus", "0");
     let model = match (arg(&args, "--model", ""), size.as_str()) {
         (m, _) if !m.is_empty() => PathBuf::from(m),
@@ -137,48 +121,74 @@ fn main() {
         "--serve".into(),
     ];
     let script = |name: &str| repo().join("scripts").join(name);
-    // Every implementation is a process of its own, pinned to the same cores and driven alike.
     let exe = std::env::current_exe().unwrap();
-    let ours = Peer::spawn(&exe, &[], &flags, &cpus).expect("fleetbench's loop runs");
-    let mut peers = vec![ours];
     let alone = args.iter().any(|a| a == "--alone");
-    if !alone {
-        peers.push(
-            Peer::spawn(&python(), &[script("ort_greedy.py")], &flags, &cpus)
-                .expect("the onnxruntime Python loop runs"),
-        );
-    }
     let genai_python = repo().join(".venv-genai/bin/python");
-    if !alone
-        && genai_python.exists()
-        && let Some(p) = Peer::spawn(&genai_python, &[script("genai_greedy.py")], &flags, &cpus)
-    {
-        peers.push(p);
-    }
-    // Round r runs every implementation once, in the order of the r-th of all orders (cycling), so
-    // each follows each other equally often and drift in the machine's speed hits them all alike;
-    // round 0 warms up.
-    let n = peers.len();
-    let orders = permutations(n);
-    let mut figures_of: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); n];
+    // Every implementation is a process of its own, pinned to the same cores and driven alike. Where
+    // a process's memory lands moves its speed by a few percent for as long as it lives, so the
+    // process is the unit of the comparison: each of `--processes` sets starts every implementation
+    // afresh.
+    let start_set = || {
+        let mut peers =
+            vec![Peer::spawn(&exe, &[], &flags, &cpus).expect("fleetbench's loop runs")];
+        if !alone {
+            peers.push(
+                Peer::spawn(&python(), &[script("ort_greedy.py")], &flags, &cpus)
+                    .expect("the onnxruntime Python loop runs"),
+            );
+        }
+        if !alone
+            && genai_python.exists()
+            && let Some(p) = Peer::spawn(&genai_python, &[script("genai_greedy.py")], &flags, &cpus)
+        {
+            peers.push(p);
+        }
+        peers
+    };
+    let mut peers = Vec::new();
+    let mut figures_of: Vec<Vec<(f64, f64, f64)>> = Vec::new();
+    // Per process set, each peer's tokens/s against fleetbench's, paired by round (%).
+    let mut set_ratios: Vec<Vec<f64>> = Vec::new();
     // fleetbench's TPOT less its time inside ONNX Runtime's Run, per output token (ms).
     let mut outside_run = Vec::new();
-    for round in 0..=runs {
-        for &which in &orders[round % orders.len()] {
-            let v = peers[which].run();
-            let f = |k: &str| v[k].as_f64().unwrap();
-            if round > 0 {
-                figures_of[which].push((f("ttft_ms"), f("tpot_ms"), f("tokens_per_s")));
-                if let Some(o) = v["outside_run_ms"].as_f64() {
-                    outside_run.push(o);
+    for _ in 0..processes {
+        drop(peers);
+        peers = start_set();
+        let n = peers.len();
+        figures_of.resize(n, Vec::new());
+        set_ratios.resize(n, Vec::new());
+        let from = figures_of[0].len();
+        // Round r runs every implementation once, in the r-th of all orders (cycling), so each
+        // follows each other equally often and drift in the machine's speed hits them all alike;
+        // round 0 warms up.
+        let orders = permutations(n);
+        for round in 0..=runs {
+            for &which in &orders[round % orders.len()] {
+                let v = peers[which].run();
+                let f = |k: &str| v[k].as_f64().unwrap();
+                if round > 0 {
+                    figures_of[which].push((f("ttft_ms"), f("tpot_ms"), f("tokens_per_s")));
+                    if let Some(o) = v["outside_run_ms"].as_f64() {
+                        outside_run.push(o);
+                    }
                 }
             }
         }
+        for k in 1..n {
+            let ratios: Vec<f64> = figures_of[0][from..]
+                .iter()
+                .zip(&figures_of[k][from..])
+                .map(|(a, b)| (a.2 / b.2 - 1.0) * 100.0)
+                .collect();
+            set_ratios[k].push(median(ratios));
+        }
     }
+    let n = peers.len();
     let hello = &peers[0].hello;
     println!(
-        "{} ({} layers, KV {} B/token), prompt {prompt_len}, output {output}, {threads} thread(s) on CPU {cpus}, median of {runs} interleaved runs after a warm-up",
+        "{} ({} layers, KV {} B/token), prompt {prompt_len}, output {output}, {threads} thread(s) on CPU {cpus}, median of {} interleaved runs ({processes} process sets of {runs} after a warm-up)",
         model.file_name().unwrap().to_string_lossy(),
+        processes * runs,
         hello["layers"],
         hello["kv_bytes_per_token"]
     );
@@ -207,21 +217,15 @@ fn main() {
             o / medians[0].1 * 100.0
         );
     }
-    // Paired by round: the same stretch of machine time for both, so drift cancels.
+    // Paired by round within a process set (the same stretch of machine time, so drift cancels); one
+    // median per set, then the median over sets.
     for k in 1..n {
-        let ratios: Vec<f64> = figures_of[0]
-            .iter()
-            .zip(&figures_of[k])
-            .map(|(a, b)| (a.2 / b.2 - 1.0) * 100.0)
-            .collect();
-        let (lo, hi) = median_interval(ratios.clone());
+        let per_set: Vec<String> = set_ratios[k].iter().map(|r| format!("{r:+.1}")).collect();
         println!(
-            "fleetbench vs {}: {:+.1} % tokens/s (median of {} paired runs; 95 % interval {:+.1} to {:+.1} %)",
+            "fleetbench vs {}: {:+.1} % tokens/s (median over {processes} process sets: {} %)",
             peers[k].name,
-            median(ratios.clone()),
-            ratios.len(),
-            lo,
-            hi
+            median(set_ratios[k].clone()),
+            per_set.join(", ")
         );
     }
     if !alone && n < 3 {
