@@ -114,6 +114,11 @@ async fn push_tiny_llama(client: &fleetbench_cli::client::Client) {
     .expect("push the decoder");
 }
 
+/// Why the coordinator refused to queue `j` (the submission must fail).
+async fn refusal(client: &fleetbench_cli::client::Client, j: &JobArgs) -> String {
+    jobs::submit(client, j).await.unwrap_err().to_string()
+}
+
 fn generate_job(requests: i64) -> JobArgs {
     JobArgs {
         model: Some("tiny-llama".into()),
@@ -423,7 +428,7 @@ async fn a_generate_job_the_model_cannot_run_is_refused_at_submit_naming_why() {
     // Not a decoder: no input_ids (its output happens to be called logits).
     let mut j = generate_job(4);
     j.model = Some("digits".into());
-    let e = jobs::submit(client, &j).await.unwrap_err().to_string();
+    let e = refusal(client, &j).await;
     assert!(
         e.contains("digits/fp32: not a decoder")
             && e.contains("no input 'input_ids' (inputs: input)"),
@@ -433,7 +438,7 @@ async fn a_generate_job_the_model_cannot_run_is_refused_at_submit_naming_why() {
     let mut j = generate_job(4);
     j.prompt_tokens = Some("uniform:100-500".into());
     j.output_tokens = Some("64".into());
-    let e = jobs::submit(client, &j).await.unwrap_err().to_string();
+    let e = refusal(client, &j).await;
     assert!(
         e.contains("500 + 64 = 564 tokens exceed the model's 512 positions"),
         "{e}"
@@ -441,14 +446,14 @@ async fn a_generate_job_the_model_cannot_run_is_refused_at_submit_naming_why() {
     // Past the coordinator's limits, whatever the model states: refused before an agent allocates it.
     let mut j = generate_job(4);
     j.prompt_tokens = Some("4000000000".into());
-    let e = jobs::submit(client, &j).await.unwrap_err().to_string();
+    let e = refusal(client, &j).await;
     assert!(
         e.contains("prompt_tokens + output_tokens: 4000000016 is above the coordinator's limit"),
         "{e}"
     );
     let mut j = generate_job(4);
     j.request_rate = Some("1e12".into());
-    let e = jobs::submit(client, &j).await.unwrap_err().to_string();
+    let e = refusal(client, &j).await;
     assert!(
         e.contains("request_rate") && e.contains("max_target_qps"),
         "{e}"
