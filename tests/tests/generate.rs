@@ -99,8 +99,12 @@ fn a_model_that_is_not_a_decoder_is_refused_naming_what_is_missing() {
 
 const OUTPUT_TOKENS: u64 = 16;
 
-/// Pushes the bundled decoder as model `tiny-llama` (its base, fp32).
-async fn push_tiny_llama(client: &fleetbench_cli::client::Client) {
+/// Pushes the bundled decoder as model `tiny-llama` (its base, fp32), with a token eval set
+/// (inputs, labels) when given.
+async fn push_tiny_llama(
+    client: &fleetbench_cli::client::Client,
+    eval: Option<(&std::path::Path, &std::path::Path)>,
+) {
     model_cmd::push(
         client,
         &models("llm/tiny-llama.onnx"),
@@ -108,7 +112,7 @@ async fn push_tiny_llama(client: &fleetbench_cli::client::Client) {
         None,
         None,
         None,
-        None,
+        eval,
     )
     .await
     .expect("push the decoder");
@@ -214,7 +218,7 @@ async fn two_agents_generate_tokens_closed_and_open_loop_judged_by_slo_and_ranke
     let _cloud =
         TestAgent::start(coord.agent("cloud-1", &["tier=cloud", "cost_per_hour=0.2"], dir.path()));
     wait_online(&client, 2).await;
-    push_tiny_llama(&client).await;
+    push_tiny_llama(&client, None).await;
     let store = fleetbench_coordinator::store::open(&coord.database)
         .await
         .unwrap();
@@ -424,7 +428,7 @@ async fn a_generate_job_the_model_cannot_run_is_refused_at_submit_naming_why() {
     let fleet = SoloFleet::start().await;
     let client = &fleet.client;
     push_digits(client).await;
-    push_tiny_llama(client).await;
+    push_tiny_llama(client, None).await;
     // Not a decoder: no input_ids (its output happens to be called logits).
     let mut j = generate_job(4);
     j.model = Some("digits".into());
@@ -472,7 +476,7 @@ async fn a_generate_job_the_model_cannot_run_is_refused_at_submit_naming_why() {
 async fn an_int4_weight_only_decoder_generates_and_reports_its_fidelity_to_the_base() {
     let fleet = SoloFleet::start().await;
     let client = &fleet.client;
-    push_tiny_llama(client).await;
+    push_tiny_llama(client, None).await;
     let args = fleetbench_cli::optimize::RecipeArgs {
         block_size: Some(32),
         ..fleetbench_cli::optimize::RecipeArgs::named("int4-weight-only")
@@ -552,17 +556,7 @@ async fn a_token_eval_set_gives_the_perplexity_onnxruntime_in_python_gives() {
         ndarray::Array2::from_shape_fn((4, 40), |(r, t)| ((r * 131 + t * 29 + 7) % 512) as i64);
     let path = fleet.dir.path().join("tokens.npy");
     ndarray_npy::write_npy(&path, &tokens).unwrap();
-    model_cmd::push(
-        client,
-        &models("llm/tiny-llama.onnx"),
-        "tiny-llama",
-        None,
-        None,
-        None,
-        Some((&path, &path)),
-    )
-    .await
-    .unwrap();
+    push_tiny_llama(client, Some((&path, &path))).await;
     let id = jobs::submit(client, &generate_job(3)).await.unwrap();
     let summary = wait_job(client, &id, Duration::from_secs(120)).await;
     assert_eq!(summary.state, "succeeded", "{summary:?}");
