@@ -87,6 +87,7 @@ case "$cmd" in
         setup
         build
         scripts/ensure-postgres.sh
+        scripts/ensure-prometheus.sh
         log "running the test suite"
         cargo test --release --workspace --locked -- "$@"
         ;;

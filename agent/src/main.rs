@@ -16,6 +16,10 @@ struct Args {
     #[arg(long)]
     #[serde(skip)]
     config: Option<PathBuf>,
+    /// Log lines as text (the default) or json (one object per line, with the span fields).
+    #[arg(long, env = "FLEETBENCH_LOG_FORMAT", default_value = "text")]
+    #[serde(skip)]
+    log_format: fleetbench_common::logging::LogFormat,
     /// Coordinator address; repeat (or separate with commas) to give replicas to fail over to.
     #[arg(long, env = "FLEETBENCH_COORDINATOR", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -61,16 +65,8 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,ort=warn,h2=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: a log file or the journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let args = Args::parse();
+    fleetbench_common::logging::init(args.log_format, "info,ort=warn,h2=warn");
     let config = AgentConfig::load(args.config.as_deref(), &args)?;
     // Pin before any thread starts, so the runtime's threads and ONNX Runtime's pools inherit the mask.
     if let Some(cpus) = config.cpu_list()? {

@@ -10,6 +10,7 @@ pub mod files;
 pub mod hist;
 pub mod ids;
 pub mod labels;
+pub mod logging;
 pub mod onnx;
 pub mod onnx_scan;
 pub mod platform;

@@ -420,6 +420,7 @@ async fn receive_file(
         let mut since_touch = 0u32;
         while let Some(chunk) = rx.recv().await {
             coord.store.stage_chunk(stage, at, &chunk).await?;
+            received(coord, chunk.len());
             at += chunk.len() as u64;
             hasher = hash_chunk(hasher, chunk).await?.0;
             since_touch += 1;
@@ -456,6 +457,7 @@ async fn receive_file(
     let mut hasher = hasher;
     if !tail.is_empty() || file.size_bytes == 0 {
         coord.store.stage_chunk(stage, at, &tail).await?;
+        received(coord, tail.len());
         hasher = hash_chunk(hasher, tail).await?.0;
     }
     let got = hex::encode(hasher.finalize());
@@ -612,6 +614,7 @@ pub async fn store_blob(
                 bytes = &bytes[take..];
                 if buf.len() == BLOB_CHUNK_BYTES {
                     coord.store.stage_chunk(&stage, at, &buf).await?;
+                    received(coord, buf.len());
                     hasher.update(&buf);
                     at += buf.len() as u64;
                     buf.clear();
@@ -619,6 +622,7 @@ pub async fn store_blob(
             }
         }
         coord.store.stage_chunk(&stage, at, &buf).await?;
+        received(coord, buf.len());
         hasher.update(&buf);
         at += buf.len() as u64;
         let sha = hex::encode(hasher.finalize());
@@ -651,4 +655,12 @@ pub async fn expire(coord: &Context, now: i64) -> Result<usize> {
         tracing::info!(upload = %u.id, set = %u.set_sha256, "Collected an upload left unfinished.");
     }
     Ok(stale.len())
+}
+
+/// Counts artifact bytes received from a client.
+fn received(coord: &Context, n: usize) {
+    coord.telemetry.inst.transfer.add(
+        n as u64,
+        &[opentelemetry::KeyValue::new("direction", "received")],
+    );
 }

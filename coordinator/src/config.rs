@@ -46,8 +46,28 @@ pub struct CoordinatorConfig {
     pub ingest_batch: usize,
     /// How long the ingest writer waits for more windows before writing a batch, milliseconds.
     pub ingest_linger_ms: u64,
-    /// OpenTelemetry export is not built yet: a non-empty value is refused at startup.
+    /// OTLP collector to export metrics and traces to, e.g. `http://collector:4318` (http/protobuf)
+    /// or `http://collector:4317` (gRPC): the base address, without `/v1/metrics`. Empty: the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (and `_METRICS_` / `_TRACES_` variants) when set, else no export.
     pub otlp_endpoint: String,
+    /// OTLP transport: `http/protobuf` or `grpc`. Empty: `OTEL_EXPORTER_OTLP_PROTOCOL`, else
+    /// `http/protobuf`.
+    pub otlp_protocol: String,
+    /// How often metrics are exported over OTLP, milliseconds.
+    pub otlp_interval_ms: u64,
+    /// How long one OTLP export may take before it is abandoned (a collector that hangs), milliseconds.
+    /// Metrics are cumulative, so the next export carries what an abandoned one held.
+    pub otlp_timeout_ms: u64,
+    /// Address to serve Prometheus `/metrics` on, e.g. `127.0.0.1:9464` (port 0 picks one). Empty:
+    /// not served.
+    pub metrics_listen: String,
+    /// File to write the bound `/metrics` address to (useful with port 0).
+    pub metrics_addr_file: String,
+    /// Most distinct configuration labels on window metrics; runs beyond it are labelled `other`, so a
+    /// sweep of many configurations cannot grow the metric series without bound.
+    pub metrics_max_configs: usize,
+    /// How often fleet gauges (agents online, tasks by state) are read from the database, milliseconds.
+    pub metrics_refresh_ms: u64,
     /// File to write the bound address to once listening (useful with port 0).
     pub addr_file: String,
     /// Server certificate (PEM) to serve TLS with, from a CA of your own; with `tls_key`. Empty: the
@@ -111,6 +131,13 @@ impl Default for CoordinatorConfig {
             ingest_batch: 1024,
             ingest_linger_ms: 5,
             otlp_endpoint: String::new(),
+            otlp_protocol: String::new(),
+            otlp_interval_ms: 10_000,
+            otlp_timeout_ms: 10_000,
+            metrics_listen: String::new(),
+            metrics_addr_file: String::new(),
+            metrics_max_configs: 100,
+            metrics_refresh_ms: 5_000,
             addr_file: String::new(),
             tls_cert: String::new(),
             tls_key: String::new(),
@@ -203,12 +230,19 @@ impl CoordinatorConfig {
         if self.ingest_batch == 0 {
             return Err(Error::InvalidArgument("ingest_batch: must be > 0".into()));
         }
-        if !self.otlp_endpoint.is_empty() {
+        crate::otel::OtlpSettings::from_config(self)?;
+        if !self.metrics_listen.is_empty()
+            && self.metrics_listen.parse::<std::net::SocketAddr>().is_err()
+        {
             return Err(Error::InvalidArgument(format!(
-                "otlp_endpoint: OpenTelemetry export is not built into this version of fleetbench, so \
-                 '{}' would receive nothing; remove the setting",
-                self.otlp_endpoint
+                "metrics_listen: '{}' is not an IP:port address",
+                self.metrics_listen
             )));
+        }
+        if self.otlp_interval_ms == 0 || self.otlp_timeout_ms == 0 || self.metrics_refresh_ms == 0 {
+            return Err(Error::InvalidArgument(
+                "otlp_interval_ms, otlp_timeout_ms, metrics_refresh_ms: must be > 0".into(),
+            ));
         }
         Ok(())
     }
@@ -216,7 +250,7 @@ impl CoordinatorConfig {
 
 /// Environment keys read (FLEETBENCH_ + upper case); others, such as FLEETBENCH_COORDINATOR for the CLI,
 /// belong to other programs.
-const ENV_KEYS: [&str; 33] = [
+const ENV_KEYS: [&str; 40] = [
     "listen",
     "database",
     "heartbeat_interval_ms",
@@ -232,6 +266,13 @@ const ENV_KEYS: [&str; 33] = [
     "ingest_batch",
     "ingest_linger_ms",
     "otlp_endpoint",
+    "otlp_protocol",
+    "otlp_interval_ms",
+    "otlp_timeout_ms",
+    "metrics_listen",
+    "metrics_addr_file",
+    "metrics_max_configs",
+    "metrics_refresh_ms",
     "addr_file",
     "tls_cert",
     "tls_key",

@@ -40,6 +40,10 @@ pub struct Context {
     pub uploads: crate::artifacts::Hashers,
     /// Limits per token.
     pub quotas: crate::quota::Quotas,
+    /// Metrics.
+    pub telemetry: Arc<crate::otel::Telemetry>,
+    /// Takes stored windows to the metrics.
+    pub recorder: crate::otel::windows::Recorder,
     /// Bumped when something changes that any watcher may care about (rare: sessions, expiries).
     changes: watch::Sender<u64>,
     /// Bumped when one job's tasks or runs change, for that job's watchers only.
@@ -48,6 +52,11 @@ pub struct Context {
     wake: Notify,
     /// When (Unix ms) a database call last failed.
     store_trouble_at: AtomicI64,
+}
+
+/// A new replica id.
+pub fn new_replica_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 /// Resolves once `rx` holds true (or its sender is gone).
@@ -61,26 +70,47 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 impl Context {
-    /// A context over `store` with `config`; `stopping` turns true at shutdown.
+    /// A context over `store` with `config`, whose metrics go nowhere; `stopping` turns true at
+    /// shutdown.
     pub fn new(
         store: Arc<dyn Store>,
         config: CoordinatorConfig,
         stopping: watch::Receiver<bool>,
     ) -> Self {
-        Self {
+        let telemetry = Arc::new(crate::otel::Telemetry::off());
+        Self::with_telemetry(store, config, stopping, new_replica_id(), telemetry).0
+    }
+
+    /// A context whose metrics go to `telemetry`, for the replica `replica_id`; the receiver is the
+    /// window recorder's, to run with [`crate::otel::windows::run`].
+    pub fn with_telemetry(
+        store: Arc<dyn Store>,
+        config: CoordinatorConfig,
+        stopping: watch::Receiver<bool>,
+        replica_id: String,
+        telemetry: Arc<crate::otel::Telemetry>,
+    ) -> (
+        Self,
+        tokio::sync::mpsc::Receiver<crate::otel::windows::Event>,
+    ) {
+        let (recorder, events) = crate::otel::windows::Recorder::new();
+        let ctx = Self {
             store,
             quotas: crate::quota::Quotas::new(&config),
             config: Arc::new(config),
             registry: Registry::default(),
             stopping,
             stats: IngestStats::default(),
-            replica_id: uuid::Uuid::new_v4().simple().to_string(),
+            replica_id,
+            telemetry,
+            recorder,
             uploads: Default::default(),
             changes: watch::channel(0).0,
             job_changes: Default::default(),
             wake: Notify::new(),
             store_trouble_at: AtomicI64::new(0),
-        }
+        };
+        (ctx, events)
     }
 
     /// Records that a database call failed just now. Leases do not expire until the database has

@@ -53,8 +53,13 @@ async fn record(ctx: &Context, beats: &[HeartbeatItem]) {
     let now = now_ms();
     let lease_until = now + ctx.config.lease_timeout_ms as i64;
     match ctx
-        .store
-        .heartbeats(&records, now, lease_until, &ctx.replica_id)
+        .telemetry
+        .inst
+        .store_op(
+            "heartbeats",
+            ctx.store
+                .heartbeats(&records, now, lease_until, &ctx.replica_id),
+        )
         .await
     {
         Ok(active) => {

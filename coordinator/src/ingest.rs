@@ -32,6 +32,8 @@ pub enum IngestItem {
         agent_id: String,
         /// Where to send the ack.
         reply: AgentLink,
+        /// When it arrived, for the ack latency.
+        received: std::time::Instant,
     },
     /// A run's result.
     Result {
@@ -151,6 +153,7 @@ struct Incoming {
     window: Window,
     agent_id: String,
     reply: AgentLink,
+    received: std::time::Instant,
 }
 
 /// The ingest writer loop.
@@ -172,10 +175,12 @@ pub async fn run_writer(
                     window,
                     agent_id,
                     reply,
+                    received,
                 } => windows.push(Incoming {
                     window,
                     agent_id,
                     reply,
+                    received,
                 }),
                 IngestItem::Result {
                     result,
@@ -213,13 +218,14 @@ async fn flush_windows(
         return true;
     }
     let batch = std::mem::take(windows);
-    let rows: Vec<(String, Window)> = batch
+    let mut rows: Vec<(String, Window)> = batch
         .iter()
         .map(|i| (i.agent_id.clone(), i.window.clone()))
         .collect();
     let mut jobs: Vec<String> = Vec::new();
+    let inst = &ctx.telemetry.inst;
     let outcomes = match until_stored(ctx, "telemetry windows", shutdown, || {
-        ctx.store.store_windows(&rows, now_ms())
+        inst.store_op("store_windows", ctx.store.store_windows(&rows, now_ms()))
     })
     .await
     {
@@ -234,7 +240,10 @@ async fn flush_windows(
             let mut each = Vec::with_capacity(rows.len());
             for row in &rows {
                 match until_stored(ctx, "a telemetry window", shutdown, || {
-                    ctx.store.store_windows(std::slice::from_ref(row), now_ms())
+                    inst.store_op(
+                        "store_windows",
+                        ctx.store.store_windows(std::slice::from_ref(row), now_ms()),
+                    )
                 })
                 .await
                 {
@@ -290,6 +299,17 @@ async fn flush_windows(
     }
     // Only the watchers of the jobs that changed wake up.
     ctx.jobs_changed(jobs.iter().map(String::as_str));
+    // Metrics, after the acknowledgements: counted here, measured by the recorder's task.
+    for ((item, outcome), (_, window)) in batch.iter().zip(&outcomes).zip(rows.drain(..)) {
+        inst.windows.add(
+            1,
+            &[opentelemetry::KeyValue::new("outcome", outcome.as_str())],
+        );
+        inst.ack.record(item.received.elapsed().as_secs_f64(), &[]);
+        if matches!(outcome, WindowOutcome::Stored) && !ctx.recorder.stored(window) {
+            inst.dropped.add(1, &[]);
+        }
+    }
     true
 }
 
@@ -374,7 +394,14 @@ async fn finish(ctx: &Context, result: &RunResult, agent_id: &str) -> Result<Opt
         return Ok(None);
     }
     let finished = summary::finish_run(&run, result)?;
-    ctx.store.finish_run(&finished, now_ms()).await?;
+    ctx.telemetry
+        .inst
+        .store_op("finish_run", ctx.store.finish_run(&finished, now_ms()))
+        .await?;
+    ctx.recorder.run_ended(
+        &result.run_id,
+        finished.summary.as_ref().and_then(|s| s.accuracy),
+    );
     ctx.jobs_changed([run.job_id.as_str()]);
     info!(
         run = %result.run_id,

@@ -31,6 +31,7 @@ pub mod jobs;
 pub mod limits;
 pub mod maintenance;
 pub mod models;
+pub mod otel;
 pub mod pooling;
 pub mod quota;
 pub mod ranking;

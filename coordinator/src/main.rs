@@ -53,11 +53,27 @@ struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tasks_per_job: Option<usize>,
-    /// Not built yet: OpenTelemetry export comes in a later version, and any value is refused at
-    /// startup.
+    /// Export metrics over OTLP to this collector, e.g. http://collector:4318 (default: the
+    /// OTEL_EXPORTER_OTLP_ENDPOINT variable; unset: no export).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     otlp_endpoint: Option<String>,
+    /// OTLP transport: http/protobuf (the default) or grpc.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_protocol: Option<String>,
+    /// Serve Prometheus /metrics on this address, e.g. 127.0.0.1:9464.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<String>,
+    /// Write the bound /metrics address to this file once listening.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_addr_file: Option<String>,
+    /// Log lines as text (the default) or json (one object per line, with the span fields).
+    #[arg(long, env = "FLEETBENCH_LOG_FORMAT", default_value = "text")]
+    #[serde(skip)]
+    log_format: fleetbench_common::logging::LogFormat,
     /// Write the bound address to this file once listening.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -166,16 +182,8 @@ async fn init(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn,h2=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: a log file or the journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let args = Args::parse();
+    fleetbench_common::logging::init(args.log_format, "info,sqlx=warn,h2=warn");
     if let Some(Command::Init {
         data_dir,
         sans,

@@ -61,15 +61,24 @@ async fn expire(ctx: &Context, now: i64) -> Result<bool> {
         return Ok(false);
     }
     let expired = ctx
-        .store
-        .expire_leases(
-            now,
-            ctx.config.max_attempts,
-            &ctx.replica_id,
-            ctx.config.lease_timeout_ms as i64,
+        .telemetry
+        .inst
+        .store_op(
+            "expire_leases",
+            ctx.store.expire_leases(
+                now,
+                ctx.config.max_attempts,
+                &ctx.replica_id,
+                ctx.config.lease_timeout_ms as i64,
+            ),
         )
         .await?;
     for e in &expired {
+        let outcome = if e.requeued { "requeued" } else { "failed" };
+        ctx.telemetry
+            .inst
+            .leases_expired
+            .add(1, &[opentelemetry::KeyValue::new("outcome", outcome)]);
         info!(task = %e.task_id, run = %e.run_id, requeued = e.requeued, "Lease expired; the agent went silent.");
         ctx.registry
             .send(&e.agent_id, registry::cancel(&e.run_id, "lease expired"));
@@ -112,7 +121,12 @@ async fn offer(ctx: &Context, session: &IdleSession, now: i64) -> Result<bool> {
         alive_since: now - ctx.config.lease_timeout_ms as i64,
         replica: ctx.replica_id.clone(),
     };
-    let Some(lease) = ctx.store.lease_task(&req, now).await? else {
+    let Some(lease) = ctx
+        .telemetry
+        .inst
+        .store_op("lease_task", ctx.store.lease_task(&req, now))
+        .await?
+    else {
         return Ok(false);
     };
     assign(ctx, session, &lease, now).await?;

@@ -96,7 +96,22 @@ pub async fn serve_with_store(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (health_reporter, health_service) = health::service(stop_rx.clone()).await;
     let stop_tx = Arc::new(stop_tx);
-    let ctx = Arc::new(Context::new(store, config, stop_rx.clone()));
+    let replica_id = crate::context::new_replica_id();
+    let telemetry = Arc::new(crate::otel::Telemetry::new(&config, &replica_id)?);
+    let metrics_listener = match config.metrics_listen.as_str() {
+        "" => None,
+        a => Some(TcpListener::bind(a).await.map_err(|e| {
+            Error::InvalidArgument(format!("metrics_listen: cannot listen on {a}: {e}"))
+        })?),
+    };
+    let (ctx, window_events) = Context::with_telemetry(
+        store,
+        config,
+        stop_rx.clone(),
+        replica_id,
+        telemetry.clone(),
+    );
+    let ctx = Arc::new(ctx);
     let queues = Queues {
         ingest: ingest_tx,
         heartbeats: hb_tx,
@@ -107,7 +122,36 @@ pub async fn serve_with_store(
         tokio::spawn(heartbeat::run(ctx.clone(), hb_rx)),
         tokio::spawn(maintenance::run(ctx.clone(), stop_rx.clone())),
         tokio::spawn(health::run(ctx.clone(), health_reporter)),
+        tokio::spawn(crate::otel::windows::run(ctx.clone(), window_events)),
+        tokio::spawn(crate::otel::refresh_fleet(ctx.clone(), stop_rx.clone())),
     ];
+    if let Some(l) = metrics_listener {
+        let maddr = l
+            .local_addr()
+            .map_err(|e| Error::Internal(format!("metrics listener address: {e}")))?;
+        if !ctx.config.metrics_addr_file.is_empty() {
+            std::fs::write(&ctx.config.metrics_addr_file, maddr.to_string()).map_err(|e| {
+                Error::Internal(format!(
+                    "cannot write metrics_addr_file {}: {e}",
+                    ctx.config.metrics_addr_file
+                ))
+            })?;
+        }
+        info!(addr = %maddr, "Serving Prometheus metrics on /metrics.");
+        background.push(tokio::spawn(crate::otel::prom::serve(
+            telemetry.clone(),
+            l,
+            stop_rx.clone(),
+        )));
+    }
+    if let Some(o) = &telemetry.otlp {
+        info!(
+            endpoint = o.endpoint.as_deref().unwrap_or("(from OTEL_EXPORTER_OTLP_* variables)"),
+            protocol = ?o.protocol,
+            interval_ms = o.interval_ms,
+            "Exporting metrics over OTLP."
+        );
+    }
     if let Some(certs) = &certs {
         background.push(tokio::spawn(certs.clone().keep_fresh(
             std::time::Duration::from_millis(ctx.config.tls_reload_interval_ms.max(100)),
@@ -183,6 +227,7 @@ pub async fn serve_with_store(
     for task in background {
         task.abort();
     }
+    telemetry.shutdown().await;
     info!("Coordinator stopped.");
     result
 }

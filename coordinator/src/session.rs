@@ -115,6 +115,10 @@ async fn window(
     let window = Window::from(w);
     if let Some(why) = check_window(&window) {
         ctx.stats.bad_windows.fetch_add(1, Ordering::Relaxed);
+        ctx.telemetry
+            .inst
+            .windows
+            .add(1, &[opentelemetry::KeyValue::new("outcome", "malformed")]);
         warn!(agent = %s.agent.name, run = %window.run_id, seq = window.seq, reason = %why, "Refused a malformed telemetry window.");
         s.link
             .deliver(registry::window_acks(vec![Ack {
@@ -131,6 +135,7 @@ async fn window(
             window,
             agent_id: s.agent.id.clone(),
             reply: s.link.clone(),
+            received: std::time::Instant::now(),
         })
         .await
         .is_ok()

@@ -12,6 +12,9 @@ use fleetbench_proto::v1::{GetJobRequest, JobDetail, JobSummary, ListAgentsReque
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+pub mod otlp;
+pub mod prometheus;
+
 /// The repository root.
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1148,6 +1151,9 @@ mod faulty {
         async fn list_jobs(&self, limit: u32) -> Result<Vec<JobSummary>> {
             self.inner.list_jobs(limit).await
         }
+        async fn task_counts(&self) -> Result<Vec<(String, u64)>> {
+            self.inner.task_counts().await
+        }
         async fn get_job(&self, job_id: &str) -> Result<(JobSummary, JobSpec)> {
             self.inner.get_job(job_id).await
         }
@@ -1238,6 +1244,12 @@ mod faulty {
         }
         async fn run_context(&self, run_id: &str) -> Result<Option<RunContext>> {
             self.inner.run_context(run_id).await
+        }
+        async fn run_labels(
+            &self,
+            run_id: &str,
+        ) -> Result<Option<fleetbench_coordinator::store::RunLabels>> {
+            self.inner.run_labels(run_id).await
         }
         async fn finish_run(&self, run: &FinishedRun, now: i64) -> Result<()> {
             self.inner.finish_run(run, now).await

@@ -127,10 +127,16 @@ impl ModelService for ModelApi {
                             "blob {sha} holds {} bytes at {at}, not {want}",
                             data.len()
                         ))),
-                        Ok(data) => Ok(BlobChunk {
-                            data,
-                            expected_sha256: if at == offset { sha } else { String::new() },
-                        }),
+                        Ok(data) => {
+                            coord.telemetry.inst.transfer.add(
+                                data.len() as u64,
+                                &[opentelemetry::KeyValue::new("direction", "sent")],
+                            );
+                            Ok(BlobChunk {
+                                data,
+                                expected_sha256: if at == offset { sha } else { String::new() },
+                            })
+                        }
                         Err(e) => Err(Status::from(e)),
                     }
                 }

@@ -175,6 +175,19 @@ pub enum WindowOutcome {
     Refused,
 }
 
+impl WindowOutcome {
+    /// The outcome's name, as metrics label it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WindowOutcome::Stored => "stored",
+            WindowOutcome::Duplicate => "duplicate",
+            WindowOutcome::Inactive => "inactive",
+            WindowOutcome::Foreign => "foreign",
+            WindowOutcome::Refused => "refused",
+        }
+    }
+}
+
 /// What became of a batch of windows.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StoredWindows {
@@ -209,6 +222,23 @@ pub struct RunContext {
     pub windows: Vec<Window>,
     /// Start, Unix ms.
     pub started_at: i64,
+}
+
+/// What a run's metrics are labelled with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunLabels {
+    /// Model name.
+    pub model: String,
+    /// Variant name.
+    pub variant: String,
+    /// Platform name.
+    pub platform: String,
+    /// Agent name.
+    pub agent: String,
+    /// Scenario, as jobs name it.
+    pub scenario: String,
+    /// The configuration label `jobs show` prints.
+    pub config: String,
 }
 
 /// Final state of a run, computed by the ingest path.
@@ -429,6 +459,8 @@ pub trait JobStore: Send + Sync {
     async fn resolve_job_id(&self, id_or_prefix: &str) -> Result<String>;
     /// Jobs, newest first.
     async fn list_jobs(&self, limit: u32) -> Result<Vec<JobSummary>>;
+    /// Tasks of all jobs, counted by state.
+    async fn task_counts(&self) -> Result<Vec<(String, u64)>>;
     /// One job's summary and spec.
     async fn get_job(&self, job_id: &str) -> Result<(JobSummary, JobSpec)>;
     /// A job's tasks with progress and finished runs.
@@ -493,6 +525,8 @@ pub trait TelemetryStore: Send + Sync {
     async fn store_windows(&self, windows: &[(String, Window)], now: i64) -> Result<StoredWindows>;
     /// What a result needs to be summarised; None when the run is unknown.
     async fn run_context(&self, run_id: &str) -> Result<Option<RunContext>>;
+    /// What a run's metrics are labelled with; None for an unknown run.
+    async fn run_labels(&self, run_id: &str) -> Result<Option<RunLabels>>;
     /// Stores a run's final state, and updates its task and job.
     async fn finish_run(&self, run: &FinishedRun, now: i64) -> Result<()>;
     /// Successful runs of a model (optionally of one job).

@@ -158,6 +158,15 @@ impl JobStore for SqlStore {
         rows.iter().map(job_summary).collect()
     }
 
+    async fn task_counts(&self) -> Result<Vec<(String, u64)>> {
+        let rows = sqlx::query("SELECT state, COUNT(*) FROM tasks GROUP BY state ORDER BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get::<i64, _>(1)? as u64)))
+            .collect()
+    }
+
     async fn get_job(&self, job_id: &str) -> Result<(JobSummary, JobSpec)> {
         let sql = format!(
             "{JOB_SUMMARY_SELECT} WHERE j.id = $1 GROUP BY j.id, j.model, j.name, j.state, j.created_at, j.finished_at"

@@ -9,7 +9,7 @@ use super::{ROWS_PER_INSERT, SqlStore, from_json, to_json};
 use crate::domain::Window;
 use crate::error::Result;
 use crate::store::{
-    FinishedRun, RunContext, StoredRun, StoredWindows, TelemetryStore, WindowOutcome,
+    FinishedRun, RunContext, RunLabels, StoredRun, StoredWindows, TelemetryStore, WindowOutcome,
 };
 
 /// Values bound per window in the multi-row INSERT.
@@ -247,6 +247,31 @@ impl TelemetryStore for SqlStore {
             config: from_json("tasks.config_json", &row.try_get::<String, _>(8)?)?,
             windows,
             started_at: row.try_get(9)?,
+        }))
+    }
+
+    async fn run_labels(&self, run_id: &str) -> Result<Option<RunLabels>> {
+        let row = sqlx::query(
+            "SELECT r.model, r.variant, COALESCE(p.name, ''), COALESCE(a.name, ''), t.config_json \
+             FROM runs r JOIN tasks t ON t.id = r.task_id LEFT JOIN agents a ON a.id = r.agent_id \
+             LEFT JOIN platforms p ON p.id = r.platform_id WHERE r.id = $1",
+        )
+        .bind(run_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let config: crate::domain::RunConfig =
+            from_json("tasks.config_json", &row.try_get::<String, _>(4)?)?;
+        Ok(Some(RunLabels {
+            model: row.try_get(0)?,
+            variant: row.try_get(1)?,
+            platform: row.try_get(2)?,
+            agent: row.try_get(3)?,
+            scenario: serde_json::to_value(config.scenario)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            config: crate::pooling::base_label(&config),
         }))
     }
 
