@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod inventory;
 pub mod runner;
 pub mod sampler;
+pub mod spans;
 pub mod uplink;
 
 use std::sync::Arc;

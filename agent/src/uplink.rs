@@ -668,7 +668,9 @@ fn start_task(
     let host_id = identity.inventory.host_id.clone();
     tokio::spawn(async move {
         let run_id = a.run_id.clone();
-        info!(run = %run_id, task = %a.task_id, variant = ?a.variant.as_ref().map(|v| &v.variant), "Task received.");
+        let trace = crate::spans::Trace::from_traceparent(&a.traceparent);
+        info!(run = %run_id, job = %a.job_id, trace_id = %trace.trace_id(), task = %a.task_id, variant = ?a.variant.as_ref().map(|v| &v.variant), "Task received.");
+        let fetch = trace.start("fleetbench.agent.fetch");
         let prepared = prepare(&a, &mut models, &cache, cpus, host_id).await;
         let task = match prepared {
             Ok(t) => t,
@@ -676,11 +678,13 @@ fn start_task(
                 let _ = events.send(RunnerEvent::Finished(RunResult {
                     run_id,
                     error: e.to_string(),
+                    spans: fetch.end_with_error(&e.to_string()).into_iter().collect(),
                     ..Default::default()
                 }));
                 return;
             }
         };
+        let fetched = fetch.end();
         let windows = Arc::new(AtomicU64::new(0));
         let (sent, failed_events) = (windows.clone(), events.clone());
         let result = tokio::task::spawn_blocking(move || {
@@ -688,17 +692,26 @@ fn start_task(
                 sent.fetch_add(1, Ordering::Relaxed);
                 let _ = events.send(RunnerEvent::Window(w));
             };
+            let run_span = trace.start("fleetbench.agent.run");
             let outcome = runner.run(&task, &mut emit, &cancel);
             let mut result = RunResult {
                 run_id: task.assignment.run_id.clone(),
                 window_count: sent.load(Ordering::Relaxed),
                 ..Default::default()
             };
+            result.spans.extend(fetched);
             match outcome {
-                Ok(report) => result.report = Some(report),
-                Err(RunError::Cancelled) => result.cancelled = true,
+                Ok(report) => {
+                    result.spans.extend(trace.run_spans(run_span, &report));
+                    result.report = Some(report);
+                }
+                Err(RunError::Cancelled) => {
+                    result.cancelled = true;
+                    result.spans.extend(run_span.end_with_error("cancelled"));
+                }
                 Err(RunError::Failed(reason)) => {
                     warn!(run = %result.run_id, %reason, "Run failed.");
+                    result.spans.extend(run_span.end_with_error(&reason));
                     result.error = reason;
                 }
             }

@@ -8,9 +8,9 @@ use fleetbench_proto::v1 as pb;
 
 use crate::domain::GenerationSummary;
 use crate::domain::{
-    AgentInfo, JobDetail, JobSummary, RankQuery, RankRow, Ranking, Registered, Registration,
-    ResourceSample, ResourceSummary, RunConfig, RunReport, RunResult, RunSummary, TaskInfo,
-    Variant, VariantRegistration, Window, WindowGeneration,
+    AgentInfo, AgentSpan, JobDetail, JobSummary, RankQuery, RankRow, Ranking, Registered,
+    Registration, ResourceSample, ResourceSummary, RunConfig, RunReport, RunResult, RunSummary,
+    TaskInfo, Variant, VariantRegistration, Window, WindowGeneration,
 };
 
 impl From<&Variant> for pb::ModelVariant {
@@ -118,6 +118,9 @@ impl From<&JobSummary> for pb::JobSummary {
             created_at_ms: j.created_at_ms,
             finished_at_ms: j.finished_at_ms,
             name: j.name.clone(),
+            trace_id: crate::otel::traces::trace_id_of(&j.job_id)
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
         }
     }
 }
@@ -397,6 +400,33 @@ impl TryFrom<pb::RunResult> for RunResult {
             error: r.error,
             cancelled: r.cancelled,
             agent_stopping: r.agent_stopping,
+            spans: r
+                .spans
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let id = |field: &str, v: &str| {
+                        u64::from_str_radix(v, 16)
+                            .ok()
+                            .filter(|&n| n != 0 && v.len() == 16)
+                            .ok_or_else(|| {
+                                ConfigError::new(
+                                    &format!("spans[{i}].{field}"),
+                                    format!("'{v}' is not 16 hex digits (and not zero)"),
+                                )
+                            })
+                    };
+                    Ok(AgentSpan {
+                        span_id: id("span_id", &s.span_id)?,
+                        parent_span_id: id("parent_span_id", &s.parent_span_id)?,
+                        name: s.name,
+                        start_unix_ns: s.start_unix_ns,
+                        end_unix_ns: s.end_unix_ns,
+                        attributes: s.attributes.into_iter().collect(),
+                        error: s.error,
+                    })
+                })
+                .collect::<Result<_, ConfigError>>()?,
         })
     }
 }

@@ -439,6 +439,27 @@ pub struct RunResult {
     pub cancelled: bool,
     /// True when the agent was stopped before the run finished; the task goes back to the queue.
     pub agent_stopping: bool,
+    /// The agent's spans of the run, to export in the job's trace.
+    pub spans: Vec<AgentSpan>,
+}
+
+/// One span of an agent's work on a run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AgentSpan {
+    /// Name.
+    pub name: String,
+    /// Span id.
+    pub span_id: u64,
+    /// Parent span id.
+    pub parent_span_id: u64,
+    /// Start, Unix ns.
+    pub start_unix_ns: i64,
+    /// End, Unix ns.
+    pub end_unix_ns: i64,
+    /// Attributes.
+    pub attributes: std::collections::BTreeMap<String, String>,
+    /// Why the work failed; empty when it did not.
+    pub error: String,
 }
 
 /// An agent as the fleet listing shows it.

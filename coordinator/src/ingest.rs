@@ -393,6 +393,7 @@ async fn finish(ctx: &Context, result: &RunResult, agent_id: &str) -> Result<Opt
         info!(run = %result.run_id, agent = %run.agent_name, "The agent stopped mid-run; its task is back in the queue.");
         return Ok(None);
     }
+    let summary_started = std::time::SystemTime::now();
     let finished = summary::finish_run(&run, result)?;
     ctx.telemetry
         .inst
@@ -402,6 +403,21 @@ async fn finish(ctx: &Context, result: &RunResult, agent_id: &str) -> Result<Opt
         &result.run_id,
         finished.summary.as_ref().and_then(|s| s.accuracy),
     );
+    ctx.telemetry
+        .traces
+        .task_finished(&crate::otel::traces::FinishedTask {
+            job_id: &run.job_id,
+            task_id: &run.task_id,
+            run_id: &result.run_id,
+            agent: &run.agent_name,
+            platform_id: &run.platform_id,
+            variant: &run.variant,
+            leased_at_ms: run.started_at,
+            state: finished.state.as_str(),
+            error: &finished.error,
+            agent_spans: &result.spans,
+            summary_started,
+        });
     ctx.jobs_changed([run.job_id.as_str()]);
     info!(
         run = %result.run_id,

@@ -85,6 +85,7 @@ fn check_generate(variant: &Variant, config: &RunConfig) -> Result<()> {
 
 /// Validates and stores a job; returns (job id, task count).
 pub async fn submit(coord: &Context, spec: JobSpec) -> Result<(String, u32)> {
+    let started = std::time::SystemTime::now();
     let configs = validate_job_spec(&spec, coord.config.max_tasks_per_job)?;
     let all = coord.store.list_variants(Some(&spec.model)).await?;
     if all.is_empty() {
@@ -203,7 +204,11 @@ pub async fn submit(coord: &Context, spec: JobSpec) -> Result<(String, u32)> {
         tasks,
     };
     coord.store.create_job(&job, now).await?;
-    tracing::info!(job = %job.id, model = %job.spec.model, tasks = job.tasks.len(), "Job submitted.");
+    coord
+        .telemetry
+        .traces
+        .job_submitted(&job.id, &job.spec.model, total as u32, started);
+    tracing::info!(job = %job.id, trace_id = %job.id, model = %job.spec.model, tasks = job.tasks.len(), "Job submitted.");
     coord.changed();
     Ok((job.id, total as u32))
 }

@@ -205,6 +205,7 @@ pub fn assignment(
         attempt: lease.attempt,
         variant: variant.map(Into::into),
         config: Some((&lease.config).into()),
+        traceparent: crate::otel::traces::traceparent(&lease.job_id, &lease.run_id),
     }))
 }
 

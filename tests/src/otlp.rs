@@ -312,3 +312,36 @@ pub fn points(r: &ExportMetricsServiceRequest) -> (BTreeMap<String, String>, Vec
     }
     (resource, out)
 }
+
+/// One exported span, flattened.
+#[derive(Debug, Clone)]
+pub struct SpanRecord {
+    /// Name.
+    pub name: String,
+    /// Trace id, hex.
+    pub trace_id: String,
+    /// Span id, hex.
+    pub span_id: String,
+    /// Parent span id, hex; empty for a root.
+    pub parent_span_id: String,
+    /// Attributes.
+    pub attrs: BTreeMap<String, String>,
+}
+
+/// Every span received.
+pub fn spans(r: &Received) -> Vec<SpanRecord> {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    r.traces
+        .iter()
+        .flat_map(|t| &t.resource_spans)
+        .flat_map(|rs| &rs.scope_spans)
+        .flat_map(|ss| &ss.spans)
+        .map(|s| SpanRecord {
+            name: s.name.clone(),
+            trace_id: hex(&s.trace_id),
+            span_id: hex(&s.span_id),
+            parent_span_id: hex(&s.parent_span_id),
+            attrs: attrs(&s.attributes),
+        })
+        .collect()
+}

@@ -202,6 +202,44 @@ async fn export_carries_the_stored_figures(receiver: OtlpReceiver, protocol: &st
         .into_iter()
         .filter(|p| p.attrs["direction"] == "sent");
     assert!(sum_of(sent) > 0.0, "the agent downloaded the models");
+    // One trace for the job: its id is the job's, and the coordinator's spans and the agent's (sent
+    // back over the session) share it, the agent's under their task's span.
+    let trace_id = summary.trace_id.clone();
+    assert_eq!(trace_id, id, "jobs show prints the trace id");
+    let complete = |r: &otlp::Received| {
+        let spans = otlp::spans(r);
+        let of = |n: &str| {
+            spans
+                .iter()
+                .filter(|s| s.name == n && s.trace_id == trace_id)
+                .count()
+        };
+        of("fleetbench.job.submit") == 1
+            && of("fleetbench.task") == 2
+            && of("fleetbench.agent.fetch") == 2
+            && of("fleetbench.agent.run") == 2
+            && of("fleetbench.agent.session_create") == 2
+            && of("fleetbench.summary") == 2
+    };
+    let arrived = receiver.wait_for(WAIT, complete).await;
+    let spans = receiver.with(otlp::spans);
+    assert!(arrived, "over {protocol}, the job's spans: {spans:#?}");
+    let by_id: BTreeMap<&str, &otlp::SpanRecord> =
+        spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    for s in spans
+        .iter()
+        .filter(|s| s.name.starts_with("fleetbench.agent."))
+    {
+        assert_eq!(s.trace_id, trace_id);
+        let mut up = by_id[s.parent_span_id.as_str()];
+        while up.name != "fleetbench.task" {
+            up = by_id[up.parent_span_id.as_str()];
+        }
+        assert_eq!(up.attrs["fleetbench.agent"], "otel-1");
+        let root = by_id[up.parent_span_id.as_str()];
+        assert_eq!(root.name, "fleetbench.job.submit");
+        assert!(root.parent_span_id.is_empty());
+    }
     // No metric carries a run or job id (they belong on traces).
     for p in &points {
         assert!(

@@ -59,6 +59,7 @@ pub fn run(
             variant: Some(ModelVariant::default()),
             config: Some((&config).into()),
             base_artifact_sha256: String::new(),
+            traceparent: String::new(),
         },
         config,
         model_path: model.to_path_buf(),

@@ -368,6 +368,12 @@ fn print_detail(d: &JobDetail) {
         s.tasks_pending,
         s.tasks_running
     );
+    if !s.trace_id.is_empty() {
+        println!(
+            "trace {} (in the coordinator's OTLP backend: Jaeger, Tempo, ...)",
+            s.trace_id
+        );
+    }
     let mut t = output::table(&[
         "TASK",
         "VARIANT",

@@ -144,6 +144,53 @@ impl HttpClient for OnTokio {
     }
 }
 
+fn on_tokio(timeout: Duration) -> Result<OnTokio> {
+    Ok(OnTokio {
+        client: opentelemetry_http::hyper::HyperClient::with_default_connector(timeout, None),
+        runtime: tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::Internal("OTLP export must be set up inside the Tokio runtime".into())
+        })?,
+    })
+}
+
+/// The span exporter `settings` describe, counting and logging its failures.
+pub fn span_exporter(
+    settings: &OtlpSettings,
+    failures: Arc<OnceLock<Counter<u64>>>,
+) -> Result<Counted<opentelemetry_otlp::SpanExporter>> {
+    let timeout = Duration::from_millis(settings.timeout_ms);
+    let built = match settings.protocol {
+        OtlpProtocol::HttpProtobuf => {
+            let mut b = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_http_client(on_tokio(timeout)?)
+                .with_retry_policy(RetryPolicy::disabled())
+                .with_timeout(timeout);
+            if let Some(url) = settings.signal_endpoint("/v1/traces") {
+                b = b.with_endpoint(url);
+            }
+            b.build()
+        }
+        OtlpProtocol::Grpc => {
+            let mut b = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_retry_policy(RetryPolicy::disabled())
+                .with_timeout(timeout);
+            if let Some(url) = settings.signal_endpoint("/v1/traces") {
+                b = b.with_endpoint(url);
+            }
+            b.build()
+        }
+    };
+    let inner = built.map_err(|e| Error::InvalidArgument(format!("otlp_endpoint: {e}")))?;
+    Ok(Counted {
+        inner,
+        failures,
+        signal: "traces",
+    })
+}
+
 /// The metrics exporter `settings` describe, counting its failures into `failures` (set once the
 /// instruments exist) and logging each (one per export interval at most).
 pub fn metric_exporter(
@@ -194,13 +241,13 @@ pub fn metric_exporter(
 /// An exporter whose failed exports are counted and logged.
 #[derive(Debug)]
 pub struct Counted<E> {
-    inner: E,
+    pub(super) inner: E,
     failures: Arc<OnceLock<Counter<u64>>>,
     signal: &'static str,
 }
 
 impl<E> Counted<E> {
-    fn failed(&self, e: &dyn std::fmt::Display) {
+    pub(super) fn failed(&self, e: &dyn std::fmt::Display) {
         if let Some(c) = self.failures.get() {
             c.add(1, &[KeyValue::new("signal", self.signal)]);
         }

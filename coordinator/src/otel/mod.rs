@@ -11,6 +11,7 @@
 
 pub mod export;
 pub mod prom;
+pub mod traces;
 pub mod windows;
 
 use std::sync::Arc;
@@ -165,6 +166,8 @@ pub struct Telemetry {
     pub fleet: Arc<std::sync::RwLock<FleetSnapshot>>,
     /// Where OTLP goes, when it does.
     pub otlp: Option<OtlpSettings>,
+    /// Spans of jobs.
+    pub traces: traces::Traces,
     /// Resource attributes, also written to `/metrics` as `target_info`.
     resource: Vec<(String, String)>,
 }
@@ -193,8 +196,9 @@ impl Telemetry {
                     .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
             )
             .build();
-        let mut builder = SdkMeterProvider::builder().with_resource(resource);
         let failures = Arc::new(std::sync::OnceLock::<Counter<u64>>::new());
+        let traces = traces::Traces::new(otlp.as_ref(), &resource, failures.clone())?;
+        let mut builder = SdkMeterProvider::builder().with_resource(resource);
         if let Some(o) = &otlp {
             let exporter = export::metric_exporter(o, failures.clone())?;
             builder = builder.with_reader(
@@ -229,6 +233,7 @@ impl Telemetry {
             windows,
             fleet: Default::default(),
             otlp,
+            traces,
             resource: resource_attrs,
         };
         telemetry.register_fleet_gauges();
@@ -247,6 +252,7 @@ impl Telemetry {
             meter,
             fleet: Default::default(),
             otlp: None,
+            traces: traces::Traces::off(),
             resource: Vec::new(),
         }
     }
@@ -293,16 +299,22 @@ impl Telemetry {
 
     /// Exports what is pending and stops the exporters, waiting at most the OTLP timeout (a hung
     /// collector does not hold up shutdown).
-    pub async fn shutdown(&self) {
-        let provider = self.provider.clone();
+    pub async fn shutdown(self: &Arc<Self>) {
+        let this = self.clone();
         let wait = Duration::from_millis(self.otlp.as_ref().map_or(1000, |o| o.timeout_ms) + 1000);
-        let done = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(wait));
-        if tokio::time::timeout(wait + Duration::from_secs(1), done)
+        // Blocking calls that end the SDK's export threads: spans first, then metrics.
+        let done = tokio::task::spawn_blocking(move || {
+            if let Err(e) = this.traces.shutdown(wait) {
+                tracing::debug!(error = %e, "Span export did not shut down cleanly.");
+            }
+            this.provider.shutdown_with_timeout(wait)
+        });
+        if tokio::time::timeout(2 * wait + Duration::from_secs(1), done)
             .await
             .is_err()
         {
             tracing::warn!(
-                "OTLP export did not finish in time at shutdown; pending metrics were dropped."
+                "OTLP export did not finish in time at shutdown; pending figures were dropped."
             );
         }
     }
