@@ -421,6 +421,8 @@ async fn finish(ctx: &Context, result: &RunResult, agent_id: &str) -> Result<Opt
     ctx.jobs_changed([run.job_id.as_str()]);
     info!(
         run = %result.run_id,
+        job = %run.job_id,
+        trace_id = %run.job_id,
         agent = %run.agent_name,
         variant = %run.variant,
         state = finished.state.as_str(),

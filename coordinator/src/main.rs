@@ -62,6 +62,14 @@ struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     otlp_protocol: Option<String>,
+    /// How often metrics (and queued spans) are exported over OTLP, milliseconds (default 10000).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_interval_ms: Option<u64>,
+    /// How long one OTLP export may take before it is abandoned, milliseconds (default 10000).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_timeout_ms: Option<u64>,
     /// Serve Prometheus /metrics on this address, e.g. 127.0.0.1:9464.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

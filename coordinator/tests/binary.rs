@@ -240,3 +240,50 @@ fn init_makes_a_ca_and_a_server_certificate_and_prints_the_fingerprint() {
     );
     assert!(stdout.contains(&fp), "{stdout}");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = coordinator()
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--database")
+        .arg(format!(
+            "sqlite://{}",
+            dir.path().join("fleet.db").display()
+        ))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no 'Coordinator listening.' line; got {seen:#?}"));
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        seen.push(line.clone());
+        if v["fields"]["message"] == "Coordinator listening." {
+            assert!(v["fields"]["addr"].is_string(), "{line}");
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

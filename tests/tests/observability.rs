@@ -564,3 +564,124 @@ async fn prometheus_scrapes_a_real_job_and_every_dashboard_query_returns_data() 
     );
     coord.stop().await;
 }
+
+#[test]
+fn the_dashboards_folder_is_generated_parses_and_holds_together() {
+    let dir = repo().join("dashboards");
+    // The committed dashboards are what the script writes.
+    let before: Vec<(std::path::PathBuf, String)> = ["fleet.json", "model.json", "generative.json"]
+        .iter()
+        .map(|f| (dir.join(f), std::fs::read_to_string(dir.join(f)).unwrap()))
+        .collect();
+    let out = std::process::Command::new(python())
+        .arg(dir.join("make_dashboards.py"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (path, text) in &before {
+        assert_eq!(
+            &std::fs::read_to_string(path).unwrap(),
+            text,
+            "{} differs from what make_dashboards.py writes",
+            path.display()
+        );
+    }
+    let mut uids = std::collections::BTreeSet::new();
+    for (path, text) in &before {
+        let d: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert!(
+            uids.insert(d["uid"].as_str().unwrap().to_string()),
+            "{}",
+            path.display()
+        );
+        let vars: Vec<&str> = d["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        for (title, expr) in expressions(&d) {
+            // Every $variable a query uses is defined (Grafana's own ones start with $__).
+            for word in expr.split('$').skip(1) {
+                let name: String = word
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    name.starts_with("__") || vars.contains(&name.as_str()),
+                    "{}: '{title}' uses ${name}, which is not a variable",
+                    path.display()
+                );
+            }
+        }
+    }
+    // Prometheus configurations, checked by Prometheus's own tool.
+    for f in ["prometheus.yml", "prometheus-collector.yml"] {
+        let out = std::process::Command::new("promtool")
+            .args(["check", "config"])
+            .arg(dir.join(f))
+            .output()
+            .expect("promtool (Debian's prometheus package; scripts/ensure-prometheus.sh)");
+        assert!(
+            out.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The collector: OTLP in over both protocols, every pipeline naming defined components, metrics
+    // out to Prometheus.
+    let c: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join("otel-collector.yaml")).unwrap())
+            .unwrap();
+    for p in ["http", "grpc"] {
+        assert!(
+            !c["receivers"]["otlp"]["protocols"][p].is_null(),
+            "otlp {p}"
+        );
+    }
+    let pipelines = c["service"]["pipelines"].as_mapping().unwrap();
+    assert!(pipelines.contains_key("metrics") && pipelines.contains_key("traces"));
+    for (name, p) in pipelines {
+        for (kind, section) in [
+            ("receivers", "receivers"),
+            ("processors", "processors"),
+            ("exporters", "exporters"),
+        ] {
+            for comp in p[kind].as_sequence().into_iter().flatten() {
+                let comp = comp.as_str().unwrap();
+                assert!(
+                    !c[section][comp].is_null() || c[section].get(comp).is_some(),
+                    "pipeline {name:?} names {kind} {comp}, which is not defined"
+                );
+            }
+        }
+    }
+    assert!(
+        c["service"]["pipelines"]["metrics"]["exporters"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|e| e.as_str() == Some("prometheus"))
+    );
+    // Compose: the services, and every file it mounts exists here.
+    let compose: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join("compose.yaml")).unwrap())
+            .unwrap();
+    let services = compose["services"].as_mapping().unwrap();
+    for s in ["collector", "prometheus", "grafana"] {
+        assert!(services.contains_key(s), "compose service {s}");
+    }
+    for (_, svc) in services {
+        for v in svc["volumes"].as_sequence().into_iter().flatten() {
+            let src = v.as_str().unwrap().split(':').next().unwrap();
+            assert!(
+                dir.join(src).exists(),
+                "compose mounts {src}, which is not in dashboards/"
+            );
+        }
+    }
+}

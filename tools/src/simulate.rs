@@ -73,6 +73,40 @@ struct Args {
     /// Join token of --coordinator, for the simulated agents.
     #[arg(long, env = "FLEETBENCH_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// Have the coordinator the harness starts export metrics and traces over OTLP (http/protobuf,
+    /// every --otlp-interval-ms) to a sink the harness runs, to measure what export costs.
+    #[arg(long)]
+    otlp: bool,
+    /// Export interval with --otlp, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    otlp_interval_ms: u64,
+}
+
+/// An OTLP http/protobuf endpoint that accepts every export and counts requests and bytes.
+async fn otlp_sink() -> Result<(std::net::SocketAddr, Arc<(AtomicU64, AtomicU64)>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let seen = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let counts = seen.clone();
+    let app = axum::Router::new().route(
+        "/{*signal}",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let counts = counts.clone();
+            async move {
+                counts.0.fetch_add(1, Ordering::Relaxed);
+                counts.1.fetch_add(body.len() as u64, Ordering::Relaxed);
+                // An empty Export*ServiceResponse: full success.
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((addr, seen))
 }
 
 struct Stats {
@@ -209,7 +243,11 @@ struct Target {
 
 /// Starts a coordinator; returns how to reach it and the process. It makes its first admin and join
 /// tokens in its data directory, which the harness reads.
-fn spawn_coordinator(database: Option<&str>, tls: bool) -> Result<(Target, Spawned)> {
+fn spawn_coordinator(
+    database: Option<&str>,
+    tls: bool,
+    extra: &[String],
+) -> Result<(Target, Spawned)> {
     let dir = tempfile::tempdir()?;
     let exe = std::env::current_exe()?;
     let bin = exe
@@ -256,6 +294,7 @@ fn spawn_coordinator(database: Option<&str>, tls: bool) -> Result<(Target, Spawn
         .arg(&db)
         .arg("--addr-file")
         .arg(&addr_file)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(log)
@@ -469,6 +508,16 @@ async fn main() -> Result<()> {
         bail!("--agents, --rate and --duration-s must be > 0");
     }
     raise_nofile();
+    if a.otlp && a.coordinator.is_some() {
+        bail!(
+            "--otlp applies to the coordinator the harness starts; configure --coordinator's own export"
+        );
+    }
+    let sink = if a.otlp {
+        Some(otlp_sink().await?)
+    } else {
+        None
+    };
     let (target, spawned) = match &a.coordinator {
         Some(u) => (
             Target {
@@ -480,7 +529,15 @@ async fn main() -> Result<()> {
             None,
         ),
         None => {
-            let (t, s) = spawn_coordinator(a.database.as_deref(), a.tls)?;
+            let mut extra = Vec::new();
+            if let Some((addr, _)) = &sink {
+                extra.extend([
+                    "--otlp-endpoint".to_string(),
+                    format!("http://{addr}"),
+                    format!("--otlp-interval-ms={}", a.otlp_interval_ms),
+                ]);
+            }
+            let (t, s) = spawn_coordinator(a.database.as_deref(), a.tls, &extra)?;
             (t, Some(s))
         }
     };
@@ -726,6 +783,8 @@ async fn main() -> Result<()> {
         "coordinator_rss_mb": rss.map(|r| r as f64 / 1e6),
         "rss_budget_mb": 50.0 + 0.1 * a.agents as f64,
         "machine_cpu_steal_pct": steal,
+        "otlp_exports": sink.as_ref().map(|(_, c)| c.0.load(Ordering::Relaxed)),
+        "otlp_bytes": sink.as_ref().map(|(_, c)| c.1.load(Ordering::Relaxed)),
     });
     eprintln!();
     println!("{report}");
