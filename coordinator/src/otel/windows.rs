@@ -215,17 +215,15 @@ impl Series {
     }
 }
 
-/// Calls `record` once per value in an HDR histogram (ns), in seconds, at its bucket's midpoint.
+/// Calls `record` once per value in an HDR histogram (ns), in seconds, at its bucket's midpoint. The
+/// encoding is read directly (no counts array is built), so the cost is the records themselves.
 pub fn rebucket(hdr: &[u8], mut record: impl FnMut(f64)) {
-    let Ok(h) = fleetbench_common::hist::decode(hdr) else {
-        return;
-    };
-    for v in h.iter_recorded() {
-        let seconds = h.median_equivalent(v.value_iterated_to()) as f64 / 1e9;
-        for _ in 0..v.count_at_value() {
+    let _ = fleetbench_common::hist::for_each_recorded(hdr, |midpoint_ns, count| {
+        let seconds = midpoint_ns as f64 / 1e9;
+        for _ in 0..count {
             record(seconds);
         }
-    }
+    });
 }
 
 /// Configuration labels seen so far, up to a cap; later ones become `other`.
