@@ -12,14 +12,18 @@ fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing prometheus from Debian's packages"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    # policy-rc.d 101: do not start the packaged service (it would take port 9090).
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-    chmod +x /usr/sbin/policy-rc.d
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null || {
-        rm -f /usr/sbin/policy-rc.d
-        exit 1
-    }
-    rm -f /usr/sbin/policy-rc.d
+    # policy-rc.d exit 101: do not start the packaged service (it would take port 9090). One the
+    # machine already has is left as it is.
+    made_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    status=0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null || status=$?
+    [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d
+    exit "$status"
 else
     log "prometheus is not installed and cannot be installed here (need root and apt-get); the Prometheus test will fail and say so"
 fi
