@@ -496,6 +496,25 @@ pub async fn push_digits(client: &Client) {
     .expect("push int8");
 }
 
+/// Pushes the bundled decoder as model `tiny-llama` (its base, fp32), with a token eval set
+/// (inputs, labels) when given.
+pub async fn push_tiny_llama(
+    client: &fleetbench_cli::client::Client,
+    eval: Option<(&std::path::Path, &std::path::Path)>,
+) {
+    fleetbench_cli::commands::models::push(
+        client,
+        &models("llm/tiny-llama.onnx"),
+        "tiny-llama",
+        None,
+        None,
+        None,
+        eval,
+    )
+    .await
+    .expect("push the decoder");
+}
+
 /// Top-1 accuracy of a variant as the models script measured it in Python (models/digits/metadata.json).
 pub fn python_accuracy(variant: &str) -> f64 {
     let meta: serde_json::Value = serde_json::from_str(

@@ -99,25 +99,6 @@ fn a_model_that_is_not_a_decoder_is_refused_naming_what_is_missing() {
 
 const OUTPUT_TOKENS: u64 = 16;
 
-/// Pushes the bundled decoder as model `tiny-llama` (its base, fp32), with a token eval set
-/// (inputs, labels) when given.
-async fn push_tiny_llama(
-    client: &fleetbench_cli::client::Client,
-    eval: Option<(&std::path::Path, &std::path::Path)>,
-) {
-    model_cmd::push(
-        client,
-        &models("llm/tiny-llama.onnx"),
-        "tiny-llama",
-        None,
-        None,
-        None,
-        eval,
-    )
-    .await
-    .expect("push the decoder");
-}
-
 /// Why the coordinator refused to queue `j` (the submission must fail).
 async fn refusal(client: &fleetbench_cli::client::Client, j: &JobArgs) -> String {
     jobs::submit(client, j).await.unwrap_err().to_string()

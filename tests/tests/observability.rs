@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fleetbench_cli::commands::{jobs, models as model_cmd};
+use fleetbench_cli::commands::jobs;
 use fleetbench_cli::jobspec::JobArgs;
 use fleetbench_coordinator::otel::latency_bounds;
 use fleetbench_proto::v1::JobDetail;
@@ -426,17 +426,7 @@ async fn prometheus_scrapes_a_real_job_and_every_dashboard_query_returns_data() 
         .await
         .unwrap();
     push_digits(&client).await;
-    model_cmd::push(
-        &client,
-        &models("llm/tiny-llama.onnx"),
-        "tiny-llama",
-        None,
-        None,
-        None,
-        None,
-    )
-    .await
-    .expect("push the decoder");
+    push_tiny_llama(&client, None).await;
     let digits = jobs::submit(&client, &digits_job(300)).await.unwrap();
     let generate = JobArgs {
         model: Some("tiny-llama".into()),
