@@ -76,10 +76,50 @@ fn check_header(bytes: &[u8]) -> Result<(), HistError> {
         return bad("more significant digits than fleetbench records");
     }
     let (low, high) = (u64_at(16), u64_at(24));
-    if low == 0 || high > 1 << 62 || low > high {
+    if low == 0 || high > 1 << 62 || high < 2 * low {
         return bad("its value range is out of bounds");
     }
+    if f64::from_be_bytes(bytes[32..40].try_into().expect("8 bytes")) != 1.0 {
+        return bad("an integer-to-double ratio, which fleetbench never writes");
+    }
+    let layout = Layout::of(digits, low);
+    if layout.unit_magnitude + layout.sub_bucket_count_magnitude > 63 {
+        return bad("more precision than its lowest value allows");
+    }
     Ok(())
+}
+
+/// HdrHistogram's bucket layout for a precision and lowest value, computed as the `hdrhistogram`
+/// crate computes it (`Histogram::new_with_bounds`), so the direct reader refuses what it refuses.
+struct Layout {
+    unit_magnitude: u32,
+    sub_bucket_count_magnitude: u32,
+}
+
+impl Layout {
+    fn of(digits: u32, low: u64) -> Self {
+        let largest = 2 * 10u32.pow(digits);
+        Self {
+            unit_magnitude: (low as f64).log2().floor() as u32,
+            sub_bucket_count_magnitude: f64::from(largest).log2().ceil() as u32,
+        }
+    }
+
+    /// The length of the counts array a histogram up to `high` has.
+    fn counts_len(&self, high: u64) -> u64 {
+        let mut smallest_untrackable =
+            1u64 << (self.sub_bucket_count_magnitude + self.unit_magnitude);
+        let mut buckets = 1u64;
+        while smallest_untrackable <= high {
+            if smallest_untrackable > u64::MAX / 2 {
+                buckets += 1;
+                break;
+            }
+            smallest_untrackable <<= 1;
+            buckets += 1;
+        }
+        (buckets + 1) * (1u64 << (self.sub_bucket_count_magnitude - 1))
+    }
 }
 
 /// Calls `f(midpoint_ns, count)` for every non-empty bucket of a histogram written by [`encode`],
@@ -99,15 +139,13 @@ pub fn for_each_recorded(bytes: &[u8], mut f: impl FnMut(u64, u64)) -> Result<()
     if u32_at(8) != 0 {
         return Err(bad("a normalizing offset, which fleetbench never writes"));
     }
-    let digits = u32_at(12);
-    let lowest = u64_at(16);
+    let layout = Layout::of(u32_at(12), u64_at(16));
+    let counts_len = layout.counts_len(u64_at(24));
     // HdrHistogram's layout: buckets of sub_bucket_count slots, each bucket after the first using
     // its top half at twice the previous bucket's unit.
-    let single_unit = 2 * 10u64.pow(digits);
-    let sub_bucket_count_magnitude = 64 - (single_unit - 1).leading_zeros();
-    let half_magnitude = sub_bucket_count_magnitude.max(1) - 1;
+    let half_magnitude = layout.sub_bucket_count_magnitude - 1;
     let half_count = 1u64 << half_magnitude;
-    let unit_magnitude = 63 - lowest.leading_zeros();
+    let unit_magnitude = layout.unit_magnitude;
     let payload = &bytes[V2_HEADER..V2_HEADER + u32_at(4) as usize];
     let (mut at, mut index) = (0usize, 0u64);
     while at < payload.len() {
@@ -130,10 +168,17 @@ pub fn for_each_recorded(bytes: &[u8], mut f: impl FnMut(u64, u64)) -> Result<()
         }
         let n = ((raw >> 1) as i64) ^ -((raw & 1) as i64);
         if n < 0 {
-            index = index.saturating_add(n.unsigned_abs());
+            // A run of empty slots (as the crate's reader does, a run that does not fit refuses).
+            index = n
+                .checked_neg()
+                .and_then(|run| index.checked_add(run as u64))
+                .ok_or_else(|| bad("a run of empty slots beyond any range"))?;
             continue;
         }
         if n > 0 {
+            if index >= counts_len {
+                return Err(bad("more slots than its value range holds"));
+            }
             let mut bucket = (index >> half_magnitude) as i64 - 1;
             let mut sub = (index & (half_count - 1)) + half_count;
             if bucket < 0 {
@@ -147,9 +192,19 @@ pub fn for_each_recorded(bytes: &[u8], mut f: impl FnMut(u64, u64)) -> Result<()
             // The slot's lowest value, plus half its width (HdrHistogram's median_equivalent).
             f((sub << shift) + ((1u64 << shift) >> 1), n as u64);
         }
-        index += 1;
+        index = index
+            .checked_add(1)
+            .ok_or_else(|| bad("a run of empty slots beyond any range"))?;
     }
     Ok(())
+}
+
+/// Checks an encoded histogram as [`decode`] does, without building it, and returns how many values
+/// it holds. Empty input holds none.
+pub fn check_count(bytes: &[u8]) -> Result<u64, HistError> {
+    let mut total = 0u64;
+    for_each_recorded(bytes, |_, n| total = total.saturating_add(n))?;
+    Ok(total)
 }
 
 /// Reads a histogram written by [`encode`]. Empty input gives an empty histogram. Bytes from outside
@@ -437,6 +492,33 @@ mod hostile_headers {
 mod decoding_outside_bytes {
     use proptest::prelude::*;
 
+    /// Encodes `values`, changes the bytes `flips` name (positions modulo the length), and holds the
+    /// direct reader to decoding: both refuse or neither does, with the same count.
+    fn damaged_alike(values: &[u64], flips: Vec<(usize, u8)>) -> Result<(), TestCaseError> {
+        let mut h = super::new_histogram();
+        for v in values {
+            super::record_ns(&mut h, *v);
+        }
+        let mut bytes = super::encode(&h);
+        for (at, b) in flips {
+            let n = bytes.len();
+            bytes[at % n] = b;
+        }
+        let decoded = super::decode(&bytes);
+        let direct = super::for_each_recorded(&bytes, |_, _| {});
+        prop_assert_eq!(
+            decoded.is_ok(),
+            direct.is_ok(),
+            "{:?} vs {:?}",
+            decoded.as_ref().err(),
+            direct.err()
+        );
+        if let Ok(h) = decoded {
+            prop_assert_eq!(super::check_count(&bytes).unwrap(), h.len());
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -446,23 +528,23 @@ mod decoding_outside_bytes {
             let _ = super::decode(&bytes);
         }
 
-        /// A real encoding with bytes changed: the same.
+        /// A real encoding with bytes changed: no panic, and the direct reader refuses exactly what
+        /// decoding refuses and counts what it counts.
         #[test]
         fn damaged_encodings_decode_or_fail_cleanly(
             values in proptest::collection::vec(1u64..10_000_000_000, 1..200),
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
         ) {
-            let mut h = super::new_histogram();
-            for v in &values {
-                super::record_ns(&mut h, *v);
-            }
-            let mut bytes = super::encode(&h);
-            for (at, b) in flips {
-                let n = bytes.len();
-                bytes[at % n] = b;
-            }
-            let _ = super::decode(&bytes);
-            let _ = super::for_each_recorded(&bytes, |_, _| {});
+            damaged_alike(&values, flips)?;
+        }
+
+        /// The same with only header bytes changed (where the range and precision are).
+        #[test]
+        fn damaged_headers_are_refused_alike(
+            values in proptest::collection::vec(1u64..10_000_000_000, 1..50),
+            flips in proptest::collection::vec((0usize..40, any::<u8>()), 1..3),
+        ) {
+            damaged_alike(&values, flips)?;
         }
 
         /// Any bytes: the direct reader fails cleanly too.

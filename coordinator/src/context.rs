@@ -93,7 +93,7 @@ impl Context {
         Self,
         tokio::sync::mpsc::Receiver<crate::otel::windows::Event>,
     ) {
-        let (recorder, events) = crate::otel::windows::Recorder::new();
+        let (recorder, events) = crate::otel::windows::Recorder::new(telemetry.enabled());
         let ctx = Self {
             store,
             quotas: crate::quota::Quotas::new(&config),

@@ -34,6 +34,9 @@ pub enum IngestItem {
         reply: AgentLink,
         /// When it arrived, for the ack latency.
         received: std::time::Instant,
+        /// Its latencies in the exported histogram's buckets, counted while it was checked; None
+        /// when metrics go nowhere.
+        latency: Option<Box<crate::otel::hist::Counts>>,
     },
     /// A run's result.
     Result {
@@ -51,23 +54,27 @@ pub type IngestHandle = mpsc::Sender<IngestItem>;
 
 /// Why a window is refused on arrival, or None when it can be stored: its run id must be an id, its
 /// histograms must decode, the latency histogram must hold one value per query, and its offsets and
-/// counts must make sense. A bad window is refused alone; the rest of its batch goes on.
-pub fn check_window(w: &Window) -> Option<String> {
+/// counts must make sense. A bad window is refused alone; the rest of its batch goes on. The
+/// histograms are read without being built (as `hist::decode` would refuse them), and `latency` is
+/// handed each (HDR bucket midpoint ns, count) of the latency histogram on the way.
+pub fn check_window(w: &Window, mut latency: impl FnMut(u64, u64)) -> Option<String> {
     if let Err(e) = fleetbench_common::ids::check("run_id", &w.run_id) {
         return Some(e.to_string());
     }
-    let h = match fleetbench_common::hist::decode(&w.latency_histogram) {
-        Ok(h) => h,
-        Err(e) => return Some(format!("latency_histogram: {e}")),
-    };
-    if h.len() != w.queries {
+    let mut held = 0u64;
+    if let Err(e) = fleetbench_common::hist::for_each_recorded(&w.latency_histogram, |ns, n| {
+        held = held.saturating_add(n);
+        latency(ns, n);
+    }) {
+        return Some(format!("latency_histogram: {e}"));
+    }
+    if held != w.queries {
         return Some(format!(
-            "latency_histogram: holds {} latencies, the window says {} queries",
-            h.len(),
+            "latency_histogram: holds {held} latencies, the window says {} queries",
             w.queries
         ));
     }
-    if let Err(e) = fleetbench_common::hist::decode(&w.issue_delay_histogram) {
+    if let Err(e) = fleetbench_common::hist::check_count(&w.issue_delay_histogram) {
         return Some(format!("issue_delay_histogram: {e}"));
     }
     if let Some(g) = &w.generation {
@@ -76,7 +83,7 @@ pub fn check_window(w: &Window) -> Option<String> {
             ("generation.tpot_histogram", &g.tpot_histogram),
             ("generation.itl_histogram", &g.itl_histogram),
         ] {
-            if let Err(e) = fleetbench_common::hist::decode(bytes) {
+            if let Err(e) = fleetbench_common::hist::check_count(bytes) {
                 return Some(format!("{name}: {e}"));
             }
         }
@@ -154,6 +161,7 @@ struct Incoming {
     agent_id: String,
     reply: AgentLink,
     received: std::time::Instant,
+    latency: Option<Box<crate::otel::hist::Counts>>,
 }
 
 /// The ingest writer loop.
@@ -176,11 +184,13 @@ pub async fn run_writer(
                     agent_id,
                     reply,
                     received,
+                    latency,
                 } => windows.push(Incoming {
                     window,
                     agent_id,
                     reply,
                     received,
+                    latency,
                 }),
                 IngestItem::Result {
                     result,
@@ -300,13 +310,13 @@ async fn flush_windows(
     // Only the watchers of the jobs that changed wake up.
     ctx.jobs_changed(jobs.iter().map(String::as_str));
     // Metrics, after the acknowledgements: counted here, measured by the recorder's task.
-    for ((item, outcome), (_, window)) in batch.iter().zip(&outcomes).zip(rows.drain(..)) {
+    for ((item, outcome), (_, window)) in batch.into_iter().zip(&outcomes).zip(rows.drain(..)) {
         inst.windows.add(
             1,
             &[opentelemetry::KeyValue::new("outcome", outcome.as_str())],
         );
         inst.ack.record(item.received.elapsed().as_secs_f64(), &[]);
-        if matches!(outcome, WindowOutcome::Stored) && !ctx.recorder.stored(window) {
+        if matches!(outcome, WindowOutcome::Stored) && !ctx.recorder.stored(window, item.latency) {
             inst.dropped.add(1, &[]);
         }
     }

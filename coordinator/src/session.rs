@@ -113,7 +113,16 @@ async fn window(
     w: fleetbench_proto::v1::TelemetryWindow,
 ) -> bool {
     let window = Window::from(w);
-    if let Some(why) = check_window(&window) {
+    let mut latency = ctx
+        .telemetry
+        .enabled()
+        .then(|| Box::new(ctx.telemetry.windows.histograms.latency.counts()));
+    let checked = check_window(&window, |ns, n| {
+        if let Some(c) = &mut latency {
+            c.add(ns, n)
+        }
+    });
+    if let Some(why) = checked {
         ctx.stats.bad_windows.fetch_add(1, Ordering::Relaxed);
         ctx.telemetry
             .inst
@@ -136,6 +145,7 @@ async fn window(
             agent_id: s.agent.id.clone(),
             reply: s.link.clone(),
             received: std::time::Instant::now(),
+            latency,
         })
         .await
         .is_ok()

@@ -1,7 +1,9 @@
 //! `fleetbench-otel-overhead`: what OTLP export costs the coordinator. It runs the load harness
-//! (`fleetbench-simulate`, beside this binary) at one offered load with export off and on, alternating
-//! (off, on, off, on, …) so that drift on the machine falls on both, and prints the median over the
-//! runs of the coordinator's CPU time per window and of the steady-state acknowledgement p99.
+//! (`fleetbench-simulate`, beside this binary) at one offered load with export off and on, the two
+//! side by side (two harnesses, two coordinators, started together), so that the machine's drift in
+//! speed, which on a shared VM moves a run's CPU figures by 20 % from one minute to the next, falls on
+//! both alike. It prints the median over the pairs of the coordinator's CPU time per window and of the
+//! steady-state acknowledgement p99, and the median of the pairs' own changes (the steadier figure).
 //!
 //! `fleetbench-otel-overhead --runs 5 -- --agents 50 --rate 4 --duration-s 20`
 //! (arguments after `--` go to every harness run).
@@ -15,7 +17,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "fleetbench-otel-overhead", version)]
 struct Args {
-    /// Runs with export off and as many with it on.
+    /// Pairs of runs, one with export off and one with it on, side by side.
     #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Arguments for every `fleetbench-simulate` run.
@@ -31,13 +33,23 @@ struct Figures {
     ingest_per_s: f64,
 }
 
-fn run(bin: &std::path::Path, args: &[String], otlp: bool) -> Result<Figures> {
+/// Starts one harness run.
+fn start(bin: &std::path::Path, args: &[String], otlp: bool) -> Result<std::process::Child> {
     let mut cmd = Command::new(bin);
-    cmd.args(args);
+    cmd.args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     if otlp {
         cmd.arg("--otlp");
     }
-    let out = cmd.output().context("run fleetbench-simulate")?;
+    cmd.spawn().context("run fleetbench-simulate")
+}
+
+/// The figures of a finished harness run.
+fn finish(child: std::process::Child, otlp: bool) -> Result<Figures> {
+    let out = child
+        .wait_with_output()
+        .context("wait for fleetbench-simulate")?;
     if !out.status.success() {
         bail!(
             "fleetbench-simulate failed: {}",
@@ -99,8 +111,12 @@ fn main() -> Result<()> {
     }
     let (mut off, mut on) = (Vec::new(), Vec::new());
     for i in 0..a.runs {
-        for otlp in [false, true] {
-            let f = run(&bin, &a.harness, otlp)?;
+        let children = [
+            (false, start(&bin, &a.harness, false)?),
+            (true, start(&bin, &a.harness, true)?),
+        ];
+        for (otlp, child) in children {
+            let f = finish(child, otlp)?;
             eprintln!(
                 "run {} export {:<3}: {:.1} µs CPU/window, ack p99 {:.2} ms, {:.0} windows/s",
                 i + 1,
@@ -119,6 +135,16 @@ fn main() -> Result<()> {
     );
     let ack = (m(&off, |f| f.ack_p99_ms), m(&on, |f| f.ack_p99_ms));
     let pct = |(a, b): (f64, f64)| 100.0 * (b - a) / a;
+    let paired = |g: fn(&Figures) -> f64| {
+        median(
+            off.iter()
+                .zip(&on)
+                .map(|(x, y)| pct((g(x), g(y))))
+                .collect(),
+        )
+    };
+    let cpu_paired = paired(|f| f.cpu_us_per_window);
+    let ack_paired = paired(|f| f.ack_p99_ms);
     println!(
         "median of {} runs each: coordinator CPU per window {:.1} µs off, {:.1} µs on ({:+.1} %); \
          ack p99 {:.2} ms off, {:.2} ms on ({:+.1} %)",
@@ -131,11 +157,15 @@ fn main() -> Result<()> {
         pct(ack)
     );
     println!(
+        "median of the {} pairs' changes: CPU per window {cpu_paired:+.1} %, ack p99 {ack_paired:+.1} %",
+        a.runs
+    );
+    println!(
         "{}",
         serde_json::json!({
             "runs": a.runs,
-            "cpu_us_per_window": {"off": cpu.0, "on": cpu.1, "change_pct": pct(cpu)},
-            "ack_p99_ms": {"off": ack.0, "on": ack.1, "change_pct": pct(ack)},
+            "cpu_us_per_window": {"off": cpu.0, "on": cpu.1, "change_pct": pct(cpu), "paired_change_pct": cpu_paired},
+            "ack_p99_ms": {"off": ack.0, "on": ack.1, "change_pct": pct(ack), "paired_change_pct": ack_paired},
         })
     );
     Ok(())

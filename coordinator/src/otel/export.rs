@@ -9,12 +9,17 @@ use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
 use opentelemetry_otlp::{
     Protocol, RetryPolicy, WithExportConfig, WithHttpConfig, WithTonicConfig,
 };
-use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
+use opentelemetry_proto::tonic::metrics::v1::ScopeMetrics;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::metrics::Temporality;
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use tracing::warn;
 
+use super::hist::Histograms;
 use crate::config::CoordinatorConfig;
 use crate::error::{Error, Result};
 
@@ -192,50 +197,247 @@ pub fn span_exporter(
 }
 
 /// The metrics exporter `settings` describe, counting its failures into `failures` (set once the
-/// instruments exist) and logging each (one per export interval at most).
+/// instruments exist) and logging each (one per export interval at most). Each export carries the
+/// SDK's metrics and `histograms` in one request.
 pub fn metric_exporter(
     settings: &OtlpSettings,
+    histograms: Arc<Histograms>,
     failures: Arc<OnceLock<Counter<u64>>>,
-) -> Result<Counted<opentelemetry_otlp::MetricExporter>> {
+) -> Result<Counted<MetricExporter>> {
     let timeout = Duration::from_millis(settings.timeout_ms);
-    let built = match settings.protocol {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+        Error::Internal("OTLP export must be set up inside the Tokio runtime".into())
+    })?;
+    let headers = otlp_headers("OTEL_EXPORTER_OTLP_METRICS_HEADERS")?;
+    let transport = match settings.protocol {
         OtlpProtocol::HttpProtobuf => {
-            let client = OnTokio {
+            let (setting, url) = metrics_endpoint(settings, "/v1/metrics", "http://localhost:4318");
+            let uri: http::Uri = url.parse().map_err(|e| {
+                Error::InvalidArgument(format!("{setting}: '{url}' is not a URL ({e})"))
+            })?;
+            let mut map = http::HeaderMap::new();
+            for (k, v) in headers {
+                map.insert(k, v);
+            }
+            Transport::Http {
                 client: opentelemetry_http::hyper::HyperClient::with_default_connector(
                     timeout, None,
                 ),
-                runtime: tokio::runtime::Handle::try_current().map_err(|_| {
-                    Error::Internal("OTLP export must be set up inside the Tokio runtime".into())
-                })?,
-            };
-            let mut b = opentelemetry_otlp::MetricExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .with_http_client(client)
-                .with_retry_policy(RetryPolicy::disabled())
-                .with_timeout(timeout);
-            if let Some(url) = settings.signal_endpoint("/v1/metrics") {
-                b = b.with_endpoint(url);
+                uri,
+                headers: map,
             }
-            b.with_temporality(Temporality::Cumulative).build()
         }
         OtlpProtocol::Grpc => {
-            let mut b = opentelemetry_otlp::MetricExporter::builder()
-                .with_tonic()
-                .with_retry_policy(RetryPolicy::disabled())
-                .with_timeout(timeout);
-            if let Some(url) = settings.signal_endpoint("/v1/metrics") {
-                b = b.with_endpoint(url);
+            let (setting, url) = metrics_endpoint(settings, "", "http://localhost:4317");
+            let channel = {
+                let _guard = runtime.enter();
+                tonic::transport::Channel::from_shared(url.clone())
+                    .map_err(|e| {
+                        Error::InvalidArgument(format!("{setting}: '{url}' is not a URL ({e})"))
+                    })?
+                    .timeout(timeout)
+                    .connect_lazy()
+            };
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            for (k, v) in headers {
+                let key = tonic::metadata::MetadataKey::from_bytes(k.as_str().as_bytes())
+                    .map_err(|e| Error::InvalidArgument(format!("OTLP header '{k}': {e}")))?;
+                let value = tonic::metadata::MetadataValue::try_from(v.as_bytes())
+                    .map_err(|e| Error::InvalidArgument(format!("OTLP header '{k}': {e}")))?;
+                metadata.insert(key, value);
             }
-            b.with_temporality(Temporality::Cumulative).build()
+            Transport::Grpc {
+                client: MetricsServiceClient::new(channel),
+                metadata,
+            }
         }
     };
-    let inner = built.map_err(|e| Error::InvalidArgument(format!("otlp_endpoint: {e}")))?;
     Ok(Counted {
-        inner,
+        inner: MetricExporter {
+            transport,
+            runtime,
+            timeout,
+            histograms,
+        },
         failures,
         signal: "metrics",
     })
+}
+
+/// Where metrics go, and the setting that said so: the configured base (with `path` over HTTP),
+/// else `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` as it is, else `OTEL_EXPORTER_OTLP_ENDPOINT` (with
+/// `path`), else `default` (with `path`): the OTLP exporter specification's order.
+fn metrics_endpoint(settings: &OtlpSettings, path: &str, default: &str) -> (&'static str, String) {
+    if let Some(base) = &settings.endpoint {
+        return ("otlp_endpoint", format!("{base}{path}"));
+    }
+    if let Some(url) = env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") {
+        return ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", url);
+    }
+    if let Some(url) = env("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        return (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("{}{path}", url.trim_end_matches('/')),
+        );
+    }
+    ("otlp_endpoint", format!("{default}{path}"))
+}
+
+/// The headers to send: `signal_var` when set, else `OTEL_EXPORTER_OTLP_HEADERS`; each a
+/// comma-separated `key=value` list with percent-encoded values. A pair that is not a valid header
+/// is refused, naming the variable.
+fn otlp_headers(signal_var: &str) -> Result<Vec<(http::HeaderName, http::HeaderValue)>> {
+    let Some((var, list)) = env(signal_var)
+        .map(|v| (signal_var.to_string(), v))
+        .or_else(|| {
+            env("OTEL_EXPORTER_OTLP_HEADERS").map(|v| ("OTEL_EXPORTER_OTLP_HEADERS".into(), v))
+        })
+    else {
+        return Ok(Vec::new());
+    };
+    parse_headers(&list).map_err(|e| Error::InvalidArgument(format!("{var}: {e}")))
+}
+
+fn parse_headers(
+    list: &str,
+) -> std::result::Result<Vec<(http::HeaderName, http::HeaderValue)>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("'{pair}' is not key=value"))?;
+            let value = percent_encoding::percent_decode_str(v.trim())
+                .decode_utf8()
+                .map_err(|e| {
+                    format!(
+                        "the value of '{}' is not UTF-8 once decoded ({e})",
+                        k.trim()
+                    )
+                })?;
+            let name = http::HeaderName::from_bytes(k.trim().as_bytes())
+                .map_err(|e| format!("'{}' is not a header name ({e})", k.trim()))?;
+            let value = http::HeaderValue::from_str(&value)
+                .map_err(|e| format!("the value of '{}' is not a header value ({e})", k.trim()))?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
+/// One per exporter, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Transport {
+    Http {
+        client: opentelemetry_http::hyper::HyperClient,
+        uri: http::Uri,
+        headers: http::HeaderMap,
+    },
+    Grpc {
+        client: MetricsServiceClient<tonic::transport::Channel>,
+        metadata: tonic::metadata::MetadataMap,
+    },
+}
+
+/// Exports the SDK's metrics and the window histograms in one OTLP request, over the transport the
+/// settings name, on the Tokio runtime (the SDK's export thread is outside it), each export bounded
+/// by the timeout. No retries: metrics are cumulative, so the next export carries what one lost.
+pub struct MetricExporter {
+    transport: Transport,
+    runtime: tokio::runtime::Handle,
+    timeout: Duration,
+    histograms: Arc<Histograms>,
+}
+
+impl std::fmt::Debug for MetricExporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricExporter")
+    }
+}
+
+impl MetricExporter {
+    /// The request for `metrics`: the SDK's, with the window histograms added to its scope.
+    fn request(&self, metrics: &ResourceMetrics) -> ExportMetricsServiceRequest {
+        let mut req = ExportMetricsServiceRequest::from(metrics);
+        let extra = self.histograms.to_otlp();
+        if extra.is_empty() {
+            return req;
+        }
+        let rm = &mut req.resource_metrics[0];
+        match rm.scope_metrics.first_mut() {
+            Some(scope) => scope.metrics.extend(extra),
+            None => rm.scope_metrics.push(ScopeMetrics {
+                scope: Some(InstrumentationScope {
+                    name: super::METER.to_string(),
+                    ..Default::default()
+                }),
+                metrics: extra,
+                schema_url: String::new(),
+            }),
+        }
+        req
+    }
+}
+
+impl PushMetricExporter for MetricExporter {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        let req = self.request(metrics);
+        let timeout = self.timeout;
+        let sent = match &self.transport {
+            Transport::Http {
+                client,
+                uri,
+                headers,
+            } => {
+                let mut request = Request::post(uri.clone())
+                    .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+                    .body(Bytes::from(prost::Message::encode_to_vec(&req)))
+                    .map_err(|e| OTelSdkError::InternalFailure(e.to_string()))?;
+                request.headers_mut().extend(headers.clone());
+                let client = client.clone();
+                self.runtime.spawn(async move {
+                    let response = tokio::time::timeout(timeout, client.send_bytes(request))
+                        .await
+                        .map_err(|_| format!("no answer within {timeout:?}"))?
+                        .map_err(|e| e.to_string())?;
+                    if response.status().is_success() {
+                        Ok(())
+                    } else {
+                        Err(format!("the collector answered {}", response.status()))
+                    }
+                })
+            }
+            Transport::Grpc { client, metadata } => {
+                let mut client = client.clone();
+                let request =
+                    tonic::Request::from_parts(metadata.clone(), tonic::Extensions::default(), req);
+                self.runtime.spawn(async move {
+                    tokio::time::timeout(timeout, client.export(request))
+                        .await
+                        .map_err(|_| format!("no answer within {timeout:?}"))?
+                        .map(|_| ())
+                        .map_err(|s| format!("{}: {}", s.code(), s.message()))
+                })
+            }
+        };
+        match sent.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(OTelSdkError::InternalFailure(e)),
+            Err(e) => Err(OTelSdkError::InternalFailure(e.to_string())),
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn temporality(&self) -> Temporality {
+        Temporality::Cumulative
+    }
 }
 
 /// An exporter whose failed exports are counted and logged.
@@ -274,5 +476,46 @@ impl<E: PushMetricExporter> PushMetricExporter for Counted<E> {
 
     fn temporality(&self) -> Temporality {
         self.inner.temporality()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn otlp_headers_are_key_value_pairs_with_percent_encoded_values() {
+        let h = super::parse_headers("api-key=a%20b%2Cc , x-tenant = t1,").unwrap();
+        let h: Vec<(String, String)> = h
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        assert_eq!(
+            h,
+            [
+                ("api-key".to_string(), "a b,c".to_string()),
+                ("x-tenant".to_string(), "t1".to_string())
+            ]
+        );
+        let e = super::parse_headers("api-key").unwrap_err();
+        assert!(e.contains("'api-key' is not key=value"), "{e}");
+        let e = super::parse_headers("bad key=v").unwrap_err();
+        assert!(e.contains("'bad key' is not a header name"), "{e}");
+    }
+
+    #[test]
+    fn a_configured_endpoint_gets_the_signal_path_over_http_only() {
+        let s = super::OtlpSettings {
+            endpoint: Some("http://c:4318".into()),
+            protocol: super::OtlpProtocol::HttpProtobuf,
+            interval_ms: 1,
+            timeout_ms: 1,
+        };
+        assert_eq!(
+            super::metrics_endpoint(&s, "/v1/metrics", "http://localhost:4318").1,
+            "http://c:4318/v1/metrics"
+        );
+        assert_eq!(
+            super::metrics_endpoint(&s, "", "http://localhost:4317").1,
+            "http://c:4318"
+        );
     }
 }

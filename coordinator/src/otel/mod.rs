@@ -10,6 +10,7 @@
 //! - [`prom`] serves `/metrics` from a reader collected at each scrape.
 
 pub mod export;
+pub mod hist;
 pub mod prom;
 pub mod traces;
 pub mod windows;
@@ -26,6 +27,9 @@ use crate::config::CoordinatorConfig;
 use crate::error::{Error, Result};
 
 pub use export::OtlpSettings;
+
+/// The meter (and instrumentation scope) of the coordinator's metrics.
+pub const METER: &str = "fleetbench-coordinator";
 
 /// Bucket bounds of latency histograms, seconds: 1-2-5 steps from 1 µs to 10 s.
 pub fn latency_bounds() -> Vec<f64> {
@@ -199,8 +203,9 @@ impl Telemetry {
         let failures = Arc::new(std::sync::OnceLock::<Counter<u64>>::new());
         let traces = traces::Traces::new(otlp.as_ref(), &resource, failures.clone())?;
         let mut builder = SdkMeterProvider::builder().with_resource(resource);
+        let histograms = Arc::new(hist::Histograms::default());
         if let Some(o) = &otlp {
-            let exporter = export::metric_exporter(o, failures.clone())?;
+            let exporter = export::metric_exporter(o, histograms.clone(), failures.clone())?;
             builder = builder.with_reader(
                 opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
                     .with_interval(Duration::from_millis(o.interval_ms))
@@ -212,7 +217,7 @@ impl Telemetry {
             builder = builder.with_reader(prom::SharedReader(r.clone()));
         }
         let provider = builder.build();
-        let meter = provider.meter("fleetbench-coordinator");
+        let meter = provider.meter(METER);
         let inst = Instruments::new(&meter);
         let _ = failures.set(inst.export_failures.clone());
         // Counters of rare events start at 0, so their series exist (and dashboards show 0, not "no
@@ -224,7 +229,7 @@ impl Telemetry {
         inst.export_failures
             .add(0, &[KeyValue::new("signal", "metrics")]);
         inst.dropped.add(0, &[]);
-        let windows = windows::WindowInstruments::new(&meter);
+        let windows = windows::WindowInstruments::new(&meter, histograms);
         let telemetry = Self {
             provider,
             scrape,
@@ -243,10 +248,10 @@ impl Telemetry {
     /// Metrics that go nowhere (a context built without a server, in tests).
     pub fn off() -> Self {
         let provider = SdkMeterProvider::builder().build();
-        let meter = provider.meter("fleetbench-coordinator");
+        let meter = provider.meter(METER);
         Self {
             inst: Instruments::new(&meter),
-            windows: windows::WindowInstruments::new(&meter),
+            windows: windows::WindowInstruments::new(&meter, Default::default()),
             provider,
             scrape: None,
             meter,
@@ -294,7 +299,11 @@ impl Telemetry {
     /// The metrics as Prometheus (OpenMetrics) text; None when `/metrics` is not served.
     pub fn prometheus_text(&self) -> Option<Result<String>> {
         let reader = self.scrape.as_ref()?;
-        Some(prom::collect_text(reader, &self.resource))
+        Some(prom::collect_text(
+            reader,
+            &self.windows.histograms,
+            &self.resource,
+        ))
     }
 
     /// Exports what is pending and stops the exporters, waiting at most the OTLP timeout (a hung

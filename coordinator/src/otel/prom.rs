@@ -15,6 +15,7 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use tokio::net::TcpListener;
 
+use super::hist::Histograms;
 use crate::error::{Error, Result};
 
 /// A reader the provider and the scrape handler share.
@@ -186,8 +187,45 @@ impl Collector for Scrape {
     }
 }
 
-/// Collects `reader` and writes the result as OpenMetrics text, `resource` as `target_info`.
-pub fn collect_text(reader: &ManualReader, resource: &[(String, String)]) -> Result<String> {
+/// The families of the window histograms that have values.
+fn histogram_families(histograms: &Histograms) -> Vec<Family> {
+    histograms
+        .all()
+        .iter()
+        .filter_map(|h| {
+            let points: Vec<Point> = h
+                .snapshot()
+                .into_iter()
+                .map(|(attrs, b)| {
+                    let bounds = h
+                        .bounds()
+                        .iter()
+                        .copied()
+                        .chain(std::iter::once(f64::INFINITY));
+                    Point {
+                        labels: labels(attrs.iter()),
+                        value: 0.0,
+                        histogram: Some((b.sum, b.count, bounds.zip(b.counts).collect())),
+                    }
+                })
+                .collect();
+            (!points.is_empty()).then(|| Family {
+                name: prometheus_name(h.name, h.unit, MetricType::Histogram),
+                help: h.description.to_string(),
+                kind: MetricType::Histogram,
+                points,
+            })
+        })
+        .collect()
+}
+
+/// Collects `reader` and the window `histograms` and writes the result as OpenMetrics text,
+/// `resource` as `target_info`.
+pub fn collect_text(
+    reader: &ManualReader,
+    histograms: &Histograms,
+    resource: &[(String, String)],
+) -> Result<String> {
     let mut rm = ResourceMetrics::default();
     reader
         .collect(&mut rm)
@@ -203,6 +241,7 @@ pub fn collect_text(reader: &ManualReader, resource: &[(String, String)]) -> Res
             families.extend(f);
         }
     }
+    families.extend(histogram_families(histograms));
     let mut registry = prometheus_client::registry::Registry::default();
     registry.register_collector(Box::new(Scrape {
         families,
