@@ -22,15 +22,22 @@ pub fn table(header: &[&str]) -> Table {
     t
 }
 
-/// Milliseconds with sensible precision (µs resolution below 10 ms).
+/// A duration given in milliseconds, in the unit that suits its size (µs below 1 ms, s from 1 s)
+/// with three significant digits: `2.13 µs`, `15.2 ms`, `1.20 s`. JSON keeps raw numbers.
 pub fn ms(v: f64) -> String {
-    if v < 10.0 {
-        format!("{v:.3}")
-    } else if v < 1000.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.0}")
+    if !v.is_finite() || v <= 0.0 {
+        return format!("{v} ms");
     }
+    let (value, unit) = if v < 1.0 {
+        (v * 1e3, "µs")
+    } else if v < 1e3 {
+        (v, "ms")
+    } else {
+        (v / 1e3, "s")
+    };
+    // Three significant digits, and no more decimals than that (999.5 rounds to 1000, shown whole).
+    let digits = (2 - value.log10().floor() as i32).clamp(0, 2) as usize;
+    format!("{value:.digits$} {unit}")
 }
 
 /// A number of samples per second.
@@ -74,10 +81,10 @@ pub fn cost(v: Option<f64>) -> String {
 
 /// The header of the token-figure columns of a generate run or row.
 pub const TOKEN_HEADER: &[&str] = &[
-    "TTFT P50 ms",
-    "TTFT P99 ms",
-    "TPOT P50 ms",
-    "TPOT P99 ms",
+    "TTFT P50",
+    "TTFT P99",
+    "TPOT P50",
+    "TPOT P99",
     "TOKENS/S",
     "REQ/S",
     "GOODPUT/S",
@@ -109,4 +116,26 @@ pub fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 /// Short id for tables.
 pub fn short(id: &str) -> &str {
     &id[..id.len().min(8)]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_take_the_unit_that_suits_them_with_three_significant_digits() {
+        assert_eq!(super::ms(0.002), "2.00 µs");
+        assert_eq!(super::ms(0.0213), "21.3 µs");
+        assert_eq!(super::ms(0.5), "500 µs");
+        assert_eq!(super::ms(1.5234), "1.52 ms");
+        assert_eq!(super::ms(15.24), "15.2 ms");
+        assert_eq!(super::ms(152.4), "152 ms");
+        assert_eq!(super::ms(1200.0), "1.20 s");
+        assert_eq!(super::ms(0.0), "0 ms");
+    }
+
+    #[test]
+    fn costs_keep_three_significant_digits() {
+        assert_eq!(super::cost(Some(0.0000123)), "0.0000123");
+        assert_eq!(super::cost(Some(12.345)), "12.3");
+        assert_eq!(super::cost(None), "-");
+    }
 }

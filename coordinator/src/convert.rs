@@ -491,6 +491,7 @@ impl From<&RankRow> for pb::RankRow {
             legacy: r.legacy,
             pool_key: r.pool_key.clone(),
             generation: r.generation.as_ref().map(Into::into),
+            tied: r.tied,
         }
     }
 }

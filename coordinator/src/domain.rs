@@ -511,8 +511,10 @@ pub struct RankQuery {
 /// One ranked (platform, variant, configuration) with its pooled figures.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RankRow {
-    /// 1-based rank.
+    /// 1-based rank; rows tied with their group's leader share its rank.
     pub rank: u32,
+    /// True when the row's confidence interval of the objective overlaps its group leader's.
+    pub tied: bool,
     /// Platform id.
     pub platform_id: String,
     /// Readable platform name.

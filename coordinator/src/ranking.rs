@@ -171,6 +171,7 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
     };
     Ok(RankRow {
         rank: 0,
+        tied: false,
         platform_id: first.platform_id.clone(),
         platform: first.platform_name.clone(),
         variant: first.variant.clone(),
@@ -338,13 +339,64 @@ pub fn rank_runs(runs: &[StoredRun], variants: &[Variant], req: &RankQuery) -> R
         let mut seen = std::collections::HashSet::new();
         rows.retain(|r| seen.insert((r.platform_id.clone(), r.variant.clone())));
     }
-    for (i, row) in rows.iter_mut().enumerate() {
-        row.rank = i as u32 + 1;
-    }
+    let rows = tie(rows, objective);
     Ok(Ranking {
         rows,
         objective: objective.name().to_string(),
     })
+}
+
+/// A row's 95 % confidence interval of the objective, where fleetbench has one: the order-statistic
+/// intervals of the pooled histogram for p50 and p99.
+fn interval(objective: Objective, row: &RankRow) -> Option<(f64, f64)> {
+    let l = &row.latency;
+    let ci = match objective {
+        Objective::P50 => (l.p50_ci_low_ms, l.p50_ci_high_ms),
+        Objective::P99 => (l.p99_ci_low_ms, l.p99_ci_high_ms),
+        _ => return None,
+    };
+    (ci.0.is_finite() && ci.1.is_finite() && ci.0 <= ci.1 && ci.1 > 0.0).then_some(ci)
+}
+
+/// Numbers rows sorted by `objective`. The first row leads a group; every later row whose 95 %
+/// interval overlaps the leader's joins it (they cannot be told apart), shares its rank and is marked
+/// tied; within a group rows go by cost (rows without one last), then by the objective. The next row
+/// left leads the next group, ranked by its position. Objectives without intervals rank one by one.
+fn tie(rows: Vec<RankRow>, objective: Objective) -> Vec<RankRow> {
+    let mut left: std::collections::VecDeque<RankRow> = rows.into();
+    let mut out = Vec::with_capacity(left.len());
+    while let Some(leader) = left.pop_front() {
+        let rank = out.len() as u32 + 1;
+        let mut group = Vec::new();
+        if let Some((lo, hi)) = interval(objective, &leader) {
+            let (tied, rest): (Vec<RankRow>, Vec<RankRow>) = left
+                .into_iter()
+                .partition(|r| interval(objective, r).is_some_and(|(l, h)| l <= hi && h >= lo));
+            left = rest.into();
+            group = tied;
+        }
+        group.push(leader);
+        let cost = |r: &RankRow| {
+            r.generation
+                .as_ref()
+                .map_or(r.cost_per_million, |g| g.cost_per_million_tokens)
+                .unwrap_or(f64::INFINITY)
+        };
+        if group.len() > 1 {
+            group.sort_by(|a, b| {
+                cost(a)
+                    .total_cmp(&cost(b))
+                    .then_with(|| objective.key(a).total_cmp(&objective.key(b)))
+            });
+        }
+        let tied = group.len() > 1;
+        for mut r in group {
+            r.rank = rank;
+            r.tied = tied;
+            out.push(r);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -379,6 +431,71 @@ mod tests {
             },
             histogram: hist::encode(&h),
         }
+    }
+
+    /// A run on `platform` of `n` latencies spread evenly over ±5 % of `ms`, at `cost` per hour.
+    fn timed(platform: &str, ms: f64, n: u64, cost: Option<f64>) -> StoredRun {
+        let mut r = run(platform, "fp32", 0, 0.9);
+        let mut h = hist::new_histogram();
+        for i in 0..n {
+            let f = 0.95 + 0.1 * i as f64 / n as f64;
+            hist::record_ns(&mut h, (ms * 1e6 * f) as u64);
+        }
+        r.histogram = hist::encode(&h);
+        r.platform_id = platform.into();
+        r.platform_name = platform.into();
+        r.summary.samples = n;
+        r.summary.duration_ms = 1000.0;
+        r.summary.cost_per_hour = cost;
+        r
+    }
+
+    fn ranked(runs: &[StoredRun], objective: &str) -> Vec<(String, u32, bool)> {
+        let q = RankQuery {
+            objective: objective.into(),
+            ..Default::default()
+        };
+        rank_runs(runs, &variants(), &q)
+            .unwrap()
+            .rows
+            .into_iter()
+            .map(|r| (r.platform, r.rank, r.tied))
+            .collect()
+    }
+
+    #[test]
+    fn rows_whose_intervals_overlap_the_leaders_tie_and_go_by_cost() {
+        // 40 latencies each: the p50 intervals of 1.00 and 1.01 ms overlap; 3 ms is far away.
+        let runs = vec![
+            timed("a", 1.00, 40, Some(2.0)),
+            timed("b", 1.01, 40, Some(1.0)),
+            timed("c", 3.00, 40, Some(0.5)),
+        ];
+        let got = ranked(&runs, "p50");
+        assert_eq!(
+            got,
+            [
+                ("b".to_string(), 1, true),
+                ("a".to_string(), 1, true),
+                ("c".to_string(), 3, false)
+            ],
+            "b is cheaper, so it leads the tie although its p50 is higher"
+        );
+        // Throughput has no interval here: rows rank one by one.
+        assert!(ranked(&runs, "throughput").iter().all(|r| !r.2));
+    }
+
+    #[test]
+    fn rows_whose_intervals_do_not_overlap_rank_apart() {
+        // 20,000 latencies each: p99 intervals are narrow, and 1.00 vs 1.05 ms are told apart.
+        let runs = vec![
+            timed("a", 1.00, 20_000, Some(2.0)),
+            timed("b", 1.05, 20_000, Some(1.0)),
+        ];
+        assert_eq!(
+            ranked(&runs, "p99"),
+            [("a".to_string(), 1, false), ("b".to_string(), 2, false)]
+        );
     }
 
     fn variants() -> Vec<Variant> {

@@ -232,7 +232,7 @@ fn task_line(t: &TaskInfo) -> String {
     );
     if let Some(g) = t.run.as_ref().and_then(|r| r.generation.as_ref()) {
         s.push_str(&format!(
-            " (TTFT p99 {} ms, TPOT p99 {} ms, {} tokens/s",
+            " (TTFT p99 {}, TPOT p99 {}, {} tokens/s",
             output::ms(g.ttft.unwrap_or_default().p99_ms),
             output::ms(g.tpot.unwrap_or_default().p99_ms),
             output::rate(g.output_tokens_per_s),
@@ -247,7 +247,7 @@ fn task_line(t: &TaskInfo) -> String {
     } else if let Some(r) = &t.run {
         let lat = r.latency.unwrap_or_default();
         s.push_str(&format!(
-            " (p50 {} ms, p99 {} ms, {} samples/s, accuracy {}{})",
+            " (p50 {}, p99 {}, {} samples/s, accuracy {}{})",
             output::ms(lat.p50_ms),
             output::ms(lat.p99_ms),
             output::rate(r.throughput_per_s),
@@ -381,9 +381,9 @@ fn print_detail(d: &JobDetail) {
         "CONFIG",
         "STATE",
         "VALID",
-        "P50 ms",
-        "P90 ms",
-        "P99 ms",
+        "P50",
+        "P90",
+        "P99",
         "SAMPLES/S",
         "ACCURACY",
         "CPU %",
@@ -450,7 +450,7 @@ fn print_detail(d: &JobDetail) {
     if !generated.is_empty() {
         let mut header = vec!["TASK", "VARIANT", "AGENT"];
         header.extend_from_slice(output::TOKEN_HEADER);
-        header.extend(["ITL P99 ms", "E2E P99 ms", "KV/TOKEN"]);
+        header.extend(["ITL P99", "E2E P99", "KV/TOKEN"]);
         let mut t = output::table(&header);
         for (task, g) in generated {
             let mut row = vec![

@@ -374,6 +374,9 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
     let resp = rank::fetch(&client, &rank_args).await?;
     println!("ranking of 'digits' by p99 latency (best first):");
     println!("{}", rank::table(&resp));
+    if let Some(note) = rank::tie_note(&resp) {
+        println!("{note}");
+    }
     if summary.state != "succeeded" {
         bail!(
             "job {job} ended {}; see `fleetbench jobs show {job}` and the logs in {}",

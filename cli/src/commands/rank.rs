@@ -64,8 +64,10 @@ impl RankArgs {
 /// A ranking row as printed by `--output json`.
 #[derive(Debug, Serialize)]
 pub struct RankJson {
-    /// 1-based rank.
+    /// 1-based rank; tied rows share their group leader's.
     pub rank: u32,
+    /// The row's 95 % interval of the objective overlaps its group leader's (p50 and p99 objectives).
+    pub tied: bool,
     /// Readable platform name.
     pub platform: String,
     /// Platform id.
@@ -124,6 +126,7 @@ impl From<&RankRow> for RankJson {
         let l = r.latency.unwrap_or_default();
         RankJson {
             rank: r.rank,
+            tied: r.tied,
             platform: r.platform.clone(),
             platform_id: r.platform_id.clone(),
             variant: r.variant.clone(),
@@ -184,7 +187,7 @@ pub fn token_table(resp: &RankResponse) -> comfy_table::Table {
     for r in &resp.rows {
         let g = r.generation.unwrap_or_default();
         let mut row = vec![
-            r.rank.to_string(),
+            rank_cell(r),
             r.platform.clone(),
             r.variant.clone(),
             r.config.clone(),
@@ -207,9 +210,9 @@ pub fn table(resp: &RankResponse) -> comfy_table::Table {
         "PLATFORM",
         "VARIANT",
         "CONFIG",
-        "P50 ms",
-        "P90 ms",
-        "P99 ms",
+        "P50",
+        "P90",
+        "P99",
         "SAMPLES/S",
         "ACCURACY",
         "Δ ACC",
@@ -221,7 +224,7 @@ pub fn table(resp: &RankResponse) -> comfy_table::Table {
     for r in &resp.rows {
         let l = r.latency.unwrap_or_default();
         t.add_row(vec![
-            r.rank.to_string(),
+            rank_cell(r),
             r.platform.clone(),
             r.variant.clone(),
             if r.legacy {
@@ -244,6 +247,26 @@ pub fn table(resp: &RankResponse) -> comfy_table::Table {
         ]);
     }
     t
+}
+
+/// A row's rank as shown: `=1` for rows tied with others.
+fn rank_cell(r: &fleetbench_proto::v1::RankRow) -> String {
+    if r.tied {
+        format!("={}", r.rank)
+    } else {
+        r.rank.to_string()
+    }
+}
+
+/// The note under a table with tied rows.
+pub fn tie_note(resp: &RankResponse) -> Option<String> {
+    resp.rows.iter().any(|r| r.tied).then(|| {
+        format!(
+            "=N: tied. These rows' 95 % confidence intervals of the {} overlap the best row's, so the \
+             measurements cannot tell them apart; tied rows are listed by cost per million, lowest first.",
+            resp.objective
+        )
+    })
 }
 
 /// The note under a table with legacy rows.
@@ -273,6 +296,9 @@ pub async fn run(client: &Client, a: RankArgs) -> Result<()> {
                     a.model, resp.objective
                 );
                 println!("{}", table(&resp));
+                if let Some(note) = tie_note(&resp) {
+                    println!("{note}");
+                }
                 if let Some(note) = legacy_note(&resp) {
                     println!("{note}");
                 }
