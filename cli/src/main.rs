@@ -40,6 +40,8 @@ enum Command {
     Agents(commands::agents::AgentsCmd),
     /// Rank platforms and variants for a model.
     Rank(commands::rank::RankArgs),
+    /// One answer for a model: the variant and platform to deploy, why, and the alternatives.
+    Recommend(commands::recommend::RecommendArgs),
     /// Tokens and agents' credentials (needs an admin token).
     #[command(subcommand)]
     Admin(commands::admin::AdminCmd),
@@ -71,6 +73,7 @@ async fn run() -> Result<()> {
         Command::Jobs(c) => commands::jobs::run(&client, c).await,
         Command::Agents(c) => commands::agents::run(&client, c).await,
         Command::Rank(a) => commands::rank::run(&client, a).await,
+        Command::Recommend(a) => commands::recommend::run(&client, a).await,
         Command::Admin(c) => commands::admin::run(&client, c).await,
         Command::Quickstart(_) => unreachable!("handled above"),
     }

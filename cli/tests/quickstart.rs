@@ -73,6 +73,11 @@ fn quickstart_prints_a_ranking_of_both_platforms() {
     );
     assert!(rows.iter().any(|r| r.contains("tier=cloud")), "{stdout}");
     assert!(
+        digits
+            .contains("recommendation (fleetbench recommend digits --min-accuracy 0.95):\nDeploy "),
+        "{stdout}"
+    );
+    assert!(
         rows.iter().all(|r| r.contains(" %")),
         "accuracy on every row:\n{stdout}"
     );

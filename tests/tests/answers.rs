@@ -220,3 +220,98 @@ async fn a_model_with_external_data_is_pushed_with_its_data_and_runs() {
         "the external-data copy classifies as the original: {accuracy}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recommend_passes_over_a_faster_row_below_the_accuracy_floor() {
+    use fleetbench_cli::commands::recommend::{self, RecommendArgs};
+    let fleet = SoloFleet::start().await;
+    push_digits(&fleet.client).await;
+    // A structurally pruned variant: much faster, and a few points less accurate.
+    let pruned = models::optimize(
+        &fleet.client,
+        "digits",
+        &fleetbench_cli::optimize::RecipeArgs {
+            sparsity: Some(0.5),
+            structured: true,
+            ..fleetbench_cli::optimize::RecipeArgs::named("prune")
+        },
+        None,
+        None,
+    )
+    .await
+    .expect("prune digits");
+    let pruned = pruned.variant.variant;
+    let id = jobs::submit(
+        &fleet.client,
+        &JobArgs {
+            model: Some("digits".into()),
+            variants: vec!["all".into()],
+            iterations: Some(2000),
+            warmup: Some(100),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let s = wait_job(&fleet.client, &id, Duration::from_secs(180)).await;
+    assert_eq!(
+        s.state,
+        "succeeded",
+        "{:?}",
+        job_detail(&fleet.client, &id).await
+    );
+    let rows = rank::fetch(&fleet.client, &rank_args("digits"))
+        .await
+        .unwrap()
+        .rows;
+    let p99 = |v: &str| {
+        let r = rows.iter().find(|r| r.variant == v).unwrap();
+        (r.latency.unwrap().p99_ms, r.accuracy.unwrap())
+    };
+    let (pruned_p99, pruned_acc) = p99(&pruned);
+    let (fp32_p99, fp32_acc) = p99("fp32");
+    assert!(
+        pruned_p99 < fp32_p99 && pruned_acc < 0.95 && fp32_acc >= 0.95,
+        "the setting this test needs: {rows:?}"
+    );
+    let args = |min_accuracy: f64| RecommendArgs {
+        model: "digits".into(),
+        objective: "p99".into(),
+        max_p99_ms: None,
+        min_accuracy: Some(min_accuracy),
+        max_accuracy_drop: None,
+        min_throughput: None,
+        job: Some(id.clone()),
+        output: Format::Json,
+    };
+    let r = recommend::fetch(&fleet.client, &args(0.95)).await.unwrap();
+    let eligible_best = rows
+        .iter()
+        .filter(|r| r.accuracy.unwrap() >= 0.95)
+        .min_by(|a, b| {
+            a.latency
+                .unwrap()
+                .p99_ms
+                .total_cmp(&b.latency.unwrap().p99_ms)
+        })
+        .unwrap();
+    assert_ne!(r.recommendation.variant, pruned, "{}", r.reason);
+    assert!(
+        r.recommendation.p99_ms <= eligible_best.latency.unwrap().p99_ms || r.recommendation.tied,
+        "the fastest row that is accurate enough (or one tied with it): {r:?}"
+    );
+    assert!(r.pareto.iter().all(|p| p.variant != pruned), "{r:?}");
+    assert!(
+        r.reason.starts_with("Deploy ") && r.reason.contains("accuracy ≥ 95.00 %"),
+        "{}",
+        r.reason
+    );
+    // A floor nothing meets: an error that names it and what was measured.
+    let e = recommend::fetch(&fleet.client, &args(0.9999))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("no row of 'digits' meets accuracy ≥ 99.99 %"),
+        "{e:#}"
+    );
+}

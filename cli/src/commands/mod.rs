@@ -6,3 +6,4 @@ pub mod jobs;
 pub mod models;
 pub mod quickstart;
 pub mod rank;
+pub mod recommend;

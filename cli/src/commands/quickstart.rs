@@ -377,6 +377,24 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
     if let Some(note) = rank::tie_note(&resp) {
         println!("{note}");
     }
+    // One answer: the cheapest row that keeps at least 95 % accuracy.
+    let advice = super::recommend::RecommendArgs {
+        model: "digits".into(),
+        objective: "cost".into(),
+        max_p99_ms: None,
+        min_accuracy: Some(0.95),
+        max_accuracy_drop: None,
+        min_throughput: None,
+        job: Some(job.clone()),
+        output: Format::Table,
+    };
+    match super::recommend::fetch(&client, &advice).await {
+        Ok(r) => println!(
+            "recommendation (fleetbench recommend digits --min-accuracy 0.95):\n{}",
+            r.reason
+        ),
+        Err(e) => println!("recommendation: {e:#}"),
+    }
     if summary.state != "succeeded" {
         bail!(
             "job {job} ended {}; see `fleetbench jobs show {job}` and the logs in {}",
