@@ -28,6 +28,10 @@ pub fn ms(v: f64) -> String {
     if !v.is_finite() || v <= 0.0 {
         return format!("{v} ms");
     }
+    // Rounded to three significant digits before the unit is chosen, so 0.9996 ms reads 1.00 ms,
+    // not 1000 µs.
+    let scale = 10f64.powf(2.0 - v.log10().floor());
+    let v = (v * scale).round() / scale;
     let (value, unit) = if v < 1.0 {
         (v * 1e3, "µs")
     } else if v < 1e3 {
@@ -35,8 +39,7 @@ pub fn ms(v: f64) -> String {
     } else {
         (v / 1e3, "s")
     };
-    // Three significant digits, and no more decimals than that (999.5 rounds to 1000, shown whole).
-    let digits = (2 - value.log10().floor() as i32).clamp(0, 2) as usize;
+    let digits = (2 - (value * (1.0 + 1e-9)).log10().floor() as i32).clamp(0, 2) as usize;
     format!("{value:.digits$} {unit}")
 }
 
@@ -130,6 +133,9 @@ mod tests {
         assert_eq!(super::ms(152.4), "152 ms");
         assert_eq!(super::ms(1200.0), "1.20 s");
         assert_eq!(super::ms(0.0), "0 ms");
+        assert_eq!(super::ms(0.9996), "1.00 ms");
+        assert_eq!(super::ms(999.6), "1.00 s");
+        assert_eq!(super::ms(0.999), "999 µs");
     }
 
     #[test]

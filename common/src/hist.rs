@@ -76,7 +76,7 @@ fn check_header(bytes: &[u8]) -> Result<(), HistError> {
         return bad("more significant digits than fleetbench records");
     }
     let (low, high) = (u64_at(16), u64_at(24));
-    if low == 0 || high > 1 << 62 || high < 2 * low {
+    if low == 0 || high > 1 << 62 || high / 2 < low {
         return bad("its value range is out of bounds");
     }
     if f64::from_be_bytes(bytes[32..40].try_into().expect("8 bytes")) != 1.0 {
@@ -469,6 +469,17 @@ mod tests {
 
 #[cfg(test)]
 mod hostile_headers {
+    #[test]
+    fn a_lowest_value_whose_double_overflows_is_refused_not_multiplied() {
+        let mut h = super::new_histogram();
+        super::record_ns(&mut h, 1000);
+        let mut bytes = super::encode(&h);
+        // lowest = 2^63: twice it does not fit in 64 bits.
+        bytes[16..24].copy_from_slice(&(1u64 << 63).to_be_bytes());
+        assert!(super::for_each_recorded(&bytes, |_, _| {}).is_err());
+        assert!(super::decode(&bytes).is_err());
+    }
+
     #[test]
     fn a_header_that_asks_for_gigabytes_is_refused_before_anything_is_allocated() {
         let mut h = super::new_histogram();

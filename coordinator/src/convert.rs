@@ -459,6 +459,7 @@ impl From<pb::RankRequest> for RankQuery {
             max_p99_ms: r.max_p99_ms,
             min_throughput: r.min_throughput,
             max_accuracy_drop: r.max_accuracy_drop,
+            min_accuracy: r.min_accuracy,
             max_rss_bytes: r.max_rss_bytes,
             include_invalid: r.include_invalid,
             best_config_only: r.best_config_only,

@@ -498,6 +498,8 @@ pub struct RankQuery {
     pub min_throughput: Option<f64>,
     /// Only rows at most this many points below the base variant.
     pub max_accuracy_drop: Option<f64>,
+    /// Only rows with at least this top-1 accuracy (a fraction).
+    pub min_accuracy: Option<f64>,
     /// Only rows whose peak RSS is at most this, bytes.
     pub max_rss_bytes: Option<u64>,
     /// Include INVALID runs.

@@ -251,6 +251,13 @@ pub async fn rank(coord: &Context, req: RankQuery) -> Result<Ranking> {
 /// accuracy with the base variant's row of the same platform and key, filters and sorts.
 pub fn rank_runs(runs: &[StoredRun], variants: &[Variant], req: &RankQuery) -> Result<Ranking> {
     let objective = Objective::parse(&req.objective)?;
+    if let Some(m) = req.min_accuracy
+        && !(m > 0.0 && m <= 1.0)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "min_accuracy: {m} is not a fraction; give e.g. 0.97 for 97 %"
+        )));
+    }
     let runs: Vec<&StoredRun> = runs
         .iter()
         .filter(|r| req.include_invalid || r.summary.valid)
@@ -315,6 +322,9 @@ pub fn rank_runs(runs: &[StoredRun], variants: &[Variant], req: &RankQuery) -> R
             && req
                 .max_accuracy_drop
                 .is_none_or(|m| row.accuracy_delta_pts.is_some_and(|d| -d <= m))
+            && req
+                .min_accuracy
+                .is_none_or(|m| row.accuracy.is_some_and(|a| a >= m))
     });
     // Each row's label says what sets it apart from the others listed.
     let labels = pooling::labels(
@@ -483,6 +493,32 @@ mod tests {
         );
         // Throughput has no interval here: rows rank one by one.
         assert!(ranked(&runs, "throughput").iter().all(|r| !r.2));
+    }
+
+    #[test]
+    fn an_accuracy_floor_applies_before_ties_are_grouped() {
+        let mut a = timed("a", 1.00, 40, Some(0.5));
+        a.summary.accuracy = Some(0.90);
+        let mut b = timed("b", 1.01, 40, Some(2.0));
+        b.summary.accuracy = Some(0.97);
+        let runs = vec![a, b];
+        let q = RankQuery {
+            objective: "p50".into(),
+            min_accuracy: Some(0.95),
+            ..Default::default()
+        };
+        let rows = rank_runs(&runs, &variants(), &q).unwrap().rows;
+        assert_eq!(rows.len(), 1);
+        assert!(
+            rows[0].platform == "b" && rows[0].rank == 1 && !rows[0].tied,
+            "b is not tied with a row that was left out: {rows:?}"
+        );
+        let q = RankQuery {
+            min_accuracy: Some(97.0),
+            ..q
+        };
+        let e = rank_runs(&runs, &variants(), &q).unwrap_err().to_string();
+        assert!(e.contains("min_accuracy: 97 is not a fraction"), "{e}");
     }
 
     #[test]

@@ -191,6 +191,7 @@ async fn check_everything_is_there(coord: &TestCoordinator) {
             max_p99_ms: None,
             min_throughput: None,
             max_accuracy_drop: None,
+            min_accuracy: None,
             max_rss_mb: None,
             include_invalid,
             best_config: false,

@@ -365,6 +365,7 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
         max_p99_ms: None,
         min_throughput: None,
         max_accuracy_drop: None,
+        min_accuracy: None,
         max_rss_mb: None,
         include_invalid: false,
         best_config: false,

@@ -26,6 +26,9 @@ pub struct RankArgs {
     /// Only rows whose accuracy is at most this many points below the base variant on the same platform.
     #[arg(long)]
     pub max_accuracy_drop: Option<f64>,
+    /// Only rows with at least this top-1 accuracy, as a fraction (0.97).
+    #[arg(long)]
+    pub min_accuracy: Option<f64>,
     /// Only rows whose peak RSS is at most this many MiB.
     #[arg(long)]
     pub max_rss_mb: Option<f64>,
@@ -52,6 +55,7 @@ impl RankArgs {
             max_p99_ms: None,
             min_throughput: None,
             max_accuracy_drop: None,
+            min_accuracy: None,
             max_rss_mb: None,
             include_invalid: false,
             best_config: false,
@@ -166,6 +170,7 @@ pub async fn fetch(client: &Client, a: &RankArgs) -> Result<RankResponse> {
         min_throughput: a.min_throughput,
         max_accuracy_drop: a.max_accuracy_drop,
         max_rss_bytes: a.max_rss_mb.map(|m| (m * 1024.0 * 1024.0) as u64),
+        min_accuracy: a.min_accuracy,
         include_invalid: a.include_invalid,
         best_config_only: a.best_config,
         job_id: a.job.clone().unwrap_or_default(),

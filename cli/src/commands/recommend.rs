@@ -124,7 +124,8 @@ fn constraints_text(a: &RecommendArgs) -> String {
 }
 
 /// The answer from `all` (every valid row) and `meeting` (the rows the coordinator kept under the
-/// constraints it applies, in the objective's order): the first that also meets `--min-accuracy`.
+/// constraints, in the objective's order, ties grouped among them): the first. `--min-accuracy` is
+/// applied here again, for a coordinator from before it took the constraint.
 pub fn recommend(
     a: &RecommendArgs,
     all: &RankResponse,
@@ -187,16 +188,19 @@ pub fn recommend(
         rows.len(),
         all.rows.len(),
     );
-    if best.tied {
-        let others = rows
-            .iter()
-            .filter(|r| r.tied && r.rank == best.rank)
-            .count()
-            - 1;
+    let others = rows
+        .iter()
+        .filter(|r| r.tied && r.rank == best.rank)
+        .count()
+        .saturating_sub(1);
+    if best.tied && others > 0 {
         reason.push_str(&format!(
             "; {others} other row(s) tie with it on {} (95 % intervals overlap), and it costs least",
             meeting.objective
         ));
+    }
+    if meeting.objective == "cost" && cost(best).is_none() {
+        reason.push_str(" (no row has a cost: give agents a cost_per_hour label to rank by cost)");
     }
     reason.push('.');
     let front = pareto(&rows);
@@ -231,6 +235,7 @@ pub async fn fetch(client: &Client, a: &RecommendArgs) -> Result<Recommendation>
             max_p99_ms: a.max_p99_ms,
             min_throughput: a.min_throughput,
             max_accuracy_drop: a.max_accuracy_drop,
+            min_accuracy: a.min_accuracy,
             ..base
         },
     )

@@ -356,7 +356,8 @@ impl std::fmt::Debug for MetricExporter {
 }
 
 impl MetricExporter {
-    /// The request for `metrics`: the SDK's, with the window histograms added to its scope.
+    /// The request for `metrics`: the SDK's, with the window histograms added to the coordinator's
+    /// scope.
     fn request(&self, metrics: &ResourceMetrics) -> ExportMetricsServiceRequest {
         let mut req = ExportMetricsServiceRequest::from(metrics);
         let extra = self.histograms.to_otlp();
@@ -364,7 +365,11 @@ impl MetricExporter {
             return req;
         }
         let rm = &mut req.resource_metrics[0];
-        match rm.scope_metrics.first_mut() {
+        let ours = rm
+            .scope_metrics
+            .iter_mut()
+            .find(|s| s.scope.as_ref().is_some_and(|sc| sc.name == super::METER));
+        match ours {
             Some(scope) => scope.metrics.extend(extra),
             None => rm.scope_metrics.push(ScopeMetrics {
                 scope: Some(InstrumentationScope {
