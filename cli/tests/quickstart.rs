@@ -38,9 +38,16 @@ fn quickstart_prints_a_ranking_of_both_platforms() {
     let (digits, llm) = stdout
         .split_once("ranking of 'tiny-llama'")
         .unwrap_or_else(|| panic!("a ranking of the bundled decoder:\n{stdout}"));
-    let rows: Vec<&str> = digits.lines().filter(|l| l.contains("tier=")).collect();
+    // Table rows (the recommendation's sentence names a platform too).
+    let rows: Vec<&str> = digits
+        .lines()
+        .filter(|l| l.starts_with('│') && l.contains("tier="))
+        .collect();
     // The decoder generated on both platforms, ranked by tokens per second.
-    let llm_rows: Vec<&str> = llm.lines().filter(|l| l.contains("tier=")).collect();
+    let llm_rows: Vec<&str> = llm
+        .lines()
+        .filter(|l| l.starts_with('│') && l.contains("tier="))
+        .collect();
     assert_eq!(llm_rows.len(), 2, "tiny-llama on both platforms:\n{stdout}");
     assert!(
         llm_rows
