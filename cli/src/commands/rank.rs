@@ -175,12 +175,17 @@ pub async fn fetch(client: &Client, a: &RankArgs) -> Result<RankResponse> {
         best_config_only: a.best_config,
         job_id: a.job.clone().unwrap_or_default(),
     };
-    Ok(client
+    let mut resp = client
         .rankings()
         .rank(req)
         .await
         .map_err(|s| client.error(s, "ranking"))?
-        .into_inner())
+        .into_inner();
+    // A coordinator from before `min_accuracy` ignores it: the floor holds here all the same.
+    if let Some(m) = a.min_accuracy {
+        resp.rows.retain(|r| r.accuracy.is_some_and(|acc| acc >= m));
+    }
+    Ok(resp)
 }
 
 /// A ranking of generate rows: token figures instead of single-call latency and accuracy.

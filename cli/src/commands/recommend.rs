@@ -124,8 +124,7 @@ fn constraints_text(a: &RecommendArgs) -> String {
 }
 
 /// The answer from `all` (every valid row) and `meeting` (the rows the coordinator kept under the
-/// constraints, in the objective's order, ties grouped among them): the first. `--min-accuracy` is
-/// applied here again, for a coordinator from before it took the constraint.
+/// constraints, in the objective's order, ties grouped among them): the first.
 pub fn recommend(
     a: &RecommendArgs,
     all: &RankResponse,
