@@ -149,12 +149,16 @@ impl HttpClient for OnTokio {
     }
 }
 
+/// The runtime the exporters' requests run on: the one they are built in.
+fn runtime() -> Result<tokio::runtime::Handle> {
+    tokio::runtime::Handle::try_current()
+        .map_err(|_| Error::Internal("OTLP export must be set up inside the Tokio runtime".into()))
+}
+
 fn on_tokio(timeout: Duration) -> Result<OnTokio> {
     Ok(OnTokio {
         client: opentelemetry_http::hyper::HyperClient::with_default_connector(timeout, None),
-        runtime: tokio::runtime::Handle::try_current().map_err(|_| {
-            Error::Internal("OTLP export must be set up inside the Tokio runtime".into())
-        })?,
+        runtime: runtime()?,
     })
 }
 
@@ -205,9 +209,7 @@ pub fn metric_exporter(
     failures: Arc<OnceLock<Counter<u64>>>,
 ) -> Result<Counted<MetricExporter>> {
     let timeout = Duration::from_millis(settings.timeout_ms);
-    let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-        Error::Internal("OTLP export must be set up inside the Tokio runtime".into())
-    })?;
+    let runtime = runtime()?;
     let headers = otlp_headers("OTEL_EXPORTER_OTLP_METRICS_HEADERS")?;
     let transport = match settings.protocol {
         OtlpProtocol::HttpProtobuf => {
