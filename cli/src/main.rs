@@ -42,6 +42,9 @@ enum Command {
     Rank(commands::rank::RankArgs),
     /// One answer for a model: the variant and platform to deploy, why, and the alternatives.
     Recommend(commands::recommend::RecommendArgs),
+    /// Gate a release: compare two jobs (or two saved rankings) row by row; exit 0 when nothing
+    /// regressed beyond threshold and noise, 1 on a regression, 2 on errors.
+    Compare(commands::compare::CompareArgs),
     /// Tokens and agents' credentials (needs an admin token).
     #[command(subcommand)]
     Admin(commands::admin::AdminCmd),
@@ -49,18 +52,26 @@ enum Command {
     Quickstart(commands::quickstart::QuickstartArgs),
 }
 
+/// `compare`'s exit status on errors, apart from 1 (a regression) so a pipeline can tell them apart.
+const COMPARE_ERROR: i32 = 2;
+
 #[tokio::main]
 async fn main() {
-    if let Err(e) = run().await {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    let cli = Cli::parse();
+    let is_compare = matches!(cli.command, Command::Compare(_));
+    match run(cli).await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(if is_compare { COMPARE_ERROR } else { 1 });
+        }
     }
 }
 
-async fn run() -> Result<()> {
-    let cli = Cli::parse();
+/// Runs the command; returns the exit status.
+async fn run(cli: Cli) -> Result<i32> {
     if let Command::Quickstart(a) = cli.command {
-        return commands::quickstart::run(a).await;
+        return commands::quickstart::run(a).await.map(|()| 0);
     }
     let client = client::Client::connect_with(
         &cli.coordinator,
@@ -68,6 +79,9 @@ async fn run() -> Result<()> {
         cli.token.as_deref(),
     )
     .await?;
+    if let Command::Compare(a) = cli.command {
+        return Ok(i32::from(commands::compare::run(&client, a).await?));
+    }
     match cli.command {
         Command::Models(c) => commands::models::run(&client, c).await,
         Command::Jobs(c) => commands::jobs::run(&client, c).await,
@@ -75,6 +89,7 @@ async fn run() -> Result<()> {
         Command::Rank(a) => commands::rank::run(&client, a).await,
         Command::Recommend(a) => commands::recommend::run(&client, a).await,
         Command::Admin(c) => commands::admin::run(&client, c).await,
-        Command::Quickstart(_) => unreachable!("handled above"),
+        Command::Quickstart(_) | Command::Compare(_) => unreachable!("handled above"),
     }
+    .map(|()| 0)
 }

@@ -9,6 +9,7 @@ pub mod domain;
 pub mod files;
 pub mod hist;
 pub mod ids;
+pub mod intervals;
 pub mod labels;
 pub mod logging;
 pub mod onnx;

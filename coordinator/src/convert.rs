@@ -191,6 +191,7 @@ impl From<&RunSummary> for pb::RunSummary {
             cost_per_hour: s.cost_per_hour,
             quality_json: s.quality_json.clone(),
             generation: s.generation.as_ref().map(Into::into),
+            throughput_ci_per_s: s.throughput_ci_per_s.map(interval),
         }
     }
 }
@@ -271,6 +272,7 @@ impl TryFrom<pb::RunSummary> for RunSummary {
             cost_per_hour: s.cost_per_hour,
             quality_json: s.quality_json,
             generation: s.generation.map(Into::into),
+            throughput_ci_per_s: s.throughput_ci_per_s.map(|i| (i.low, i.high)),
         })
     }
 }
@@ -468,6 +470,10 @@ impl From<pb::RankRequest> for RankQuery {
     }
 }
 
+fn interval((low, high): (f64, f64)) -> pb::Interval {
+    pb::Interval { low, high }
+}
+
 impl From<&RankRow> for pb::RankRow {
     fn from(r: &RankRow) -> Self {
         pb::RankRow {
@@ -493,6 +499,14 @@ impl From<&RankRow> for pb::RankRow {
             pool_key: r.pool_key.clone(),
             generation: r.generation.as_ref().map(Into::into),
             tied: r.tied,
+            throughput_ci_per_s: r.throughput_ci.map(interval),
+            cost_ci: r.cost_ci.map(interval),
+            accuracy_ci: r.accuracy_ci.map(interval),
+            spread: r.spread.map(|s| pb::RunSpread {
+                p50_cv: s.p50_cv,
+                p99_cv: s.p99_cv,
+                throughput_cv: s.throughput_cv,
+            }),
         }
     }
 }

@@ -226,6 +226,10 @@ pub struct RunSummary {
     pub latency: LatencyStats,
     /// Samples per second over the timed phase.
     pub throughput_per_s: f64,
+    /// 95 % interval of the throughput, a bootstrap over the run's windows
+    /// ([`fleetbench_common::intervals::bootstrap_throughput`]); absent with one window, or for runs
+    /// stored before fleetbench kept it.
+    pub throughput_ci_per_s: Option<(f64, f64)>,
     /// Timed queries.
     pub queries: u64,
     /// Timed samples.
@@ -510,6 +514,17 @@ pub struct RankQuery {
     pub job_id: String,
 }
 
+/// Coefficients of variation of the figures of runs pooled into one row.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RunSpread {
+    /// Of the runs' medians.
+    pub p50_cv: f64,
+    /// Of the runs' 99th percentiles.
+    pub p99_cv: f64,
+    /// Of the runs' throughputs.
+    pub throughput_cv: f64,
+}
+
 /// One ranked (platform, variant, configuration) with its pooled figures.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RankRow {
@@ -529,8 +544,16 @@ pub struct RankRow {
     pub latency: LatencyStats,
     /// Pooled throughput, samples per second.
     pub throughput_per_s: f64,
+    /// 95 % interval of the throughput ([`fleetbench_common::intervals::pool_throughput`]).
+    pub throughput_ci: Option<(f64, f64)>,
     /// Mean accuracy, absent when unknown.
     pub accuracy: Option<f64>,
+    /// 95 % Wilson interval of the accuracy.
+    pub accuracy_ci: Option<(f64, f64)>,
+    /// 95 % interval of the cost per million, from the throughput interval.
+    pub cost_ci: Option<(f64, f64)>,
+    /// Spread of the pooled runs' figures; absent with one run.
+    pub spread: Option<RunSpread>,
     /// Accuracy minus the base variant's, points.
     pub accuracy_delta_pts: Option<f64>,
     /// Mean top-1 agreement with the base variant.

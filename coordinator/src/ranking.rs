@@ -5,10 +5,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use fleetbench_common::hist;
+use fleetbench_common::{hist, intervals};
 
 use crate::context::Context;
-use crate::domain::{RankQuery, RankRow, Ranking, Variant};
+use crate::domain::{RankQuery, RankRow, Ranking, RunSpread, Variant};
 use crate::error::{Error, Result};
 use crate::generation::TokenTotals;
 use crate::pooling;
@@ -149,9 +149,53 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
     let agreement = mean(fidelity.iter().filter_map(|f| f.top1_agreement));
     let fidelity_cosine = mean(fidelity.iter().map(|f| f.cosine));
     let cost_per_hour = mean(runs.iter().filter_map(|r| r.summary.cost_per_hour));
-    let cost_per_million = cost_per_hour
-        .filter(|_| throughput > 0.0)
-        .map(|c| c / (throughput * 3600.0) * 1e6);
+    let per_million = |thr: f64| {
+        cost_per_hour
+            .filter(|_| thr > 0.0)
+            .map(|c| c / (thr * 3600.0) * 1e6)
+    };
+    let cost_per_million = per_million(throughput);
+    let throughput_ci = intervals::pool_throughput(
+        &runs
+            .iter()
+            .map(|r| {
+                let s = &r.summary;
+                (
+                    s.throughput_per_s,
+                    s.throughput_ci_per_s,
+                    s.duration_ms / 1e3,
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    // Cost falls as throughput rises: the interval's ends swap.
+    let cost_ci = throughput_ci.and_then(|(lo, hi)| Some((per_million(hi)?, per_million(lo)?)));
+    // The pooled runs evaluate the same rows: the evidence is one evaluation's, not their sum.
+    let evaluated = runs
+        .iter()
+        .filter_map(|r| {
+            serde_json::from_str::<fleetbench_common::quality::Quality>(&r.summary.quality_json)
+                .ok()?
+                .classification
+                .map(|c| c.samples)
+        })
+        .min()
+        .unwrap_or(0);
+    let accuracy_ci = accuracy.and_then(|a| intervals::wilson(a, evaluated));
+    let per_run =
+        |f: fn(&StoredRun) -> f64| intervals::cv(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
+    let spread = match (
+        per_run(|r| r.summary.latency.p50_ms),
+        per_run(|r| r.summary.latency.p99_ms),
+        per_run(|r| r.summary.throughput_per_s),
+    ) {
+        (Some(p50_cv), Some(p99_cv), Some(throughput_cv)) => Some(RunSpread {
+            p50_cv,
+            p99_cv,
+            throughput_cv,
+        }),
+        _ => None,
+    };
     let first = runs[0];
     let generation = if runs.iter().any(|r| r.summary.generation.is_some()) {
         let mut totals = TokenTotals::default();
@@ -178,7 +222,11 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
         config: first.config_key.clone(),
         latency: hist::stats(&merged).to_ms(),
         throughput_per_s: throughput,
+        throughput_ci,
         accuracy,
+        accuracy_ci,
+        cost_ci,
+        spread,
         accuracy_delta_pts: None,
         agreement,
         fidelity_cosine,
@@ -356,22 +404,29 @@ pub fn rank_runs(runs: &[StoredRun], variants: &[Variant], req: &RankQuery) -> R
     })
 }
 
-/// A row's 95 % confidence interval of the objective, where fleetbench has one: the order-statistic
-/// intervals of the pooled histogram for p50 and p99.
+/// A row's 95 % confidence interval of the objective in the objective's sort order (smaller is
+/// better), where fleetbench has one: order statistics of the pooled histogram for p50 and p99, the
+/// pooled bootstrap for throughput and the cost that follows from it, Wilson for accuracy.
 fn interval(objective: Objective, row: &RankRow) -> Option<(f64, f64)> {
     let l = &row.latency;
+    let negate = |(lo, hi): (f64, f64)| (-hi, -lo);
     let ci = match objective {
         Objective::P50 => (l.p50_ci_low_ms, l.p50_ci_high_ms),
         Objective::P99 => (l.p99_ci_low_ms, l.p99_ci_high_ms),
+        Objective::Throughput => negate(row.throughput_ci?),
+        Objective::Accuracy => negate(row.accuracy_ci?),
+        Objective::Cost if row.generation.is_none() => row.cost_ci?,
         _ => return None,
     };
-    (ci.0.is_finite() && ci.1.is_finite() && ci.0 <= ci.1 && ci.1 > 0.0).then_some(ci)
+    (ci.0.is_finite() && ci.1.is_finite() && ci.0 <= ci.1 && (ci.0 != 0.0 || ci.1 != 0.0))
+        .then_some(ci)
 }
 
 /// Numbers rows sorted by `objective`. The first row leads a group; every later row whose 95 %
 /// interval overlaps the leader's joins it (they cannot be told apart), shares its rank and is marked
 /// tied; within a group rows go by cost (rows without one last), then by the objective. The next row
-/// left leads the next group, ranked by its position. Objectives without intervals rank one by one.
+/// left leads the next group, ranked by its position. Rows without an interval of the objective
+/// (generate objectives; runs stored before throughput intervals) rank one by one.
 fn tie(rows: Vec<RankRow>, objective: Objective) -> Vec<RankRow> {
     let mut left: std::collections::VecDeque<RankRow> = rows.into();
     let mut out = Vec::with_capacity(left.len());
@@ -493,6 +548,76 @@ mod tests {
         );
         // Throughput has no interval here: rows rank one by one.
         assert!(ranked(&runs, "throughput").iter().all(|r| !r.2));
+    }
+
+    #[test]
+    fn throughput_cost_and_accuracy_tie_by_their_intervals() {
+        let with = |p: &str, thr: f64, ci: (f64, f64), cost: f64, acc: f64, evaluated: u64| {
+            let mut r = timed(p, 1.0, 40, Some(cost));
+            r.summary.samples = thr as u64;
+            r.summary.throughput_per_s = thr;
+            r.summary.throughput_ci_per_s = Some(ci);
+            r.summary.accuracy = Some(acc);
+            r.summary.quality_json = format!(
+                r#"{{"classification":{{"samples":{evaluated},"top1":{acc},"k":1,"macro_precision":0,"macro_recall":0,"macro_f1":0,"per_class":[]}}}}"#
+            );
+            r
+        };
+        // a and b overlap in throughput; c is far below. Accuracy: 90 % vs 91 % of 100 rows overlap,
+        // 50 % of 10,000 does not.
+        let runs = vec![
+            with("a", 1000.0, (950.0, 1050.0), 2.0, 0.90, 100),
+            with("b", 980.0, (940.0, 1020.0), 1.0, 0.91, 100),
+            with("c", 500.0, (490.0, 510.0), 0.1, 0.50, 10_000),
+        ];
+        let want = [
+            ("b".to_string(), 1, true),
+            ("a".to_string(), 1, true),
+            ("c".to_string(), 3, false),
+        ];
+        assert_eq!(ranked(&runs, "throughput"), want);
+        assert_eq!(ranked(&runs, "accuracy"), want);
+        // Cost per million: c is cheapest by far; a (0.556) and b (0.283) do not overlap.
+        assert!(
+            ranked(&runs, "cost").iter().all(|r| !r.2),
+            "{:?}",
+            ranked(&runs, "cost")
+        );
+        let rows = rank_runs(&runs, &variants(), &RankQuery::default())
+            .unwrap()
+            .rows;
+        let b = rows.iter().find(|r| r.platform == "b").unwrap();
+        let (lo, hi) = b.cost_ci.unwrap();
+        assert!(lo < b.cost_per_million.unwrap() && b.cost_per_million.unwrap() < hi);
+        let (lo, hi) = b.accuracy_ci.unwrap();
+        assert!(
+            lo < 0.91 && 0.91 < hi && hi - lo > 0.1,
+            "Wilson over 100 rows: {lo}..{hi}"
+        );
+    }
+
+    #[test]
+    fn pooled_runs_report_their_spread() {
+        let mut a = timed("a", 1.0, 40, None);
+        a.summary.latency.p50_ms = 1.0;
+        a.summary.latency.p99_ms = 2.0;
+        a.summary.throughput_per_s = 100.0;
+        let mut b = a.clone();
+        b.run_id = "b".into();
+        b.summary.latency.p50_ms = 1.2;
+        b.summary.throughput_per_s = 80.0;
+        let rows = rank_runs(&[a.clone(), b], &variants(), &RankQuery::default())
+            .unwrap()
+            .rows;
+        let s = rows[0].spread.expect("two runs have a spread");
+        assert!(
+            s.p50_cv > 0.1 && s.p99_cv == 0.0 && s.throughput_cv > 0.1,
+            "{s:?}"
+        );
+        let one = rank_runs(&[a], &variants(), &RankQuery::default())
+            .unwrap()
+            .rows;
+        assert!(one[0].spread.is_none());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use fleetbench_common::config::{config_label, with_defaults};
 use fleetbench_common::hist::{self, is_stable};
+use fleetbench_common::intervals;
 use fleetbench_common::labels::cost_per_hour;
 
 #[cfg(test)]
@@ -74,11 +75,13 @@ pub fn finish_run(ctx: &RunContext, result: &RunResult) -> Result<FinishedRun> {
     let mut merged = hist::new_histogram();
     let mut window_throughput = Vec::with_capacity(ctx.windows.len());
     let mut window_p99 = Vec::with_capacity(ctx.windows.len());
+    let mut window_sizes = Vec::with_capacity(ctx.windows.len());
     let whole_window_ns = u64::from(config.window_ms) * 1_000_000;
     for w in &ctx.windows {
         let h = hist::decode(&w.latency_histogram)?;
         hist::merge(&mut merged, &h)?;
         let ns = w.end_offset_ns.saturating_sub(w.start_offset_ns);
+        window_sizes.push((w.samples, ns as f64 / 1e9));
         // Stability is judged on whole windows, as the agent's early stop judges it: the short
         // window a run ends with counts in every figure but this one.
         if ns > 0 && ns >= whole_window_ns && w.samples > 0 {
@@ -145,6 +148,7 @@ pub fn finish_run(ctx: &RunContext, result: &RunResult) -> Result<FinishedRun> {
         invalid_reason: invalid_reason.unwrap_or_default(),
         latency: stats.to_ms(),
         throughput_per_s: throughput,
+        throughput_ci_per_s: intervals::bootstrap_throughput(&window_sizes),
         queries: report.queries,
         samples: report.samples,
         accuracy: report.accuracy,

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod agents;
+pub mod compare;
 pub mod jobs;
 pub mod models;
 pub mod quickstart;

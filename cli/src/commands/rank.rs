@@ -96,8 +96,12 @@ pub struct RankJson {
     pub p99_ci_ms: [f64; 2],
     /// Samples per second.
     pub throughput_per_s: f64,
+    /// 95 % interval of the throughput (bootstrap over windows, pooled by run time).
+    pub throughput_ci_per_s: Option<[f64; 2]>,
     /// Top-1 accuracy in [0, 1].
     pub accuracy: Option<f64>,
+    /// 95 % Wilson interval of the accuracy.
+    pub accuracy_ci: Option<[f64; 2]>,
     /// Accuracy minus the base variant's on the same platform, points.
     pub accuracy_delta_pts: Option<f64>,
     /// Top-1 agreement with the base variant's outputs on the same platform.
@@ -106,8 +110,13 @@ pub struct RankJson {
     pub fidelity_cosine: Option<f64>,
     /// Cost per million samples.
     pub cost_per_million: Option<f64>,
+    /// 95 % interval of the cost per million, from the throughput interval.
+    pub cost_ci: Option<[f64; 2]>,
     /// Runs pooled.
     pub runs: u32,
+    /// With more than one run pooled: the coefficients of variation of the runs' p50, p99 and
+    /// throughput.
+    pub spread: Option<Spread>,
     /// Their ids.
     pub run_ids: Vec<String>,
     /// Peak RSS, bytes.
@@ -123,6 +132,22 @@ pub struct RankJson {
     /// Generate runs: TTFT, TPOT and ITL (ms), tokens and requests per second, goodput, KV-cache bytes
     /// per token and cost per million output tokens; null otherwise.
     pub generation: Option<fleetbench_proto::v1::GenerationStats>,
+}
+
+/// How much the pooled runs of a row differ (coefficients of variation).
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
+pub struct Spread {
+    /// Of the runs' medians.
+    pub p50_cv: f64,
+    /// Of the runs' 99th percentiles.
+    pub p99_cv: f64,
+    /// Of the runs' throughputs.
+    pub throughput_cv: f64,
+}
+
+/// An interval as a pair.
+pub fn pair(i: Option<fleetbench_proto::v1::Interval>) -> Option<[f64; 2]> {
+    i.map(|i| [i.low, i.high])
 }
 
 impl From<&RankRow> for RankJson {
@@ -143,12 +168,20 @@ impl From<&RankRow> for RankJson {
             p50_ci_ms: [l.p50_ci_low_ms, l.p50_ci_high_ms],
             p99_ci_ms: [l.p99_ci_low_ms, l.p99_ci_high_ms],
             throughput_per_s: r.throughput_per_s,
+            throughput_ci_per_s: pair(r.throughput_ci_per_s),
             accuracy: r.accuracy,
+            accuracy_ci: pair(r.accuracy_ci),
             accuracy_delta_pts: r.accuracy_delta_pts,
             agreement: r.agreement,
             fidelity_cosine: r.fidelity_cosine,
             cost_per_million: r.cost_per_million,
+            cost_ci: pair(r.cost_ci),
             runs: r.runs,
+            spread: r.spread.map(|s| Spread {
+                p50_cv: s.p50_cv,
+                p99_cv: s.p99_cv,
+                throughput_cv: s.throughput_cv,
+            }),
             run_ids: r.run_ids.clone(),
             rss_peak_bytes: r.rss_peak_bytes,
             size_bytes: r.size_bytes,
@@ -271,9 +304,16 @@ fn rank_cell(r: &fleetbench_proto::v1::RankRow) -> String {
 /// The note under a table with tied rows.
 pub fn tie_note(resp: &RankResponse) -> Option<String> {
     resp.rows.iter().any(|r| r.tied).then(|| {
+        let method = match resp.objective.as_str() {
+            "throughput" => "a bootstrap over each run's windows",
+            "cost" => "the throughput's bootstrap interval",
+            "accuracy" => "Wilson intervals over the rows evaluated",
+            _ => "order statistics of the pooled histogram",
+        };
         format!(
-            "=N: tied. These rows' 95 % confidence intervals of the {} overlap the best row's, so the \
-             measurements cannot tell them apart; tied rows are listed by cost per million, lowest first.",
+            "=N: tied. These rows' 95 % confidence intervals of the {} ({method}) overlap the best \
+             row's, so the measurements cannot tell them apart; tied rows are listed by cost per \
+             million, lowest first.",
             resp.objective
         )
     })
