@@ -88,6 +88,7 @@ case "$cmd" in
         build
         scripts/ensure-postgres.sh
         scripts/ensure-prometheus.sh
+        scripts/ensure-browser.sh
         log "running the test suite"
         cargo test --release --workspace --locked -- "$@"
         ;;

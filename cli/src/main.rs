@@ -42,6 +42,9 @@ enum Command {
     Rank(commands::rank::RankArgs),
     /// One answer for a model: the variant and platform to deploy, why, and the alternatives.
     Recommend(commands::recommend::RecommendArgs),
+    /// Write a self-contained HTML report (or md, csv, json): recommendation, ranking with ties,
+    /// charts, and every run's validity and reproducibility record.
+    Report(commands::report::ReportArgs),
     /// Gate a release: compare two jobs (or two saved rankings) row by row; exit 0 when nothing
     /// regressed beyond threshold and noise, 1 on a regression, 2 on errors.
     Compare(commands::compare::CompareArgs),
@@ -88,6 +91,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Agents(c) => commands::agents::run(&client, c).await,
         Command::Rank(a) => commands::rank::run(&client, a).await,
         Command::Recommend(a) => commands::recommend::run(&client, a).await,
+        Command::Report(a) => commands::report::run(&client, a).await,
         Command::Admin(c) => commands::admin::run(&client, c).await,
         Command::Quickstart(_) | Command::Compare(_) => unreachable!("handled above"),
     }

@@ -8,3 +8,4 @@ pub mod models;
 pub mod quickstart;
 pub mod rank;
 pub mod recommend;
+pub mod report;
