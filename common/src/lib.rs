@@ -3,6 +3,7 @@
 //! labels and selectors, platform fingerprints, run configuration rules, and ONNX model inspection.
 
 pub mod artifact;
+pub mod changepoint;
 pub mod config;
 pub mod convert;
 pub mod domain;

@@ -466,6 +466,7 @@ impl From<pb::RankRequest> for RankQuery {
             include_invalid: r.include_invalid,
             best_config_only: r.best_config_only,
             job_id: r.job_id,
+            history: r.history,
         }
     }
 }
@@ -507,6 +508,34 @@ impl From<&RankRow> for pb::RankRow {
                 p99_cv: s.p99_cv,
                 throughput_cv: s.throughput_cv,
             }),
+            hosts: r.hosts.map(|h| pb::HostSpread {
+                agents: h.agents,
+                p50_cv: h.p50_cv,
+                throughput_cv: h.throughput_cv,
+            }),
+            noisy_hosts: r
+                .noisy_hosts
+                .iter()
+                .map(|n| pb::NoisyHost {
+                    agent: n.agent.clone(),
+                    p50_ratio: n.p50_ratio,
+                    throughput_ratio: n.throughput_ratio,
+                    reason: n.reason.clone(),
+                })
+                .collect(),
+            history: r
+                .history
+                .iter()
+                .map(|h| pb::HistoryPoint {
+                    run_id: h.run_id.clone(),
+                    started_at_ms: h.started_at_ms,
+                    agent: h.agent.clone(),
+                    p50_ms: h.p50_ms,
+                    p99_ms: h.p99_ms,
+                    throughput_per_s: h.throughput_per_s,
+                    change_point: h.change_point,
+                })
+                .collect(),
         }
     }
 }

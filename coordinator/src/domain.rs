@@ -512,6 +512,8 @@ pub struct RankQuery {
     pub best_config_only: bool,
     /// Only runs of this job (id or prefix); empty for all.
     pub job_id: String,
+    /// Include each row's history.
+    pub history: bool,
 }
 
 /// Coefficients of variation of the figures of runs pooled into one row.
@@ -523,6 +525,49 @@ pub struct RunSpread {
     pub p99_cv: f64,
     /// Of the runs' throughputs.
     pub throughput_cv: f64,
+}
+
+/// The spread of a row's figures across agents.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct HostSpread {
+    /// Agents.
+    pub agents: u32,
+    /// CV of the agents' mean p50.
+    pub p50_cv: f64,
+    /// CV of the agents' mean throughput.
+    pub throughput_cv: f64,
+}
+
+/// An agent flagged on a row.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NoisyHost {
+    /// Agent name.
+    pub agent: String,
+    /// Mean p50 over the peers' median.
+    pub p50_ratio: f64,
+    /// Mean throughput over the peers' median.
+    pub throughput_ratio: f64,
+    /// Why.
+    pub reason: String,
+}
+
+/// One run in a row's history.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HistoryPoint {
+    /// Run id.
+    pub run_id: String,
+    /// Start, Unix ms.
+    pub started_at_ms: i64,
+    /// Agent.
+    pub agent: String,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// p99, ms.
+    pub p99_ms: f64,
+    /// Samples/s.
+    pub throughput_per_s: f64,
+    /// A new level starts here.
+    pub change_point: bool,
 }
 
 /// One ranked (platform, variant, configuration) with its pooled figures.
@@ -554,6 +599,12 @@ pub struct RankRow {
     pub cost_ci: Option<(f64, f64)>,
     /// Spread of the pooled runs' figures; absent with one run.
     pub spread: Option<RunSpread>,
+    /// Spread across the agents that ran the row; absent with one agent.
+    pub hosts: Option<HostSpread>,
+    /// Agents whose figures stand apart from their peers', or whose runs were disturbed.
+    pub noisy_hosts: Vec<NoisyHost>,
+    /// The runs in time order with change points (when asked for).
+    pub history: Vec<HistoryPoint>,
     /// Accuracy minus the base variant's, points.
     pub accuracy_delta_pts: Option<f64>,
     /// Mean top-1 agreement with the base variant.

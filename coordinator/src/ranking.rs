@@ -5,10 +5,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use fleetbench_common::{hist, intervals};
+use fleetbench_common::{changepoint, hist, intervals};
 
 use crate::context::Context;
-use crate::domain::{RankQuery, RankRow, Ranking, RunSpread, Variant};
+use crate::domain::{
+    HistoryPoint, HostSpread, NoisyHost, RankQuery, RankRow, Ranking, RunSpread, Variant,
+};
 use crate::error::{Error, Result};
 use crate::generation::TokenTotals;
 use crate::pooling;
@@ -196,6 +198,7 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
         }),
         _ => None,
     };
+    let (hosts, noisy_hosts) = fleet_figures(runs);
     let first = runs[0];
     let generation = if runs.iter().any(|r| r.summary.generation.is_some()) {
         let mut totals = TokenTotals::default();
@@ -227,6 +230,9 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
         accuracy_ci,
         cost_ci,
         spread,
+        hosts,
+        noisy_hosts,
+        history: Vec::new(),
         accuracy_delta_pts: None,
         agreement,
         fidelity_cosine,
@@ -245,6 +251,98 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
         pool_key: first.pool_key.clone(),
         generation,
     })
+}
+
+/// How the agents that ran a row differ: the spread of their mean p50 and throughput, and the agents
+/// that stand apart ([`changepoint::outliers`]) or whose runs were disturbed (steal, throttling).
+fn fleet_figures(runs: &[&StoredRun]) -> (Option<HostSpread>, Vec<NoisyHost>) {
+    let mut by_agent: BTreeMap<&str, Vec<&StoredRun>> = BTreeMap::new();
+    for r in runs {
+        by_agent
+            .entry(r.summary.agent.as_str())
+            .or_default()
+            .push(r);
+    }
+    let agents: Vec<&str> = by_agent.keys().copied().collect();
+    let per_agent = |f: fn(&StoredRun) -> f64| -> Vec<f64> {
+        by_agent
+            .values()
+            .map(|rs| rs.iter().map(|r| f(r)).sum::<f64>() / rs.len() as f64)
+            .collect()
+    };
+    let p50 = per_agent(|r| r.summary.latency.p50_ms);
+    let thr = per_agent(|r| r.summary.throughput_per_s);
+    let hosts = match (intervals::cv(&p50), intervals::cv(&thr)) {
+        (Some(p50_cv), Some(throughput_cv)) => Some(HostSpread {
+            agents: agents.len() as u32,
+            p50_cv,
+            throughput_cv,
+        }),
+        _ => None,
+    };
+    let (p50_out, thr_out) = (changepoint::outliers(&p50), changepoint::outliers(&thr));
+    let (p50_mid, thr_mid) = if agents.len() >= 2 {
+        (changepoint::median(&p50), changepoint::median(&thr))
+    } else {
+        (p50[0], thr[0])
+    };
+    let mut noisy = Vec::new();
+    for (i, agent) in agents.iter().enumerate() {
+        let mut why = Vec::new();
+        if let Some(x) = p50_out[i] {
+            why.push(format!("p50 {x:.2}× its peers' median"));
+        }
+        if let Some(x) = thr_out[i] {
+            why.push(format!("throughput {x:.2}× its peers' median"));
+        }
+        let mut flags: Vec<&str> = by_agent[agent]
+            .iter()
+            .flat_map(|r| r.summary.resources.flags.iter().map(String::as_str))
+            .collect();
+        flags.sort_unstable();
+        flags.dedup();
+        if !flags.is_empty() {
+            why.push(format!("its runs were disturbed: {}", flags.join(", ")));
+        }
+        if !why.is_empty() {
+            noisy.push(NoisyHost {
+                agent: agent.to_string(),
+                p50_ratio: if p50_mid > 0.0 { p50[i] / p50_mid } else { 1.0 },
+                throughput_ratio: if thr_mid > 0.0 { thr[i] / thr_mid } else { 1.0 },
+                reason: why.join("; "),
+            });
+        }
+    }
+    (hosts, noisy)
+}
+
+/// Smallest change of level, relative, that a history reports.
+pub const HISTORY_MIN_SHIFT: f64 = 0.10;
+
+/// A row's runs in the order they started, with the starts of new levels of their medians marked.
+fn history(runs: &[&StoredRun]) -> Vec<HistoryPoint> {
+    let mut points: Vec<HistoryPoint> = runs
+        .iter()
+        .map(|r| HistoryPoint {
+            run_id: r.run_id.clone(),
+            started_at_ms: r.summary.started_at_ms,
+            agent: r.summary.agent.clone(),
+            p50_ms: r.summary.latency.p50_ms,
+            p99_ms: r.summary.latency.p99_ms,
+            throughput_per_s: r.summary.throughput_per_s,
+            change_point: false,
+        })
+        .collect();
+    points.sort_by(|a, b| {
+        a.started_at_ms
+            .cmp(&b.started_at_ms)
+            .then(a.run_id.cmp(&b.run_id))
+    });
+    let p50: Vec<f64> = points.iter().map(|p| p.p50_ms).collect();
+    for i in changepoint::change_points(&p50, HISTORY_MIN_SHIFT) {
+        points[i].change_point = true;
+    }
+    points
 }
 
 /// The part of a reproducibility record that decides whether runs are comparable: agent and runtime
@@ -326,7 +424,13 @@ pub fn rank_runs(runs: &[StoredRun], variants: &[Variant], req: &RankQuery) -> R
     };
     let mut rows = groups
         .values()
-        .map(|g| pool(g, size(&g[0].variant)))
+        .map(|g| {
+            let mut row = pool(g, size(&g[0].variant))?;
+            if req.history {
+                row.history = history(g);
+            }
+            Ok(row)
+        })
         .collect::<Result<Vec<_>>>()?;
 
     // Accuracy change against the base variant on the same platform and configuration.
@@ -618,6 +722,102 @@ mod tests {
             .unwrap()
             .rows;
         assert!(one[0].spread.is_none());
+    }
+
+    /// A run by `agent` at `p50` ms, `at` ms after the epoch.
+    fn by(agent: &str, p50: f64, at: i64) -> StoredRun {
+        let mut r = timed("p", p50, 40, None);
+        r.run_id = format!("{agent}-{at}");
+        r.summary.agent = agent.into();
+        r.summary.latency.p50_ms = p50;
+        r.summary.throughput_per_s = 1000.0 / p50;
+        r.summary.started_at_ms = at;
+        r
+    }
+
+    #[test]
+    fn one_of_three_hosts_slowed_twofold_is_flagged_and_the_spread_shows() {
+        let runs = vec![
+            by("a", 1.0, 1),
+            by("b", 1.03, 2),
+            by("c", 2.0, 3),
+            by("a", 1.01, 4),
+        ];
+        let rows = rank_runs(&runs, &variants(), &RankQuery::default())
+            .unwrap()
+            .rows;
+        let row = &rows[0];
+        let hosts = row.hosts.unwrap();
+        assert_eq!(hosts.agents, 3);
+        assert!(hosts.p50_cv > 0.3, "{hosts:?}");
+        assert_eq!(row.noisy_hosts.len(), 1, "{:?}", row.noisy_hosts);
+        let n = &row.noisy_hosts[0];
+        assert_eq!(n.agent, "c");
+        assert!((n.p50_ratio - 2.0 / 1.025).abs() < 0.05, "{n:?}");
+        assert!(
+            n.reason.contains("p50 1.9") && n.reason.contains("throughput 0.5"),
+            "{n:?}"
+        );
+        // Three hosts alike: nobody is flagged; a disturbed run flags its host all the same.
+        let mut calm = vec![by("a", 1.0, 1), by("b", 1.03, 2), by("c", 1.05, 3)];
+        assert!(
+            rank_runs(&calm, &variants(), &RankQuery::default())
+                .unwrap()
+                .rows[0]
+                .noisy_hosts
+                .is_empty()
+        );
+        calm[1].summary.resources.flags = vec!["cpu steal 12 %".into()];
+        let rows = rank_runs(&calm, &variants(), &RankQuery::default())
+            .unwrap()
+            .rows;
+        assert_eq!(rows[0].noisy_hosts.len(), 1);
+        assert!(
+            rows[0].noisy_hosts[0]
+                .reason
+                .contains("disturbed: cpu steal")
+        );
+    }
+
+    #[test]
+    fn history_lists_runs_in_time_order_and_marks_a_step() {
+        // Ten runs at 1 ms, then ten at 1.5 ms, given out of order.
+        let mut runs: Vec<StoredRun> = (0..20)
+            .map(|i| {
+                by(
+                    "a",
+                    if i < 10 { 1.0 } else { 1.5 } + 0.01 * (i % 3) as f64,
+                    i,
+                )
+            })
+            .collect();
+        runs.reverse();
+        let q = RankQuery {
+            history: true,
+            ..Default::default()
+        };
+        let rows = rank_runs(&runs, &variants(), &q).unwrap().rows;
+        let h = &rows[0].history;
+        assert_eq!(h.len(), 20);
+        assert!(
+            h.windows(2)
+                .all(|w| w[0].started_at_ms < w[1].started_at_ms)
+        );
+        let marked: Vec<usize> = (0..20).filter(|&i| h[i].change_point).collect();
+        assert_eq!(marked, [10], "{h:?}");
+        let flat: Vec<StoredRun> = (0..20)
+            .map(|i| by("a", 1.0 + 0.01 * (i % 3) as f64, i))
+            .collect();
+        let rows = rank_runs(&flat, &variants(), &q).unwrap().rows;
+        assert!(rows[0].history.iter().all(|p| !p.change_point));
+        // Without asking, no history travels.
+        assert!(
+            rank_runs(&flat, &variants(), &RankQuery::default())
+                .unwrap()
+                .rows[0]
+                .history
+                .is_empty()
+        );
     }
 
     #[test]

@@ -1466,3 +1466,43 @@ impl Drop for NamespacedCoordinator {
         }
     }
 }
+
+/// A child process, killed and reaped when dropped.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The real `fleetbench-agent` as `name`, pinned to CPU `cpu` with taskset (its platform then has
+/// one core), joining `coord`; its log goes to `dir/NAME.log`.
+pub fn pinned_agent(coord: &TestCoordinator, name: &str, cpu: u32, dir: &Path) -> Killed {
+    Killed(
+        std::process::Command::new("taskset")
+            .args(["-c", &cpu.to_string()])
+            .arg(built_bin("fleetbench-agent"))
+            .args(["--coordinator", &coord.url, "--name", name])
+            .arg("--state-dir")
+            .arg(dir.join(name))
+            .arg("--ort-lib")
+            .arg(ort_lib())
+            .env("FLEETBENCH_JOIN_TOKEN", &coord.tokens.join)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
+            .spawn()
+            .expect("taskset (util-linux) and the agent binary"),
+    )
+}
+
+/// A process that keeps CPU `cpu` busy until dropped.
+pub fn cpu_burner(cpu: u32) -> Killed {
+    Killed(
+        std::process::Command::new("taskset")
+            .args(["-c", &cpu.to_string(), "sh", "-c", "while :; do :; done"])
+            .spawn()
+            .expect("taskset and sh"),
+    )
+}

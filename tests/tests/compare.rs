@@ -4,47 +4,19 @@
 //!
 //! This file holds one test so no other test of this binary competes for the cores while it measures.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use fleetbench_cli::commands::jobs;
 use fleetbench_cli::jobspec::JobArgs;
 use fleetbench_tests::*;
 
-/// A child process killed when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn pinned(program: &std::path::Path) -> Command {
-    let mut c = Command::new("taskset");
-    c.args(["-c", "0"]).arg(program);
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_exits_1_on_a_slowed_rerun_0_on_a_plain_one_and_2_on_a_missing_job() {
     let dir = tempfile::tempdir().unwrap();
     let coord = TestCoordinator::sqlite(dir.path(), |_| {}).await;
     let client = coord.client().await;
-    let _agent = Killed(
-        pinned(&built_bin("fleetbench-agent"))
-            .args(["--coordinator", &coord.url, "--name", "pinned"])
-            .arg("--state-dir")
-            .arg(dir.path().join("agent"))
-            .arg("--ort-lib")
-            .arg(ort_lib())
-            .env("FLEETBENCH_JOIN_TOKEN", &coord.tokens.join)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
-            .spawn()
-            .expect("taskset and the agent binary"),
-    );
+    let _agent = pinned_agent(&coord, "pinned", 0, dir.path());
     wait_online(&client, 1).await;
     push_digits(&client).await;
     let job = || async {
@@ -69,12 +41,7 @@ async fn compare_exits_1_on_a_slowed_rerun_0_on_a_plain_one_and_2_on_a_missing_j
     let baseline = job().await;
     let rerun = job().await;
     let slowed = {
-        let _burner = Killed(
-            pinned(std::path::Path::new("sh"))
-                .args(["-c", "while :; do :; done"])
-                .spawn()
-                .unwrap(),
-        );
+        let _burner = cpu_burner(0);
         job().await
     };
 

@@ -196,6 +196,7 @@ async fn check_everything_is_there(coord: &TestCoordinator) {
             include_invalid,
             best_config: false,
             job: None,
+            history: false,
             output: Format::Json,
         };
         let rows = rank::fetch(&client, &args).await.expect("rank").rows;

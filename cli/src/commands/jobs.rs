@@ -201,7 +201,7 @@ pub fn label(c: Option<&fleetbench_proto::v1::RunConfig>) -> String {
     }
 }
 
-fn format_time(ms: i64) -> String {
+pub fn format_time(ms: i64) -> String {
     if ms == 0 {
         return "-".into();
     }

@@ -370,6 +370,7 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
         include_invalid: false,
         best_config: false,
         job: Some(job.clone()),
+        history: false,
         output: Format::Table,
     };
     let resp = rank::fetch(&client, &rank_args).await?;
