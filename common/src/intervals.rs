@@ -48,11 +48,14 @@ pub fn bootstrap_throughput(windows: &[(u64, f64)]) -> Option<(f64, f64)> {
     Some((at(0.025), at(0.975)))
 }
 
+/// One run of a pooled row: throughput, its interval, seconds timed.
+pub type PooledRun = (f64, Option<(f64, f64)>, f64);
+
 /// Interval of the throughput of pooled runs, `Σ samples / Σ seconds = Σ wᵢ·thrᵢ` with
 /// `wᵢ = secondsᵢ / Σ seconds`: each run's interval read as a normal one (half-width / z is its
 /// standard error), errors added in quadrature with the weights. Parts are `(throughput, interval,
 /// seconds)`; `None` when any part has no interval.
-pub fn pool_throughput(parts: &[(f64, Option<(f64, f64)>, f64)]) -> Option<(f64, f64)> {
+pub fn pool_throughput(parts: &[PooledRun]) -> Option<(f64, f64)> {
     let total: f64 = parts.iter().map(|p| p.2).sum();
     if parts.is_empty() || total <= 0.0 {
         return None;

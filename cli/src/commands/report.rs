@@ -608,7 +608,9 @@ fn sweep_chart(rows: &[RankRow], concurrency: bool) -> Result<Option<Chart>> {
 
 /// TTFT against TPOT (p50 and p99) of generate rows.
 fn token_chart(rows: &[RankRow]) -> Result<Option<Chart>> {
-    let pts: Vec<(String, (f64, f64), (f64, f64))> = rows
+    // (row, (TTFT, TPOT) at p50, at p99)
+    type Point = (String, (f64, f64), (f64, f64));
+    let pts: Vec<Point> = rows
         .iter()
         .filter_map(|r| {
             let g = r.generation?;
