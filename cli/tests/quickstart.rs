@@ -89,6 +89,12 @@ fn quickstart_prints_a_ranking_of_both_platforms() {
         "accuracy on every row:\n{stdout}"
     );
     // The agents were separate processes with their own logs, and the edge one was pinned.
+    let report = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    assert!(
+        report.contains("<svg") && report.contains("Deploy "),
+        "the quickstart writes a report with charts and the answer"
+    );
+    assert!(stdout.contains("report.html"), "{stdout}");
     let edge_log = std::fs::read_to_string(dir.path().join("edge-1.log")).unwrap();
     assert!(edge_log.contains("Connected"), "{edge_log}");
     // Secure as a real fleet: TLS, and tokens (the agents joined with the join token `init` made,

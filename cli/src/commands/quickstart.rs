@@ -397,6 +397,18 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
         ),
         Err(e) => println!("recommendation: {e:#}"),
     }
+    // The same, with charts and every run's record, as a page to share.
+    super::report::run(
+        &client,
+        super::report::ReportArgs {
+            model: "digits".into(),
+            job: vec![job.clone()],
+            out: dir.join("report.html"),
+            format: super::report::ReportFormat::Html,
+        },
+    )
+    .await
+    .context("writing the report")?;
     if summary.state != "succeeded" {
         bail!(
             "job {job} ended {}; see `fleetbench jobs show {job}` and the logs in {}",
