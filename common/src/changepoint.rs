@@ -8,7 +8,9 @@
 //! by at least `min_shift` (relative), and both sides are searched again.
 //!
 //! Outliers among hosts: a host is noisy when its figure is more than 3 scaled MADs (median absolute
-//! deviation × 1.4826) **and** more than 20 % away from the median of its platform's hosts.
+//! deviation × 1.4826) **and** more than 20 % away from the median of its peers: the platform's other
+//! hosts, so the host judged does not pull the yardstick towards itself (with three hosts, a median
+//! and MAD that include it would need it 4.4 times as far out as its two peers are apart).
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -109,20 +111,43 @@ pub const OUTLIER_MADS: f64 = 3.0;
 /// ... and relatively.
 pub const OUTLIER_RATIO: f64 = 0.20;
 
-/// For each value, `Some(ratio to the median)` when it is an outlier by [`OUTLIER_MADS`] scaled
-/// MADs and [`OUTLIER_RATIO`]; needs three values or more.
+/// The median and scaled MAD of every value but the `i`th.
+fn peers(values: &[f64], i: usize) -> (f64, f64) {
+    let others: Vec<f64> = values
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| j != i)
+        .map(|(_, v)| *v)
+        .collect();
+    let m = median(&others);
+    let deviations: Vec<f64> = others.iter().map(|v| (v - m).abs()).collect();
+    (m, median(&deviations) * MAD_SCALE)
+}
+
+/// Each value over the median of the others (1 with fewer than two values).
+pub fn peer_ratios(values: &[f64]) -> Vec<f64> {
+    if values.len() < 2 {
+        return vec![1.0; values.len()];
+    }
+    (0..values.len())
+        .map(|i| {
+            let (m, _) = peers(values, i);
+            if m > 0.0 { values[i] / m } else { 1.0 }
+        })
+        .collect()
+}
+
+/// For each value, `Some(ratio to its peers' median)` when it sits more than [`OUTLIER_MADS`] scaled
+/// MADs and [`OUTLIER_RATIO`] from the median of the others; needs three values or more.
 pub fn outliers(values: &[f64]) -> Vec<Option<f64>> {
     if values.len() < 3 {
         return vec![None; values.len()];
     }
-    let m = median(values);
-    let deviations: Vec<f64> = values.iter().map(|v| (v - m).abs()).collect();
-    let mad = median(&deviations) * MAD_SCALE;
-    values
-        .iter()
-        .map(|&v| {
-            let d = (v - m).abs();
-            (m > 0.0 && d > OUTLIER_MADS * mad && d / m > OUTLIER_RATIO).then(|| v / m)
+    (0..values.len())
+        .map(|i| {
+            let (m, mad) = peers(values, i);
+            let d = (values[i] - m).abs();
+            (m > 0.0 && d > OUTLIER_MADS * mad && d / m > OUTLIER_RATIO).then(|| values[i] / m)
         })
         .collect()
 }
@@ -162,7 +187,13 @@ mod tests {
     fn one_slow_host_of_three_is_an_outlier_and_a_spread_fleet_has_none() {
         let got = outliers(&[1.0, 1.02, 2.0]);
         assert_eq!(got[..2], [None, None]);
-        assert!((got[2].unwrap() - 2.0 / 1.02).abs() < 1e-9, "{got:?}");
+        assert!((got[2].unwrap() - 2.0 / 1.01).abs() < 1e-9, "{got:?}");
+        // Peers 20 % apart, one host at half their level: flagged (a median and MAD that included it
+        // would not flag it).
+        let got = outliers(&[30_000.0, 25_000.0, 15_000.0]);
+        assert_eq!(got[..2], [None, None]);
+        assert!((got[2].unwrap() - 15.0 / 27.5).abs() < 1e-9, "{got:?}");
+        assert!((peer_ratios(&[1.0, 2.0])[1] - 2.0).abs() < 1e-12);
         // 15 % away: beyond 3 MAD but not 20 %.
         assert!(outliers(&[1.0, 1.0, 1.0, 1.15]).iter().all(Option::is_none));
         // Spread evenly: nobody stands out.

@@ -2,9 +2,10 @@
 //! of repeated runs:
 //!
 //! - percentiles: order statistics of the merged histogram ([`crate::hist::quantile_ci`]);
-//! - throughput: a percentile bootstrap over a run's telemetry windows ([`bootstrap_throughput`]),
-//!   computed when the run finishes and stored with its summary, so window retention changes nothing;
-//!   runs pooled into one row combine as a weighted mean ([`pool_throughput`]);
+//! - throughput: a circular block bootstrap over a run's telemetry windows ([`bootstrap_throughput`];
+//!   blocks of consecutive windows keep the drift between neighbours), computed when the run finishes
+//!   and stored with its summary, so window retention changes nothing; runs pooled into one row
+//!   combine as a weighted mean with a between-run term ([`pool_throughput`]);
 //! - cost per million: the throughput interval carried through `cost / throughput`;
 //! - accuracy: the Wilson score interval over the rows evaluated ([`wilson`]);
 //! - run-to-run spread: the coefficient of variation of per-run figures ([`cv`]).
@@ -21,7 +22,9 @@ pub const BOOTSTRAP_RESAMPLES: usize = 2000;
 const BOOTSTRAP_SEED: u64 = 0x666c_6565_7462_6e63;
 
 /// 95 % percentile-bootstrap interval of a run's throughput, `Σ samples / Σ seconds`, resampling its
-/// windows (`(samples, seconds)`) with replacement. `None` with fewer than two windows that have time.
+/// windows (`(samples, seconds)`) with replacement in circular blocks of `round(n^⅓)` consecutive
+/// windows, so windows that drift together are drawn together. `None` with fewer than two windows
+/// that have time.
 pub fn bootstrap_throughput(windows: &[(u64, f64)]) -> Option<(f64, f64)> {
     let w: Vec<(f64, f64)> = windows
         .iter()
@@ -32,19 +35,27 @@ pub fn bootstrap_throughput(windows: &[(u64, f64)]) -> Option<(f64, f64)> {
         return None;
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(BOOTSTRAP_SEED);
+    let len = w.len();
+    let block = ((len as f64).cbrt().round() as usize).max(1);
     let mut draws: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
         .map(|_| {
             let (mut n, mut s) = (0.0, 0.0);
-            for _ in 0..w.len() {
-                let (wn, ws) = w[rng.random_range(0..w.len())];
-                n += wn;
-                s += ws;
+            let mut taken = 0;
+            while taken < len {
+                let start = rng.random_range(0..len);
+                for k in 0..block.min(len - taken) {
+                    let (wn, ws) = w[(start + k) % len];
+                    n += wn;
+                    s += ws;
+                }
+                taken += block;
             }
             n / s
         })
         .collect();
     draws.sort_by(f64::total_cmp);
-    let at = |q: f64| draws[((q * draws.len() as f64) as usize).min(draws.len() - 1)];
+    let last = (draws.len() - 1) as f64;
+    let at = |q: f64| draws[(q * last).round() as usize];
     Some((at(0.025), at(0.975)))
 }
 
@@ -53,24 +64,35 @@ pub type PooledRun = (f64, Option<(f64, f64)>, f64);
 
 /// Interval of the throughput of pooled runs, `Σ samples / Σ seconds = Σ wᵢ·thrᵢ` with
 /// `wᵢ = secondsᵢ / Σ seconds`: each run's interval read as a normal one (half-width / z is its
-/// standard error), errors added in quadrature with the weights. Parts are `(throughput, interval,
-/// seconds)`; `None` when any part has no interval.
+/// standard error `seᵢ`), plus a between-run variance `τ²` for runs that disagree by more than their
+/// own errors explain (`τ² = max(0, k/(k−1)·Σ wᵢ(thrᵢ − mean)² − Σ wᵢ·seᵢ²)`, a random-effects
+/// estimate), so `var = Σ wᵢ²(seᵢ² + τ²)`. Parts are `(throughput, interval, seconds)`; `None` when any
+/// part has no interval.
 pub fn pool_throughput(parts: &[PooledRun]) -> Option<(f64, f64)> {
     let total: f64 = parts.iter().map(|p| p.2).sum();
     if parts.is_empty() || total <= 0.0 {
         return None;
     }
-    let mut mean = 0.0;
-    let mut var = 0.0;
-    for &(thr, ci, secs) in parts {
-        let (lo, hi) = ci?;
-        let w = secs / total;
-        mean += w * thr;
-        var += (w * (hi - lo) / (2.0 * Z95)).powi(2);
-    }
     if parts.len() == 1 {
         return parts[0].1;
     }
+    // (weight, throughput, squared standard error)
+    let mut runs = Vec::with_capacity(parts.len());
+    for &(thr, ci, secs) in parts {
+        let (lo, hi) = ci?;
+        runs.push((secs / total, thr, ((hi - lo) / (2.0 * Z95)).powi(2)));
+    }
+    let mean: f64 = runs.iter().map(|(w, t, _)| w * t).sum();
+    let k = runs.len() as f64;
+    let spread: f64 = runs
+        .iter()
+        .map(|(w, t, _)| w * (t - mean).powi(2))
+        .sum::<f64>()
+        * k
+        / (k - 1.0);
+    let within: f64 = runs.iter().map(|(w, _, se2)| w * se2).sum();
+    let tau2 = (spread - within).max(0.0);
+    let var: f64 = runs.iter().map(|(w, _, se2)| w * w * (se2 + tau2)).sum();
     let half = Z95 * var.sqrt();
     Some(((mean - half).max(0.0), mean + half))
 }
@@ -124,6 +146,18 @@ mod tests {
     }
 
     #[test]
+    fn blocks_keep_drift_so_a_drifting_run_gets_a_wider_interval() {
+        // The same window values, drifting up steadily or shuffled: resampling blocks of neighbours
+        // sees the drift as less independent evidence than scattered windows are.
+        let drifting: Vec<(u64, f64)> = (0..64).map(|i| (1000 + i * 10, 1.0)).collect();
+        let mut scattered = drifting.clone();
+        scattered.sort_by_key(|w| (w.0 * 7919) % 641);
+        let (dl, dh) = bootstrap_throughput(&drifting).unwrap();
+        let (sl, sh) = bootstrap_throughput(&scattered).unwrap();
+        assert!(dh - dl > (sh - sl) * 1.2, "{dl}..{dh} vs {sl}..{sh}");
+    }
+
+    #[test]
     fn bootstrap_brackets_the_throughput_and_narrows_with_steady_windows() {
         let noisy: Vec<(u64, f64)> = (0..20).map(|i| (1000 + (i % 5) * 100, 1.0)).collect();
         let steady: Vec<(u64, f64)> = (0..20).map(|i| (1200 + (i % 5), 1.0)).collect();
@@ -146,6 +180,14 @@ mod tests {
             "{lo} {hi}"
         );
         assert!(pool_throughput(&[one, (100.0, None, 10.0)]).is_none());
+        // Runs that disagree far beyond their own intervals: the interval covers their spread, not
+        // ±1 around the mean.
+        let apart: Vec<PooledRun> = [80.0, 90.0, 110.0, 120.0]
+            .iter()
+            .map(|&t| (t, Some((t - 2.0, t + 2.0)), 10.0))
+            .collect();
+        let (lo, hi) = pool_throughput(&apart).unwrap();
+        assert!(lo < 85.0 && hi > 115.0, "{lo} {hi}");
     }
 
     #[test]

@@ -254,7 +254,8 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
 }
 
 /// How the agents that ran a row differ: the spread of their mean p50 and throughput, and the agents
-/// that stand apart ([`changepoint::outliers`]) or whose runs were disturbed (steal, throttling).
+/// that stand apart from their peers ([`changepoint::outliers`]) or whose runs were disturbed (steal,
+/// throttling). Ratios are to the median of the other agents.
 fn fleet_figures(runs: &[&StoredRun]) -> (Option<HostSpread>, Vec<NoisyHost>) {
     let mut by_agent: BTreeMap<&str, Vec<&StoredRun>> = BTreeMap::new();
     for r in runs {
@@ -281,11 +282,10 @@ fn fleet_figures(runs: &[&StoredRun]) -> (Option<HostSpread>, Vec<NoisyHost>) {
         _ => None,
     };
     let (p50_out, thr_out) = (changepoint::outliers(&p50), changepoint::outliers(&thr));
-    let (p50_mid, thr_mid) = if agents.len() >= 2 {
-        (changepoint::median(&p50), changepoint::median(&thr))
-    } else {
-        (p50[0], thr[0])
-    };
+    let (p50_ratio, thr_ratio) = (
+        changepoint::peer_ratios(&p50),
+        changepoint::peer_ratios(&thr),
+    );
     let mut noisy = Vec::new();
     for (i, agent) in agents.iter().enumerate() {
         let mut why = Vec::new();
@@ -307,8 +307,8 @@ fn fleet_figures(runs: &[&StoredRun]) -> (Option<HostSpread>, Vec<NoisyHost>) {
         if !why.is_empty() {
             noisy.push(NoisyHost {
                 agent: agent.to_string(),
-                p50_ratio: if p50_mid > 0.0 { p50[i] / p50_mid } else { 1.0 },
-                throughput_ratio: if thr_mid > 0.0 { thr[i] / thr_mid } else { 1.0 },
+                p50_ratio: p50_ratio[i],
+                throughput_ratio: thr_ratio[i],
                 reason: why.join("; "),
             });
         }

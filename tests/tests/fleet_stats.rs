@@ -64,9 +64,16 @@ async fn one_of_three_hosts_slowed_by_a_cpu_burner_is_flagged_as_noisy() {
     let hosts = row.hosts.expect("three agents ran the row");
     assert_eq!(hosts.agents, 3);
     assert!(hosts.throughput_cv > 0.15, "{hosts:?}");
-    let noisy: Vec<&str> = row.noisy_hosts.iter().map(|n| n.agent.as_str()).collect();
-    assert_eq!(noisy, ["c"], "{:?}", row.noisy_hosts);
-    let c = &row.noisy_hosts[0];
+    // By the statistical rule only c stands out; a or b may still be flagged for a disturbed run
+    // (steal, a frequency dip) on a busy machine, which is the rule's other half doing its work.
+    let by_rule: Vec<&str> = row
+        .noisy_hosts
+        .iter()
+        .filter(|n| n.reason.contains("median"))
+        .map(|n| n.agent.as_str())
+        .collect();
+    assert_eq!(by_rule, ["c"], "{:?}\n{:?}", row.noisy_hosts, row.history);
+    let c = row.noisy_hosts.iter().find(|n| n.agent == "c").unwrap();
     assert!(
         c.throughput_ratio < 0.75 && c.reason.contains("throughput"),
         "sharing its core costs c about half its throughput: {c:?}"

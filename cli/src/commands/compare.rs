@@ -1,13 +1,15 @@
-//! `fleetbench compare BASELINE CANDIDATE`: a release gate. Each side is a job or a JSON file saved
-//! with `rank --output json`. Rows are matched by platform, variant and workload (what the runs did,
-//! without the agent and ONNX Runtime versions or the providers that ran the graph, since those are
-//! what a candidate usually changes), and each metric gets a verdict: improved, regressed, or no
-//! change beyond noise.
+//! `fleetbench compare BASELINE CANDIDATE`: a release gate. Each side is a finished job or a JSON file
+//! saved with `rank --output json`. Rows are matched by platform (its readable name: labels, CPU,
+//! cores, accelerators; the platform id also hashes the ONNX Runtime version), variant and workload
+//! (what the runs did, without the agent and ONNX Runtime versions or the providers that ran the
+//! graph, since those are what a candidate usually changes), and each metric gets a verdict:
+//! improved, regressed, or no change beyond noise. A baseline row the candidate lacks (its runs
+//! failed, were INVALID or never ran) counts as a regression unless `--allow-missing`.
 //!
 //! Noise, stated: each side's figure carries its 95 % interval from inside its runs, and a run-to-run
 //! spread: the coefficient of variation of the pooled runs' figures, never below `--noise-floor`
 //! (with one run the floor alone), divided by √runs. The change is beyond noise when it exceeds
-//! `z₉₅·√(seᵦ² + se꜀² + rᵦ² + r꜀²)`, all relative to the baseline; it counts when it also exceeds
+//! `z₉₅·√(seᵦ² + se꜀² + rᵦ² + r꜀²)`, all relative to the baseline figure; it counts when it also exceeds
 //! `--threshold`. Exit 0 when nothing regressed, 1 on a regression, 2 on errors.
 
 use std::collections::BTreeMap;
@@ -42,6 +44,9 @@ pub struct CompareArgs {
     /// Include INVALID runs of jobs.
     #[arg(long)]
     pub include_invalid: bool,
+    /// List baseline rows the candidate lacks without failing the gate.
+    #[arg(long)]
+    pub allow_missing: bool,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub output: Format,
@@ -153,20 +158,22 @@ impl Row {
             }
             other => other.to_string(),
         };
-        let platform = if self.platform_id.is_empty() {
-            self.platform.clone()
-        } else {
-            self.platform_id.clone()
+        // Two platforms of one ranking that read the same carry ` #<id prefix>`; the name without it
+        // is the identity that survives a runtime upgrade.
+        let platform = match self.platform.rsplit_once(" #") {
+            Some((name, id)) if id.len() == 6 && id.bytes().all(|b| b.is_ascii_hexdigit()) => name,
+            _ => self.platform.as_str(),
         };
-        (platform, self.variant.clone(), work)
+        (platform.to_string(), self.variant.clone(), work)
     }
 }
 
-impl From<&RankJson> for Row {
-    fn from(r: &RankJson) -> Self {
+impl TryFrom<&RankJson> for Row {
+    type Error = anyhow::Error;
+
+    fn try_from(r: &RankJson) -> Result<Self> {
         // Both shapes are the same JSON; going through it keeps one definition of the fields.
-        serde_json::from_value(serde_json::to_value(r).expect("a ranking row serializes"))
-            .expect("a ranking row has the fields compare reads")
+        Ok(serde_json::from_value(serde_json::to_value(r)?)?)
     }
 }
 
@@ -215,15 +222,17 @@ pub struct Change {
     pub verdict: Verdict,
 }
 
-/// One side's relative standard error of a metric: inside its runs (the interval's half-width / z)
-/// and between runs (CV, at least `floor`, over √runs).
-fn side_error(metric: Metric, row: &Row, floor: f64) -> f64 {
+/// One side's squared standard error of a metric relative to `base` (the baseline's figure): inside
+/// its runs (the interval's half-width / z) and between runs (CV, at least `floor`, over √runs).
+fn side_error(metric: Metric, row: &Row, base: f64, floor: f64) -> f64 {
     let (v, ci, cv) = metric.of(row);
     let inside = match ci {
-        Some([lo, hi]) if v > 0.0 && hi >= lo => (hi - lo) / (2.0 * Z95 * v),
+        Some([lo, hi]) if base > 0.0 && hi >= lo => (hi - lo) / (2.0 * Z95 * base),
         _ => 0.0,
     };
-    let between = cv.unwrap_or(0.0).max(floor) / f64::from(row.runs.max(1)).sqrt();
+    // The run-to-run CV is relative to the side's own figure; scaled to the baseline's.
+    let scale = if base > 0.0 { v / base } else { 1.0 };
+    let between = scale * cv.unwrap_or(0.0).max(floor) / f64::from(row.runs.max(1)).sqrt();
     inside.powi(2) + between.powi(2)
 }
 
@@ -236,7 +245,8 @@ pub fn judge(metric: Metric, base: &Row, cand: &Row, threshold: f64, floor: f64)
         Metric::Throughput => -change,
         _ => change,
     };
-    let noise = Z95 * (side_error(metric, base, floor) + side_error(metric, cand, floor)).sqrt();
+    let noise =
+        Z95 * (side_error(metric, base, b, floor) + side_error(metric, cand, b, floor)).sqrt();
     let verdict = if worse.abs() <= threshold.max(noise) {
         Verdict::NoChange
     } else if worse > 0.0 {
@@ -262,7 +272,8 @@ pub fn judge(metric: Metric, base: &Row, cand: &Row, threshold: f64, floor: f64)
 pub struct Comparison {
     /// Judged changes.
     pub changes: Vec<Change>,
-    /// Rows only the baseline has (`platform variant config`).
+    /// Rows only the baseline has (`platform variant config`): the candidate has no VALID run of them.
+    /// They fail the gate unless `--allow-missing`.
     pub only_in_baseline: Vec<String>,
     /// Rows only the candidate has.
     pub only_in_candidate: Vec<String>,
@@ -270,7 +281,7 @@ pub struct Comparison {
     pub threshold: f64,
     /// Noise floor, fraction.
     pub noise_floor: f64,
-    /// Some metric regressed.
+    /// Some metric regressed, or (without `--allow-missing`) a baseline row is missing.
     pub regressed: bool,
 }
 
@@ -295,6 +306,7 @@ pub fn compare(
     metrics: &[Metric],
     threshold: f64,
     floor: f64,
+    allow_missing: bool,
 ) -> Result<Comparison> {
     let base = keyed("baseline", base)?;
     let mut cand = keyed("candidate", cand)?;
@@ -318,7 +330,8 @@ pub fn compare(
             only_in_candidate.len()
         );
     }
-    let regressed = changes.iter().any(|c| c.verdict == Verdict::Regressed);
+    let regressed = changes.iter().any(|c| c.verdict == Verdict::Regressed)
+        || (!allow_missing && !only_in_baseline.is_empty());
     Ok(Comparison {
         changes,
         only_in_baseline,
@@ -356,6 +369,14 @@ async fn side(client: &Client, name: &str, what: &str, include_invalid: bool) ->
         })?
         .into_inner();
     let summary = job.summary.unwrap_or_default();
+    if !matches!(summary.state.as_str(), "succeeded" | "failed" | "cancelled") {
+        bail!(
+            "{name}: job {} is {}; compare it once it has finished (fleetbench jobs watch {})",
+            output::short(&summary.job_id),
+            summary.state,
+            output::short(&summary.job_id)
+        );
+    }
     let args = RankArgs {
         include_invalid,
         job: Some(summary.job_id.clone()),
@@ -369,7 +390,9 @@ async fn side(client: &Client, name: &str, what: &str, include_invalid: bool) ->
             if include_invalid { "" } else { "VALID " }
         );
     }
-    Ok(rows.iter().map(|r| Row::from(&RankJson::from(r))).collect())
+    rows.iter()
+        .map(|r| Row::try_from(&RankJson::from(r)))
+        .collect()
 }
 
 fn pct(v: f64) -> String {
@@ -383,7 +406,14 @@ pub async fn run(client: &Client, a: CompareArgs) -> Result<bool> {
     }
     let base = side(client, "baseline", &a.baseline, a.include_invalid).await?;
     let cand = side(client, "candidate", &a.candidate, a.include_invalid).await?;
-    let cmp = compare(base, cand, &a.metrics, a.threshold, a.noise_floor)?;
+    let cmp = compare(
+        base,
+        cand,
+        &a.metrics,
+        a.threshold,
+        a.noise_floor,
+        a.allow_missing,
+    )?;
     match a.output {
         Format::Json => output::print_json(&cmp)?,
         Format::Table => {
@@ -412,19 +442,29 @@ pub async fn run(client: &Client, a: CompareArgs) -> Result<bool> {
                 ]);
             }
             println!("{t}");
-            for (label, rows) in [
-                ("only in the baseline", &cmp.only_in_baseline),
-                ("only in the candidate", &cmp.only_in_candidate),
-            ] {
-                if !rows.is_empty() {
-                    println!("{label} (not judged): {}", rows.join("; "));
-                }
+            if !cmp.only_in_baseline.is_empty() {
+                println!(
+                    "{} in the baseline, with no VALID run in the candidate: {}",
+                    if a.allow_missing {
+                        "listed only (--allow-missing)"
+                    } else {
+                        "MISSING (fails the gate; --allow-missing lists them only)"
+                    },
+                    cmp.only_in_baseline.join("; ")
+                );
+            }
+            if !cmp.only_in_candidate.is_empty() {
+                println!(
+                    "only in the candidate (not judged): {}",
+                    cmp.only_in_candidate.join("; ")
+                );
             }
             let count = |v: Verdict| cmp.changes.iter().filter(|c| c.verdict == v).count();
             println!(
-                "{} regressed, {} improved, {} no change beyond noise (threshold {:.1} %; noise: each \
+                "{} regressed, {} missing, {} improved, {} no change beyond noise (threshold {:.1} %; noise: each \
                  side's 95 % interval and its run-to-run spread, at least {:.1} % per run)",
                 count(Verdict::Regressed),
+                cmp.only_in_baseline.len(),
                 count(Verdict::Improved),
                 count(Verdict::NoChange),
                 a.threshold * 100.0,
@@ -471,6 +511,7 @@ mod tests {
             &all,
             0.05,
             0.05,
+            false,
         )
         .unwrap();
         assert!(doubled.regressed);
@@ -487,6 +528,7 @@ mod tests {
             &all,
             0.05,
             0.05,
+            false,
         )
         .unwrap();
         assert!(!halved.regressed);
@@ -496,18 +538,20 @@ mod tests {
                 .iter()
                 .all(|c| c.verdict == Verdict::Improved)
         );
-        // +8 % is beyond the threshold, but one run each side with a 5 % floor is ±13.9 % of noise.
+        // +8 % is beyond the threshold, but one run each side with a 5 % floor is ±14.5 % of noise
+        // (the candidate's share scaled to the baseline).
         let wobble = compare(
             vec![base.clone()],
             vec![row(1.08, 0.01, 1, None)],
             &all,
             0.05,
             0.05,
+            false,
         )
         .unwrap();
         assert!(!wobble.regressed, "{wobble:?}");
         assert!(
-            (wobble.changes[0].noise - 0.139).abs() < 0.002,
+            (wobble.changes[0].noise - 0.145).abs() < 0.002,
             "{:?}",
             wobble.changes[0]
         );
@@ -518,6 +562,7 @@ mod tests {
             &[Metric::P50],
             0.05,
             0.01,
+            false,
         )
         .unwrap();
         assert!(tight.regressed, "{tight:?}");
@@ -528,6 +573,7 @@ mod tests {
             &[Metric::P50],
             0.10,
             0.01,
+            false,
         )
         .unwrap();
         assert!(!lenient.regressed);
@@ -538,6 +584,7 @@ mod tests {
             &[Metric::P50],
             0.05,
             0.01,
+            false,
         )
         .unwrap();
         assert!(!spread.regressed, "{spread:?}");
@@ -546,33 +593,62 @@ mod tests {
     #[test]
     fn rows_match_on_the_work_not_on_the_runtime_version() {
         let base = row(1.0, 0.01, 1, None);
+        // A newer runtime changes the platform id (it hashes the ORT version) and the pooling key's
+        // versions; the row still matches.
         let mut newer = row(1.0, 0.01, 1, None);
         newer.pool["ort_version"] = "1.32.0".into();
+        newer.platform_id = "p9".into();
+        newer.platform = "edge #a1b2c3".into();
         let mut other_platform = row(1.0, 0.01, 1, None);
-        other_platform.platform_id = "p2".into();
+        other_platform.platform = "cloud".into();
         let cmp = compare(
             vec![base.clone()],
             vec![newer, other_platform],
             &[Metric::P50],
             0.05,
             0.05,
+            false,
         )
         .unwrap();
         assert_eq!(cmp.changes.len(), 1);
         assert_eq!(cmp.only_in_candidate.len(), 1);
         let mut batch = row(1.0, 0.01, 1, None);
         batch.pool["scenario"] = "offline".into();
-        let e = compare(vec![base.clone()], vec![batch], &[Metric::P50], 0.05, 0.05)
-            .unwrap_err()
-            .to_string();
+        let refused = |b: Vec<Row>, c: Vec<Row>| {
+            compare(b, c, &[Metric::P50], 0.05, 0.05, false)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refused(vec![base.clone()], vec![batch]);
         assert!(
             e.contains("no row of the candidate did the same work"),
             "{e}"
         );
-        let e = compare(vec![base.clone(), base], vec![], &[Metric::P50], 0.05, 0.05)
-            .unwrap_err()
-            .to_string();
+        let e = refused(vec![base.clone(), base], vec![]);
         assert!(e.contains("baseline: two rows"), "{e}");
+    }
+
+    #[test]
+    fn a_baseline_row_the_candidate_lacks_fails_the_gate_unless_allowed() {
+        let mut int8 = row(1.0, 0.01, 1, None);
+        int8.variant = "int8".into();
+        let base = vec![row(1.0, 0.01, 1, None), int8];
+        let cand = vec![row(1.0, 0.01, 1, None)];
+        let strict = compare(
+            base.clone(),
+            cand.clone(),
+            &[Metric::P50],
+            0.05,
+            0.05,
+            false,
+        )
+        .unwrap();
+        assert!(
+            strict.regressed && strict.only_in_baseline.len() == 1,
+            "{strict:?}"
+        );
+        let allowed = compare(base, cand, &[Metric::P50], 0.05, 0.05, true).unwrap();
+        assert!(!allowed.regressed);
     }
 
     #[test]

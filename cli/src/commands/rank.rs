@@ -74,7 +74,8 @@ impl RankArgs {
 pub struct RankJson {
     /// 1-based rank; tied rows share their group leader's.
     pub rank: u32,
-    /// The row's 95 % interval of the objective overlaps its group leader's (p50 and p99 objectives).
+    /// The row's 95 % interval of the objective overlaps its group leader's (p50, p99, throughput, cost
+    /// and accuracy objectives).
     pub tied: bool,
     /// Readable platform name.
     pub platform: String,
@@ -121,6 +122,14 @@ pub struct RankJson {
     /// With more than one run pooled: the coefficients of variation of the runs' p50, p99 and
     /// throughput.
     pub spread: Option<Spread>,
+    /// With more than one agent: how many, and the coefficients of variation of their mean p50 and
+    /// throughput.
+    pub hosts: Option<fleetbench_proto::v1::HostSpread>,
+    /// Agents whose figures stand apart from their peers' or whose runs were disturbed.
+    pub noisy_hosts: Vec<fleetbench_proto::v1::NoisyHost>,
+    /// With `--history`: the runs in time order, change points marked.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<fleetbench_proto::v1::HistoryPoint>,
     /// Their ids.
     pub run_ids: Vec<String>,
     /// Peak RSS, bytes.
@@ -186,6 +195,9 @@ impl From<&RankRow> for RankJson {
                 p99_cv: s.p99_cv,
                 throughput_cv: s.throughput_cv,
             }),
+            hosts: r.hosts,
+            noisy_hosts: r.noisy_hosts.clone(),
+            history: r.history.clone(),
             run_ids: r.run_ids.clone(),
             rss_peak_bytes: r.rss_peak_bytes,
             size_bytes: r.size_bytes,
@@ -316,9 +328,9 @@ pub fn tie_note(resp: &RankResponse) -> Option<String> {
             _ => "order statistics of the pooled histogram",
         };
         format!(
-            "=N: tied. These rows' 95 % confidence intervals of the {} ({method}) overlap the best \
-             row's, so the measurements cannot tell them apart; tied rows are listed by cost per \
-             million, lowest first.",
+            "=N: tied. These rows' 95 % confidence intervals of the {} ({method}) overlap their \
+             group's first row's, so the measurements cannot tell them apart; tied rows are listed by \
+             cost per million, lowest first.",
             resp.objective
         )
     })

@@ -33,6 +33,9 @@ pub struct ReportArgs {
     /// File format.
     #[arg(long, value_enum, default_value_t = ReportFormat::Html)]
     pub format: ReportFormat,
+    /// The recommendation keeps only rows with at least this top-1 accuracy, as a fraction (0.97).
+    #[arg(long)]
+    pub min_accuracy: Option<f64>,
 }
 
 /// Report file formats.
@@ -54,14 +57,28 @@ pub enum ReportFormat {
 pub struct Section {
     /// Job id; empty when all jobs of the model are pooled.
     pub job: String,
-    /// The recommendation by cost, or why there is none.
-    pub recommendation: std::result::Result<Recommendation, String>,
+    /// The recommendation by cost (under `--min-accuracy`); absent when none, with `no_recommendation`
+    /// saying why.
+    pub recommendation: Option<Recommendation>,
+    /// Why there is no recommendation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_recommendation: Option<String>,
     /// Ranking by p99, ties grouped.
     pub rows: Vec<RankJson>,
     /// The note under a ranking with ties.
     pub tie_note: Option<String>,
     #[serde(skip)]
     raw: Vec<RankRow>,
+}
+
+impl Section {
+    /// The recommendation's sentence, or why there is none.
+    fn answer(&self) -> std::result::Result<&str, &str> {
+        match (&self.recommendation, &self.no_recommendation) {
+            (Some(r), _) => Ok(&r.reason),
+            (None, why) => Err(why.as_deref().unwrap_or("-")),
+        }
+    }
 }
 
 /// One run's validity and reproducibility record.
@@ -136,18 +153,18 @@ pub async fn gather(client: &Client, a: &ReportArgs) -> Result<Report> {
                 model: a.model.clone(),
                 objective: "cost".into(),
                 max_p99_ms: None,
-                min_accuracy: None,
+                min_accuracy: a.min_accuracy,
                 max_accuracy_drop: None,
                 min_throughput: None,
                 job: job_id.clone(),
                 output: output::Format::Json,
             },
         )
-        .await
-        .map_err(|e| format!("{e:#}"));
+        .await;
         sections.push(Section {
             job: job_id.unwrap_or_default(),
-            recommendation,
+            no_recommendation: recommendation.as_ref().err().map(|e| format!("{e:#}")),
+            recommendation: recommendation.ok(),
             rows: resp.rows.iter().map(RankJson::from).collect(),
             tie_note: rank::tie_note(&resp),
             raw: resp.rows,
@@ -539,10 +556,20 @@ fn sweep_chart(rows: &[RankRow], concurrency: bool) -> Result<Option<Chart>> {
             .max(1),
         )
     };
-    let mut lines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    // One line per platform, variant and everything else the runs did: the pooling key without the
+    // swept dimension, so a batch × threads sweep draws a line per thread count.
+    let swept = if concurrency { "streams" } else { "batch_size" };
+    let mut lines: BTreeMap<(String, String), Vec<(f64, f64)>> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.generation.is_none()) {
+        let rest = match serde_json::from_str::<serde_json::Value>(&r.pool_key) {
+            Ok(serde_json::Value::Object(mut m)) => {
+                m.remove(swept);
+                serde_json::Value::Object(m).to_string()
+            }
+            _ => r.pool_key.clone(),
+        };
         lines
-            .entry(format!("{} · {}", r.platform, r.variant))
+            .entry((format!("{} · {}", r.platform, r.variant), rest))
             .or_default()
             .push((x(r), r.throughput_per_s));
     }
@@ -551,17 +578,34 @@ fn sweep_chart(rows: &[RankRow], concurrency: bool) -> Result<Option<Chart>> {
         pts.dedup_by(|a, b| a.0 == b.0);
         pts.len() >= 2
     });
+    // Lines that share a platform and variant are told apart by a number.
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let lines: Vec<(String, Vec<(f64, f64)>)> = lines
+        .into_iter()
+        .map(|((name, _), pts)| {
+            let n = seen.entry(name.clone()).or_default();
+            *n += 1;
+            (
+                if *n > 1 {
+                    format!("{name} ({n})")
+                } else {
+                    name
+                },
+                pts,
+            )
+        })
+        .collect();
     if lines.is_empty() {
         return Ok(None);
     }
-    let (xlo, xhi) = bounds(lines.values().flatten().map(|p| p.0)).unwrap_or((1.0, 2.0));
-    let (_, yhi) = bounds(lines.values().flatten().map(|p| p.1)).unwrap_or((0.0, 1.0));
+    let (xlo, xhi) = bounds(lines.iter().flat_map(|l| &l.1).map(|p| p.0)).unwrap_or((1.0, 2.0));
+    let (_, yhi) = bounds(lines.iter().flat_map(|l| &l.1).map(|p| p.1)).unwrap_or((0.0, 1.0));
     let what = if concurrency {
         "concurrency (streams)"
     } else {
         "batch size"
     };
-    let points = lines.values().map(Vec::len).sum();
+    let points = lines.iter().map(|l| l.1.len()).sum();
     let svg = svg(|root| {
         let mut chart = ChartBuilder::on(root)
             .margin(12)
@@ -719,9 +763,9 @@ pub fn html(r: &Report) -> Result<String> {
                 format!("Job {}", esc(output::short(&s.job)))
             }
         );
-        match &s.recommendation {
+        match s.answer() {
             Ok(rec) => {
-                let _ = write!(out, "<p class=\"answer\">{}</p>", esc(&rec.reason));
+                let _ = write!(out, "<p class=\"answer\">{}</p>", esc(rec));
             }
             Err(e) => {
                 let _ = write!(
@@ -789,9 +833,9 @@ pub fn markdown(r: &Report) -> String {
                 format!("Job {}", output::short(&s.job))
             }
         );
-        match &s.recommendation {
+        match s.answer() {
             Ok(rec) => {
-                let _ = writeln!(out, "**{}**\n", rec.reason);
+                let _ = writeln!(out, "**{rec}**\n");
             }
             Err(e) => {
                 let _ = writeln!(out, "No recommendation: {e}\n");
@@ -929,7 +973,8 @@ mod tests {
             generated_at: "now".into(),
             sections: vec![Section {
                 job: String::new(),
-                recommendation: Err("none".into()),
+                recommendation: None,
+                no_recommendation: Some("none".into()),
                 rows: vec![RankJson::from(&r)],
                 tie_note: None,
                 raw: vec![r],
