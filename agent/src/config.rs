@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use fleetbench_common::labels::{Labels, parse_labels};
+use fleetbench_common::network::{self, ProbeTarget};
 use fleetbench_common::token::{JoinToken, Secret};
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +42,30 @@ pub struct AgentConfig {
     /// create --role agent-join`), used once: the coordinator gives the agent a credential of its own,
     /// kept in the state directory (mode 0600) and used from then on.
     pub join_token: Secret,
+    /// Probe targets, `NAME=HOST:PORT` of a TCP echo (`fleetbench-agent probe-server`, or any echo):
+    /// the agent measures its path to each, and `fleetbench rank --client NAME` ranks by it.
+    pub probe: Vec<String>,
+    /// Bytes of each throughput probe (each way). Small by default, for edge links; on fast links a
+    /// larger probe reads throughput more truly.
+    pub network_probe_bytes: u64,
+    /// Round trips timed per target.
+    pub network_probe_samples: u32,
+    /// Seconds between measurements of the network paths, taken only between tasks (never during
+    /// one); the first when the agent registers. 0: never measure.
+    pub network_probe_interval_s: u64,
+}
+
+/// Settings of the agent's network measurements.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkSettings {
+    /// Operator-named targets.
+    pub targets: Vec<ProbeTarget>,
+    /// Bytes of each throughput probe.
+    pub probe_bytes: u64,
+    /// Round trips timed per target.
+    pub samples: u32,
+    /// Time between measurements; None: never measure.
+    pub interval: Option<std::time::Duration>,
 }
 
 impl Default for AgentConfig {
@@ -57,12 +82,16 @@ impl Default for AgentConfig {
             cache_max_bytes: 0,
             ca_cert: PathBuf::new(),
             join_token: Secret::default(),
+            probe: Vec::new(),
+            network_probe_bytes: 32 * 1024,
+            network_probe_samples: 5,
+            network_probe_interval_s: 600,
         }
     }
 }
 
 /// Environment keys read (FLEETBENCH_ + upper case).
-const ENV_KEYS: [&str; 10] = [
+const ENV_KEYS: [&str; 13] = [
     "coordinator",
     "name",
     "cpus",
@@ -73,6 +102,9 @@ const ENV_KEYS: [&str; 10] = [
     "cache_max_bytes",
     "ca_cert",
     "join_token",
+    "network_probe_bytes",
+    "network_probe_samples",
+    "network_probe_interval_s",
 ];
 
 impl AgentConfig {
@@ -156,7 +188,52 @@ impl AgentConfig {
         }
         self.labels()?;
         self.cpu_list()?;
+        self.network()?;
         Ok(())
+    }
+
+    /// The network measurement settings, checked.
+    pub fn network(&self) -> Result<NetworkSettings> {
+        let mut targets: Vec<ProbeTarget> = Vec::new();
+        for p in &self.probe {
+            let t: ProbeTarget = p
+                .parse()
+                .map_err(|e| AgentError::Config(format!("probe: {e}")))?;
+            if targets.iter().any(|o| o.name == t.name) {
+                return Err(AgentError::Config(format!(
+                    "probe: target '{}' is named twice",
+                    t.name
+                )));
+            }
+            targets.push(t);
+        }
+        if targets.len() >= network::MAX_PATHS {
+            return Err(AgentError::Config(format!(
+                "probe: {} targets; at most {}",
+                targets.len(),
+                network::MAX_PATHS - 1
+            )));
+        }
+        if !(1..=network::MAX_PROBE_BYTES).contains(&self.network_probe_bytes) {
+            return Err(AgentError::Config(format!(
+                "network_probe_bytes: {} is out of range (1 to {})",
+                self.network_probe_bytes,
+                network::MAX_PROBE_BYTES
+            )));
+        }
+        if !(1..=100).contains(&self.network_probe_samples) {
+            return Err(AgentError::Config(format!(
+                "network_probe_samples: {} is out of range (1 to 100)",
+                self.network_probe_samples
+            )));
+        }
+        Ok(NetworkSettings {
+            targets,
+            probe_bytes: self.network_probe_bytes,
+            samples: self.network_probe_samples,
+            interval: (self.network_probe_interval_s > 0)
+                .then(|| std::time::Duration::from_secs(self.network_probe_interval_s)),
+        })
     }
 
     /// The parsed join token, when one is set.
@@ -211,5 +288,54 @@ mod tests {
         };
         let e = config.validate().unwrap_err().to_string();
         assert!(e.contains("mixes https:// and http://"), "{e}");
+    }
+
+    #[test]
+    fn probe_settings_are_checked_and_name_the_setting() {
+        let ok = AgentConfig {
+            probe: vec!["office=10.0.0.5:7701".into()],
+            ..Default::default()
+        };
+        let n = ok.network().unwrap();
+        assert_eq!(n.targets[0].name, "office");
+        assert_eq!(n.interval, Some(std::time::Duration::from_secs(600)));
+        for (config, says) in [
+            (
+                AgentConfig {
+                    probe: vec!["a=h:1".into(), "a=h:2".into()],
+                    ..Default::default()
+                },
+                "probe: target 'a' is named twice",
+            ),
+            (
+                AgentConfig {
+                    probe: vec!["office".into()],
+                    ..Default::default()
+                },
+                "probe: 'office' is not NAME=HOST:PORT",
+            ),
+            (
+                AgentConfig {
+                    network_probe_bytes: 0,
+                    ..Default::default()
+                },
+                "network_probe_bytes: 0 is out of range",
+            ),
+            (
+                AgentConfig {
+                    network_probe_samples: 0,
+                    ..Default::default()
+                },
+                "network_probe_samples: 0",
+            ),
+        ] {
+            let e = config.validate().unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+        let off = AgentConfig {
+            network_probe_interval_s: 0,
+            ..Default::default()
+        };
+        assert_eq!(off.network().unwrap().interval, None);
     }
 }

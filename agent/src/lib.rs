@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod gpu;
 pub mod inventory;
+pub mod netprobe;
 pub mod runner;
 pub mod sampler;
 pub mod spans;
@@ -53,6 +54,7 @@ pub async fn run_with_runner(
         cache_max_bytes: config.cache_max_bytes,
         ca_pem: config.ca_pem()?,
         join_token: config.join()?,
+        network: config.network()?,
     };
     uplink::run(
         config.coordinator.clone(),

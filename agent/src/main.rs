@@ -62,11 +62,75 @@ struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     join_token: Option<String>,
+    /// Probe target NAME=HOST:PORT, a TCP echo (`fleetbench-agent probe-server` or any echo) where
+    /// users of the fleet are; repeatable. The agent measures its path to each, and to its
+    /// coordinator, between tasks; `fleetbench rank --client NAME` ranks by it.
+    #[arg(long = "probe")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    probe: Vec<String>,
+    /// Bytes of each throughput probe, each way (default 32768; small for edge links).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network_probe_bytes: Option<u64>,
+    /// Round trips timed per target (default 5).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network_probe_samples: Option<u32>,
+    /// Seconds between network measurements, taken only between tasks (default 600; 0: never).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network_probe_interval_s: Option<u64>,
+    #[command(subcommand)]
+    #[serde(skip)]
+    command: Option<Command>,
+}
+
+/// Other things the binary does.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Serve a TCP echo for other agents' network probes (`--probe NAME=HOST:PORT`); prints the
+    /// address it listens on, then echoes every connection's bytes back until stopped.
+    ProbeServer {
+        /// Address to listen on (port 0: any free port).
+        #[arg(long, default_value = "0.0.0.0:7701")]
+        listen: String,
+        /// Most connections served at once; more are closed at once.
+        #[arg(long, default_value_t = 64)]
+        max_connections: usize,
+    },
+}
+
+fn probe_server(listen: &str, max_connections: usize) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("listen: cannot listen on {listen}: {e}"))?;
+        let addr = listener.local_addr()?;
+        // The first line of output is the address, for scripts that asked for port 0.
+        println!("listening on {addr}");
+        tracing::info!(%addr, "Serving TCP echo for network probes.");
+        tokio::select! {
+            r = fleetbench_agent::netprobe::serve_echo(listener, max_connections) => r?,
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        Ok(())
+    })
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     fleetbench_common::logging::init(args.log_format, "info,ort=warn,h2=warn");
+    if let Some(Command::ProbeServer {
+        listen,
+        max_connections,
+    }) = &args.command
+    {
+        return probe_server(listen, *max_connections);
+    }
     let config = AgentConfig::load(args.config.as_deref(), &args)?;
     // Pin before any thread starts, so the runtime's threads and ONNX Runtime's pools inherit the mask.
     if let Some(cpus) = config.cpu_list()? {

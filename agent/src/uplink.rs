@@ -44,6 +44,17 @@ pub struct Identity {
     pub ca_pem: Option<String>,
     /// The join token (`fbjoin1:...`), for an agent without a credential yet.
     pub join_token: Option<JoinToken>,
+    /// Network measurements.
+    pub network: crate::config::NetworkSettings,
+}
+
+/// A network measurement in progress; dropping it stops it.
+struct Probing(tokio::task::JoinHandle<Vec<fleetbench_common::network::NetworkPath>>);
+
+impl Drop for Probing {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Counters of the link's activity, for operators and tests.
@@ -509,8 +520,40 @@ async fn session(
         reg.heartbeat_interval_ms.max(50) as u64,
     ));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Network measurements: the first now (at registration), then every interval, and only while no
+    // task runs; a task that arrives stops one in progress, which starts again after the task.
+    let probe_every = identity.network.interval.filter(|_| {
+        fleetbench_common::protocol::stated(reg.protocol_version)
+            >= fleetbench_common::protocol::NETWORK_PROBES
+    });
+    let mut next_probe = tokio::time::Instant::now();
+    let mut probing: Option<Probing> = None;
     loop {
+        let may_probe = probe_every.is_some() && probing.is_none() && state.current.is_none();
         tokio::select! {
+            _ = tokio::time::sleep_until(next_probe), if may_probe => {
+                let (client, address, settings) = (client.clone(), endpoint.to_string(), identity.network.clone());
+                probing = Some(Probing(tokio::spawn(async move {
+                    crate::netprobe::all(client, &address, &settings).await
+                })));
+            }
+            paths = async { (&mut probing.as_mut().expect("probing").0).await }, if probing.is_some() => {
+                probing = None;
+                next_probe = tokio::time::Instant::now() + probe_every.unwrap_or(Duration::MAX / 4);
+                if let Ok(paths) = paths {
+                    for p in &paths {
+                        if p.ok() {
+                            info!(target = %p.target, rtt_ms = p.rtt_ms, up_bytes_per_s = p.up_bytes_per_s as u64, down_bytes_per_s = p.down_bytes_per_s as u64, "Measured a network path.");
+                        } else {
+                            warn!(target = %p.target, address = %p.address, error = %p.error, "Could not measure a network path.");
+                        }
+                    }
+                    let report = fleetbench_proto::v1::NetworkReport { paths: paths.iter().map(Into::into).collect() };
+                    if out_tx.send(message(agent_message::Body::Network(report))).await.is_err() {
+                        return Ok(SessionEnd::Lost("session closed".into()));
+                    }
+                }
+            }
             msg = inbound.message() => {
                 let msg = match msg {
                     Ok(Some(m)) => m,
@@ -530,6 +573,10 @@ async fn session(
                             let refusal = RunResult { run_id: a.run_id.clone(), error: format!("agent is busy with run {}", c.run_id), ..Default::default() };
                             let _ = out_tx.send(message(agent_message::Body::Result(refusal))).await;
                             continue;
+                        }
+                        if probing.take().is_some() {
+                            // Never measure during a task; measure again after it.
+                            next_probe = tokio::time::Instant::now();
                         }
                         let cancel = Arc::new(AtomicBool::new(false));
                         state.current = Some(Current { run_id: a.run_id.clone(), cancel: cancel.clone() });

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod intervals;
 pub mod labels;
 pub mod logging;
+pub mod network;
 pub mod onnx;
 pub mod onnx_scan;
 pub mod platform;

@@ -17,10 +17,18 @@
 //! protocol 3, which would let anyone register. 5 adds the generate scenario (decoder models: token
 //! figures in every telemetry window); an agent of protocol 4 would fail a generate task on the
 //! unknown scenario, so a coordinator of protocol 5 refuses it (upgrade it). An agent of protocol 5
-//! still works with a coordinator of protocol 4, which never assigns it a generate task.
+//! still works with a coordinator of protocol 4, which never assigns it a generate task. 6 adds the
+//! network path: the coordinator answers Probe calls and stores the agent's NetworkReport messages.
+//! An agent of protocol 5 works with a coordinator of protocol 6 and reports no measurements (`agents
+//! list` shows none for it, and `rank --client` leaves its rows unmeasured); an agent of protocol 6
+//! measures only when the coordinator says it speaks 6, so it works with a coordinator of protocol 4
+//! or 5 as before.
 
 /// The protocol this build speaks.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
+
+/// The first protocol with network probes (Probe calls and NetworkReport messages).
+pub const NETWORK_PROBES: u32 = 6;
 
 /// The oldest agent protocol a coordinator of this build serves.
 pub const OLDEST_AGENT_PROTOCOL: u32 = 5;

@@ -449,6 +449,7 @@ impl From<&AgentInfo> for pb::AgentInfo {
             online: a.online,
             current_task_id: a.current_task_id.clone(),
             last_seen_ms: a.last_seen_ms,
+            network: a.network.iter().map(Into::into).collect(),
         }
     }
 }
@@ -467,6 +468,9 @@ impl From<pb::RankRequest> for RankQuery {
             best_config_only: r.best_config_only,
             job_id: r.job_id,
             history: r.history,
+            client: r.client,
+            request_bytes: r.request_bytes,
+            response_bytes: r.response_bytes,
         }
     }
 }
@@ -536,6 +540,23 @@ impl From<&RankRow> for pb::RankRow {
                     change_point: h.change_point,
                 })
                 .collect(),
+            network: r.network.as_ref().map(|n| {
+                let l = &r.latency;
+                pb::NetworkTime {
+                    client: n.client.clone(),
+                    network_ms: n.network_ms,
+                    rtt_ms: n.rtt_ms,
+                    down_bytes_per_s: n.down_bytes_per_s,
+                    up_bytes_per_s: n.up_bytes_per_s,
+                    agents: n.agents,
+                    e2e_p50_ms: l.p50_ms + n.network_ms,
+                    e2e_p99_ms: l.p99_ms + n.network_ms,
+                    e2e_p50_ci_low_ms: l.p50_ci_low_ms + n.network_ms,
+                    e2e_p50_ci_high_ms: l.p50_ci_high_ms + n.network_ms,
+                    e2e_p99_ci_low_ms: l.p99_ci_low_ms + n.network_ms,
+                    e2e_p99_ci_high_ms: l.p99_ci_high_ms + n.network_ms,
+                }
+            }),
         }
     }
 }

@@ -487,6 +487,8 @@ pub struct AgentInfo {
     pub current_task_id: String,
     /// Last heartbeat, Unix ms.
     pub last_seen_ms: i64,
+    /// Latest network measurements, one per target.
+    pub network: Vec<fleetbench_common::network::NetworkPath>,
 }
 
 /// What a ranking asks for.
@@ -514,6 +516,29 @@ pub struct RankQuery {
     pub job_id: String,
     /// Include each row's history.
     pub history: bool,
+    /// Rank by end-to-end time for a client at this network target; empty for none.
+    pub client: String,
+    /// With `client`: bytes of one request.
+    pub request_bytes: u64,
+    /// With `client`: bytes of one response.
+    pub response_bytes: u64,
+}
+
+/// One request's network time from a client to a row's platform (see `RankQuery::client`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NetworkTime {
+    /// The client target.
+    pub client: String,
+    /// Network time of one request, ms.
+    pub network_ms: f64,
+    /// Round trip used (median over agents), ms.
+    pub rtt_ms: f64,
+    /// Towards the platform (median over agents), bytes/s.
+    pub down_bytes_per_s: f64,
+    /// From the platform (median over agents), bytes/s.
+    pub up_bytes_per_s: f64,
+    /// Agents whose measurements were used.
+    pub agents: u32,
 }
 
 /// Coefficients of variation of the figures of runs pooled into one row.
@@ -631,6 +656,9 @@ pub struct RankRow {
     pub pool_key: String,
     /// Generate runs: pooled token figures.
     pub generation: Option<GenerationSummary>,
+    /// With `RankQuery::client`: one request's network time; None when no agent of the row measured
+    /// the client's path.
+    pub network: Option<NetworkTime>,
 }
 
 /// A ranking.

@@ -158,6 +158,7 @@ pub async fn list(coord: &Context) -> Result<Vec<AgentInfo>> {
             platform_name: a.platform_name,
             current_task_id: a.current_task_id.unwrap_or_default(),
             last_seen_ms: a.last_seen_at,
+            network: a.network,
         })
         .collect())
 }

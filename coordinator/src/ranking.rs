@@ -5,11 +5,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use fleetbench_common::network::{self, NetworkPath};
 use fleetbench_common::{changepoint, hist, intervals};
 
 use crate::context::Context;
 use crate::domain::{
-    HistoryPoint, HostSpread, NoisyHost, RankQuery, RankRow, Ranking, RunSpread, Variant,
+    HistoryPoint, HostSpread, NetworkTime, NoisyHost, RankQuery, RankRow, Ranking, RunSpread,
+    Variant,
 };
 use crate::error::{Error, Result};
 use crate::generation::TokenTotals;
@@ -87,11 +89,12 @@ impl Objective {
     /// Sort key: smaller is better.
     fn key(self, row: &RankRow) -> f64 {
         let lat = row.latency;
+        let net = row.network.as_ref().map_or(0.0, |n| n.network_ms);
         match self {
-            Objective::P50 => lat.p50_ms,
-            Objective::P90 => lat.p90_ms,
-            Objective::P95 => lat.p95_ms,
-            Objective::P99 => lat.p99_ms,
+            Objective::P50 => lat.p50_ms + net,
+            Objective::P90 => lat.p90_ms + net,
+            Objective::P95 => lat.p95_ms + net,
+            Objective::P99 => lat.p99_ms + net,
             Objective::Throughput => -row.throughput_per_s,
             // A generate row costs per million output tokens; rows without a cost sort last.
             Objective::Cost => match &row.generation {
@@ -119,6 +122,55 @@ impl Objective {
                 .map_or(f64::INFINITY, |g| -g.goodput_per_s),
         }
     }
+}
+
+impl Objective {
+    /// Whether the objective is a latency percentile (what a client's network time adds to).
+    fn is_latency(self) -> bool {
+        matches!(
+            self,
+            Objective::P50 | Objective::P90 | Objective::P95 | Objective::P99
+        )
+    }
+}
+
+/// One request's network time from `req.client` to the agents that ran `runs`: the median over those
+/// agents of their measured round trip and throughputs (agents without a successful measurement of
+/// that path are left out); None when none has one.
+fn network_time(
+    runs: &[&StoredRun],
+    paths: &HashMap<String, NetworkPath>,
+    req: &RankQuery,
+) -> Option<NetworkTime> {
+    let mut agents: Vec<&str> = runs.iter().map(|r| r.summary.agent.as_str()).collect();
+    agents.sort_unstable();
+    agents.dedup();
+    let measured: Vec<&NetworkPath> = agents.iter().filter_map(|a| paths.get(*a)).collect();
+    if measured.is_empty() {
+        return None;
+    }
+    let median = |f: fn(&NetworkPath) -> f64| {
+        changepoint::median(&measured.iter().map(|p| f(p)).collect::<Vec<_>>())
+    };
+    let (rtt_ms, down, up) = (
+        median(|p| p.rtt_ms),
+        median(|p| p.down_bytes_per_s),
+        median(|p| p.up_bytes_per_s),
+    );
+    Some(NetworkTime {
+        client: req.client.clone(),
+        network_ms: network::request_time_ms(
+            rtt_ms,
+            down,
+            up,
+            req.request_bytes,
+            req.response_bytes,
+        )?,
+        rtt_ms,
+        down_bytes_per_s: down,
+        up_bytes_per_s: up,
+        agents: measured.len() as u32,
+    })
 }
 
 fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
@@ -250,6 +302,7 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
         legacy: pooling::is_legacy(&first.pool_key),
         pool_key: first.pool_key.clone(),
         generation,
+        network: None,
     })
 }
 
@@ -390,13 +443,82 @@ pub async fn rank(coord: &Context, req: RankQuery) -> Result<Ranking> {
         .store
         .runs_for_model(&req.model, job.as_deref())
         .await?;
-    rank_runs(&runs, &variants, &req)
+    let paths = if req.client.is_empty() {
+        HashMap::new()
+    } else {
+        client_paths(&coord.store.list_agents().await?, &req.client)?
+    };
+    rank_runs_over(&runs, &variants, &req, &paths)
+}
+
+/// Each agent's successful measurement of the path to `client`, by agent name; an error naming the
+/// targets the fleet has measured when no agent ever measured `client`.
+pub fn client_paths(
+    agents: &[crate::store::AgentRecord],
+    client: &str,
+) -> Result<HashMap<String, NetworkPath>> {
+    network::check_target_name(client)
+        .map_err(|e| Error::InvalidArgument(format!("client: {e}")))?;
+    if !agents
+        .iter()
+        .any(|a| a.network.iter().any(|p| p.target == client))
+    {
+        let mut known: Vec<&str> = agents
+            .iter()
+            .flat_map(|a| a.network.iter().map(|p| p.target.as_str()))
+            .collect();
+        known.sort_unstable();
+        known.dedup();
+        return Err(Error::InvalidArgument(format!(
+            "client: no agent has measured a path to '{client}' (measured: {}); name a probe target \
+             given to agents with --probe NAME=HOST:PORT, or 'coordinator'",
+            if known.is_empty() {
+                "none yet".to_string()
+            } else {
+                known.join(", ")
+            }
+        )));
+    }
+    Ok(agents
+        .iter()
+        .filter_map(|a| {
+            let p = a.network.iter().find(|p| p.target == client && p.ok())?;
+            Some((a.name.clone(), p.clone()))
+        })
+        .collect())
 }
 
 /// Ranks stored runs: pools those of one (platform, variant, pooling key), compares each row's
 /// accuracy with the base variant's row of the same platform and key, filters and sorts.
 pub fn rank_runs(runs: &[StoredRun], variants: &[Variant], req: &RankQuery) -> Result<Ranking> {
+    rank_runs_over(runs, variants, req, &HashMap::new())
+}
+
+/// [`rank_runs`] for a client at `req.client`, whose path to each agent (by name) is in `paths`: the
+/// latency objectives then rank by end-to-end time, latency plus one request's network time; rows
+/// none of whose agents measured the path rank after every measured row.
+pub fn rank_runs_over(
+    runs: &[StoredRun],
+    variants: &[Variant],
+    req: &RankQuery,
+    paths: &HashMap<String, NetworkPath>,
+) -> Result<Ranking> {
     let objective = Objective::parse(&req.objective)?;
+    let client = !req.client.is_empty();
+    if client && !objective.is_latency() {
+        return Err(Error::InvalidArgument(format!(
+            "client: a client's network time adds to latency; rank by p50, p90, p95 or p99 with it \
+             (the objective is {})",
+            objective.name()
+        )));
+    }
+    if !client && (req.request_bytes > 0 || req.response_bytes > 0) {
+        return Err(Error::InvalidArgument(
+            "payload_bytes: request and response sizes need a client (--client NAME) whose network \
+             path they cross"
+                .into(),
+        ));
+    }
     if let Some(m) = req.min_accuracy
         && !(m > 0.0 && m <= 1.0)
     {
@@ -426,6 +548,9 @@ pub fn rank_runs(runs: &[StoredRun], variants: &[Variant], req: &RankQuery) -> R
         .values()
         .map(|g| {
             let mut row = pool(g, size(&g[0].variant))?;
+            if client {
+                row.network = network_time(g, paths, req);
+            }
             if req.history {
                 row.history = history(g);
             }
@@ -468,7 +593,9 @@ pub fn rank_runs(runs: &[StoredRun], variants: &[Variant], req: &RankQuery) -> R
 
     rows.retain(|row| {
         let lat = row.latency;
-        req.max_p99_ms.is_none_or(|m| lat.p99_ms <= m)
+        // With a client, the limit is on what the client sees.
+        let net = row.network.as_ref().map_or(0.0, |n| n.network_ms);
+        req.max_p99_ms.is_none_or(|m| lat.p99_ms + net <= m)
             && req.min_throughput.is_none_or(|m| row.throughput_per_s >= m)
             && req.max_rss_bytes.is_none_or(|m| row.rss_peak_bytes <= m)
             && req
@@ -488,10 +615,14 @@ pub fn rank_runs(runs: &[StoredRun], variants: &[Variant], req: &RankQuery) -> R
     for (row, label) in rows.iter_mut().zip(labels) {
         row.config = label;
     }
+    // With a client, rows without a measured path go after every measured row.
+    let key = |r: &RankRow| match (client, &r.network) {
+        (true, None) => f64::INFINITY,
+        _ => objective.key(r),
+    };
     rows.sort_by(|a, b| {
-        objective
-            .key(a)
-            .partial_cmp(&objective.key(b))
+        key(a)
+            .partial_cmp(&key(b))
             .unwrap_or(std::cmp::Ordering::Equal)
             .then_with(|| a.platform.cmp(&b.platform))
             .then_with(|| a.variant.cmp(&b.variant))
@@ -514,9 +645,11 @@ pub fn rank_runs(runs: &[StoredRun], variants: &[Variant], req: &RankQuery) -> R
 fn interval(objective: Objective, row: &RankRow) -> Option<(f64, f64)> {
     let l = &row.latency;
     let negate = |(lo, hi): (f64, f64)| (-hi, -lo);
+    // A client's network time shifts a latency interval (the measured time is taken as exact).
+    let net = row.network.as_ref().map_or(0.0, |n| n.network_ms);
     let ci = match objective {
-        Objective::P50 => (l.p50_ci_low_ms, l.p50_ci_high_ms),
-        Objective::P99 => (l.p99_ci_low_ms, l.p99_ci_high_ms),
+        Objective::P50 => (l.p50_ci_low_ms + net, l.p50_ci_high_ms + net),
+        Objective::P99 => (l.p99_ci_low_ms + net, l.p99_ci_high_ms + net),
         Objective::Throughput => negate(row.throughput_ci?),
         Objective::Accuracy => negate(row.accuracy_ci?),
         Objective::Cost if row.generation.is_none() => row.cost_ci?,
@@ -908,5 +1041,135 @@ mod tests {
         assert_eq!(pooled.rows.len(), 1);
         assert_eq!(pooled.rows[0].runs, 2);
         assert_eq!(pooled.rows[0].config, "single-stream b1");
+    }
+
+    fn path(rtt_ms: f64, bytes_per_s: f64) -> NetworkPath {
+        NetworkPath {
+            target: "office".into(),
+            rtt_ms,
+            rtt_min_ms: rtt_ms,
+            up_bytes_per_s: bytes_per_s,
+            down_bytes_per_s: bytes_per_s,
+            ..Default::default()
+        }
+    }
+
+    /// Runs on three platforms, each by one agent of its name: far is fastest, then near; "lost"
+    /// has no measured path.
+    fn sited() -> (Vec<StoredRun>, HashMap<String, NetworkPath>) {
+        let mut runs = vec![
+            timed("near", 1.0, 200, None),
+            timed("far", 0.5, 200, None),
+            timed("lost", 0.2, 200, None),
+        ];
+        for r in &mut runs {
+            r.summary.agent = r.platform_name.clone();
+        }
+        let paths = HashMap::from([
+            ("near".to_string(), path(2.0, 1e7)),
+            ("far".to_string(), path(100.0, 1e6)),
+        ]);
+        (runs, paths)
+    }
+
+    fn order(rows: &[RankRow]) -> Vec<&str> {
+        rows.iter().map(|r| r.platform.as_str()).collect()
+    }
+
+    #[test]
+    fn a_clients_network_time_moves_the_ranking_and_unmeasured_rows_go_last() {
+        let (runs, paths) = sited();
+        let plain = rank_runs_over(&runs, &variants(), &RankQuery::default(), &paths).unwrap();
+        assert_eq!(order(&plain.rows), ["lost", "far", "near"]);
+        assert!(plain.rows.iter().all(|r| r.network.is_none()));
+        let q = RankQuery {
+            client: "office".into(),
+            request_bytes: 50_000,
+            ..Default::default()
+        };
+        let rows = rank_runs_over(&runs, &variants(), &q, &paths).unwrap().rows;
+        assert_eq!(order(&rows), ["near", "far", "lost"]);
+        let far = rows[1].network.as_ref().unwrap();
+        // 100 ms + 50 kB at 1 MB/s.
+        assert!((far.network_ms - 150.0).abs() < 1e-9, "{far:?}");
+        assert_eq!(far.agents, 1);
+        assert!(rows[2].network.is_none());
+        // The interval that ties rows moves with the network time: far's p99 interval is shifted.
+        let (lo, _) = interval(Objective::P99, &rows[1]).unwrap();
+        assert!(lo > 150.0, "{lo}");
+    }
+
+    #[test]
+    fn a_p99_limit_with_a_client_holds_for_end_to_end_time() {
+        let (runs, paths) = sited();
+        let q = RankQuery {
+            client: "office".into(),
+            max_p99_ms: Some(50.0),
+            ..Default::default()
+        };
+        let rows = rank_runs_over(&runs, &variants(), &q, &paths).unwrap().rows;
+        assert_eq!(
+            order(&rows),
+            ["near", "lost"],
+            "far's 100 ms round trip is over the limit"
+        );
+    }
+
+    #[test]
+    fn a_client_needs_a_latency_objective_and_bytes_need_a_client() {
+        let (runs, paths) = sited();
+        let q = RankQuery {
+            client: "office".into(),
+            objective: "throughput".into(),
+            ..Default::default()
+        };
+        let e = rank_runs_over(&runs, &variants(), &q, &paths).unwrap_err();
+        assert!(e.to_string().contains("adds to latency"), "{e}");
+        let q = RankQuery {
+            request_bytes: 10,
+            ..Default::default()
+        };
+        let e = rank_runs_over(&runs, &variants(), &q, &paths).unwrap_err();
+        assert!(e.to_string().contains("need a client"), "{e}");
+    }
+
+    #[test]
+    fn an_unmeasured_client_is_refused_naming_the_measured_targets() {
+        let agent = |name: &str, targets: &[&str]| crate::store::AgentRecord {
+            id: name.into(),
+            name: name.into(),
+            platform_id: String::new(),
+            platform_name: String::new(),
+            host_id: String::new(),
+            labels: Default::default(),
+            inventory: Default::default(),
+            connected: true,
+            last_seen_at: 0,
+            current_task_id: None,
+            network: targets
+                .iter()
+                .map(|t| NetworkPath {
+                    target: t.to_string(),
+                    ..path(1.0, 1e6)
+                })
+                .collect(),
+        };
+        let agents = [
+            agent("a", &["coordinator", "hq"]),
+            agent("b", &["coordinator"]),
+        ];
+        let e = client_paths(&agents, "office").unwrap_err().to_string();
+        assert!(
+            e.contains("'office'") && e.contains("measured: coordinator, hq"),
+            "{e}"
+        );
+        let hq = client_paths(&agents, "hq").unwrap();
+        assert_eq!(hq.keys().collect::<Vec<_>>(), ["a"]);
+        let e = client_paths(&agents, "bad name").unwrap_err().to_string();
+        assert!(e.contains("client:"), "{e}");
+        // A failed measurement is not a path.
+        let mut failed = agent("c", &["vpn"]);
+        failed.network[0].error = "cannot connect".into();
+        assert!(client_paths(&[failed], "vpn").unwrap().is_empty());
     }
 }

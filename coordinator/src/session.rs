@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use fleetbench_common::network::NetworkPath;
 use fleetbench_common::now_ms;
 use fleetbench_proto::v1::{AgentMessage, SessionHello, agent_message::Body as In};
 use tracing::{debug, info, warn};
@@ -188,7 +189,27 @@ async fn route(ctx: &Context, queues: &Queues, s: &Opened, message: AgentMessage
             })
             .await
             .is_ok(),
+        Some(In::Network(report)) => {
+            network(ctx, s, report).await;
+            true
+        }
         Some(In::Hello(_)) | None => true,
+    }
+}
+
+/// Stores an agent's network measurements; a malformed report is logged and dropped (the agent's
+/// earlier measurements stay).
+async fn network(ctx: &Context, s: &Opened, report: fleetbench_proto::v1::NetworkReport) {
+    let paths: Vec<NetworkPath> = report.paths.into_iter().map(Into::into).collect();
+    if let Err(why) = fleetbench_common::network::check_report(&paths) {
+        warn!(agent = %s.agent.name, reason = %why, "Refused a malformed network report.");
+        return;
+    }
+    match ctx.store.set_network(&s.agent.id, &paths).await {
+        Ok(()) => {
+            debug!(agent = %s.agent.name, paths = paths.len(), "Stored network measurements.")
+        }
+        Err(e) => warn!(agent = %s.agent.name, error = %e, "Could not store network measurements."),
     }
 }
 

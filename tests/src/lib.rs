@@ -1157,6 +1157,13 @@ mod faulty {
             }
             r
         }
+        async fn set_network(
+            &self,
+            agent_id: &str,
+            paths: &[fleetbench_common::network::NetworkPath],
+        ) -> Result<()> {
+            self.inner.set_network(agent_id, paths).await
+        }
     }
 
     #[async_trait::async_trait]
@@ -1505,4 +1512,177 @@ pub fn cpu_burner(cpu: u32) -> Killed {
             .spawn()
             .expect("taskset and sh"),
     )
+}
+
+/// A link with a propagation delay and a rate limit, as a TCP proxy on `listen`:0 in front of
+/// `upstream` (`tc netem` is not available on every kernel). Bytes each way are held `delay` after
+/// they are read and leave no faster than `rate` bytes per second (serialisation, then
+/// propagation), so a round trip through it takes 2 × `delay` and a transfer of N bytes N / `rate`
+/// more.
+pub struct SlowLink {
+    /// The address clients connect to.
+    pub addr: std::net::SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl SlowLink {
+    /// Starts the link.
+    pub async fn start(
+        listen: std::net::IpAddr,
+        upstream: std::net::SocketAddr,
+        delay: Duration,
+        rate: Option<f64>,
+    ) -> SlowLink {
+        let listener = TcpListener::bind((listen, 0)).await.expect("bind the link");
+        let addr = listener.local_addr().expect("bound");
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
+                    let (ir, iw) = inbound.into_split();
+                    let (or, ow) = outbound.into_split();
+                    tokio::join!(
+                        Self::pump(ir, ow, delay, rate),
+                        Self::pump(or, iw, delay, rate)
+                    );
+                });
+            }
+        });
+        SlowLink { addr, task }
+    }
+
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        delay: Duration,
+        rate: Option<f64>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        let read = async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut free = tokio::time::Instant::now();
+            while let Ok(n @ 1..) = from.read(&mut buf).await {
+                let start = free.max(tokio::time::Instant::now());
+                free =
+                    start + rate.map_or(Duration::ZERO, |r| Duration::from_secs_f64(n as f64 / r));
+                if tx.send((free + delay, buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        };
+        let write = async move {
+            while let Some((due, data)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                if to.write_all(&data).await.is_err() {
+                    return;
+                }
+            }
+            let _ = to.shutdown().await;
+        };
+        tokio::join!(read, write);
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A network namespace joined to this one by a veth pair, removed when dropped: processes started
+/// in it (`command`) reach this namespace only at `host_ip`.
+pub struct Netns {
+    /// Its name.
+    pub name: String,
+    /// The address of this namespace's end of the pair.
+    pub host_ip: std::net::Ipv4Addr,
+    veth: String,
+}
+
+impl Netns {
+    /// Creates one; needs root (CI runs as root), and says so when it cannot.
+    pub fn create() -> Netns {
+        let pid = std::process::id();
+        let name = format!("fbns{pid}");
+        let veth = format!("fbh{pid}");
+        let peer = format!("fbp{pid}");
+        let (a, b) = ((pid % 250) as u8, ((pid / 250) % 64) as u8 * 4);
+        let host_ip = std::net::Ipv4Addr::new(10, 231, a, b + 1);
+        let ns_ip = std::net::Ipv4Addr::new(10, 231, a, b + 2);
+        let ns = Netns {
+            name: name.clone(),
+            host_ip,
+            veth: veth.clone(),
+        };
+        let host = host_ip.to_string() + "/30";
+        let inner = ns_ip.to_string() + "/30";
+        for cmd in [
+            vec!["netns", "add", &name],
+            vec!["link", "add", &veth, "type", "veth", "peer", "name", &peer],
+            vec!["link", "set", &peer, "netns", &name],
+            vec!["addr", "add", &host, "dev", &veth],
+            vec!["link", "set", &veth, "up"],
+            vec!["-n", &name, "addr", "add", &inner, "dev", &peer],
+            vec!["-n", &name, "link", "set", &peer, "up"],
+            vec!["-n", &name, "link", "set", "lo", "up"],
+        ] {
+            let out = std::process::Command::new("ip")
+                .args(&cmd)
+                .output()
+                .expect("the ip command (iproute2)");
+            assert!(
+                out.status.success(),
+                "`ip {}` failed: {} (network namespaces need root; CI runs as root)",
+                cmd.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        ns
+    }
+
+    /// `program` to run inside the namespace.
+    pub fn command(&self, program: &Path) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// The real `fleetbench-agent probe-server` on `listen` (port 0 for any), and the address it
+/// printed.
+pub fn probe_server(listen: &str) -> (Killed, std::net::SocketAddr) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(built_bin("fleetbench-agent"))
+        .args(["probe-server", "--listen", listen])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the probe server");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read its address");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("the probe server printed '{line}'"))
+        .parse()
+        .expect("an address");
+    (Killed(child), addr)
 }

@@ -6,13 +6,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use fleetbench_common::protocol::{OLDEST_COORDINATOR_PROTOCOL, PROTOCOL_VERSION};
+use fleetbench_agent::AgentConfig;
+use fleetbench_common::protocol::{NETWORK_PROBES, OLDEST_COORDINATOR_PROTOCOL, PROTOCOL_VERSION};
+use fleetbench_proto::v1::agent_message::Body;
 use fleetbench_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use fleetbench_proto::v1::{
-    AgentMessage, CoordinatorMessage, Inventory, ListAgentsRequest, RegisterRequest,
-    RegisterResponse,
+    AgentMessage, CoordinatorMessage, Inventory, ListAgentsRequest, ProbeRequest, ProbeResponse,
+    RegisterRequest, RegisterResponse,
 };
-use fleetbench_tests::{TestCoordinator, agent_client, ort_lib, unknown_join_token};
+use fleetbench_tests::{
+    TestAgent, TestCoordinator, agent_client, agent_config, ort_lib, unknown_join_token,
+};
 use tonic::{Request, Response, Status, Streaming};
 
 fn request(protocol_version: u32) -> RegisterRequest {
@@ -95,6 +99,15 @@ async fn a_coordinator_refuses_an_agent_of_another_protocol_naming_both_versions
         .unwrap()
         .into_inner();
     assert_eq!(ok.protocol_version, PROTOCOL_VERSION);
+    // An agent of the protocol before network probes is still served (it reports no measurements).
+    let older = agents
+        .register(RegisterRequest {
+            name: "older-agent".into(),
+            ..request(NETWORK_PROBES - 1)
+        })
+        .await
+        .expect("an agent of protocol 5 registers");
+    assert_eq!(older.into_inner().protocol_version, PROTOCOL_VERSION);
     coord.stop().await;
 }
 
@@ -128,6 +141,111 @@ impl AgentService for OldCoordinator {
     ) -> Result<Response<Self::SessionStream>, Status> {
         self.sessions.fetch_add(1, Ordering::Relaxed);
         Err(Status::unimplemented("old"))
+    }
+
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        Err(Status::unimplemented("old"))
+    }
+}
+
+/// A coordinator of protocol `version` that keeps sessions open, counts heartbeats and answers
+/// Probe calls, counting them.
+struct Versioned {
+    version: u32,
+    probes: Arc<AtomicU32>,
+    heartbeats: Arc<tokio::sync::watch::Sender<u32>>,
+}
+
+#[tonic::async_trait]
+impl AgentService for Versioned {
+    async fn register(
+        &self,
+        _: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        Ok(Response::new(RegisterResponse {
+            agent_id: "a".repeat(32),
+            platform_id: "p".into(),
+            platform_name: "p".into(),
+            heartbeat_interval_ms: 50,
+            protocol_version: self.version,
+            ..Default::default()
+        }))
+    }
+
+    type SessionStream =
+        Pin<Box<dyn futures::Stream<Item = Result<CoordinatorMessage, Status>> + Send + 'static>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let beats = self.heartbeats.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                if matches!(m.body, Some(Body::Heartbeat(_))) {
+                    beats.send_modify(|n| *n += 1);
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(futures::stream::pending())))
+    }
+
+    async fn probe(&self, r: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        self.probes.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(ProbeResponse {
+            payload: vec![0; r.get_ref().response_bytes as usize],
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_probes_its_network_only_with_a_coordinator_of_the_network_protocol() {
+    for (version, probes_expected) in [(NETWORK_PROBES - 1, false), (NETWORK_PROBES, true)] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let probes = Arc::new(AtomicU32::new(0));
+        let (beats, mut heard) = tokio::sync::watch::channel(0u32);
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AgentServiceServer::new(Versioned {
+                    version,
+                    probes: probes.clone(),
+                    heartbeats: Arc::new(beats),
+                }))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let agent = TestAgent::start(agent_config(
+            &format!("http://{addr}"),
+            &unknown_join_token(),
+            "probing",
+            &[],
+            dir.path(),
+        ));
+        // One measurement: a warm-up, the round trips and two transfers.
+        let calls = 1 + AgentConfig::default().network_probe_samples + 2;
+        // An agent measures as soon as its session opens; twenty heartbeats later it has begun.
+        tokio::time::timeout(Duration::from_secs(30), heard.wait_for(|n| *n >= 20))
+            .await
+            .expect("heartbeats")
+            .unwrap();
+        if probes_expected {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while probes.load(Ordering::Relaxed) < calls {
+                assert!(tokio::time::Instant::now() < deadline, "no measurement");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(probes.load(Ordering::Relaxed), calls);
+        } else {
+            assert_eq!(
+                probes.load(Ordering::Relaxed),
+                0,
+                "an agent called Probe on a coordinator of protocol {version}, which lacks it"
+            );
+        }
+        agent.vanish();
+        server.abort();
     }
 }
 

@@ -186,18 +186,10 @@ async fn check_everything_is_there(coord: &TestCoordinator) {
         ("rank-throughput.json", "throughput", true),
     ] {
         let args = rank::RankArgs {
-            model: "digits".into(),
             objective: objective.into(),
-            max_p99_ms: None,
-            min_throughput: None,
-            max_accuracy_drop: None,
-            min_accuracy: None,
-            max_rss_mb: None,
             include_invalid,
-            best_config: false,
-            job: None,
-            history: false,
             output: Format::Json,
+            ..rank::RankArgs::for_model("digits")
         };
         let rows = rank::fetch(&client, &args).await.expect("rank").rows;
         let new: Vec<rank::RankJson> = rows.iter().map(rank::RankJson::from).collect();

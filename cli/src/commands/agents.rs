@@ -73,7 +73,48 @@ pub async fn run(client: &Client, cmd: AgentsCmd) -> Result<()> {
                 ]);
             }
             println!("{t}");
+            if agents.iter().any(|a| !a.network.is_empty()) {
+                println!("\nnetwork paths (measured by each agent between tasks)");
+                println!("{}", network_table(&agents));
+            }
             Ok(())
         }
     }
+}
+
+/// Each agent's measured paths: one line per (agent, target).
+pub fn network_table(agents: &[fleetbench_proto::v1::AgentInfo]) -> comfy_table::Table {
+    use fleetbench_common::network::format_rate;
+    let mut t = output::table(&[
+        "AGENT", "TARGET", "ADDRESS", "RTT", "MIN RTT", "DOWN", "UP", "MEASURED",
+    ]);
+    for a in agents {
+        for p in &a.network {
+            let measured = super::jobs::format_time(p.measured_at_ms);
+            if p.error.is_empty() {
+                t.add_row(vec![
+                    a.name.clone(),
+                    p.target.clone(),
+                    p.address.clone(),
+                    output::ms(p.rtt_ms),
+                    output::ms(p.rtt_min_ms),
+                    format_rate(p.down_bytes_per_s),
+                    format_rate(p.up_bytes_per_s),
+                    measured,
+                ]);
+            } else {
+                t.add_row(vec![
+                    a.name.clone(),
+                    p.target.clone(),
+                    p.address.clone(),
+                    format!("failed: {}", p.error),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    measured,
+                ]);
+            }
+        }
+    }
+    t
 }

@@ -360,18 +360,8 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
     );
 
     let rank_args = rank::RankArgs {
-        model: "digits".into(),
-        objective: "p99".into(),
-        max_p99_ms: None,
-        min_throughput: None,
-        max_accuracy_drop: None,
-        min_accuracy: None,
-        max_rss_mb: None,
-        include_invalid: false,
-        best_config: false,
         job: Some(job.clone()),
-        history: false,
-        output: Format::Table,
+        ..rank::RankArgs::for_model("digits")
     };
     let resp = rank::fetch(&client, &rank_args).await?;
     println!("ranking of 'digits' by p99 latency (best first):");

@@ -44,6 +44,18 @@ pub struct RankArgs {
     /// Show each row's runs in time order, with change points of their medians (CUSUM).
     #[arg(long)]
     pub history: bool,
+    /// Rank by end-to-end time for a client at this network target: `coordinator`, or a probe target
+    /// the agents measure (`fleetbench-agent --probe NAME=HOST:PORT`). Each row's latency gets one
+    /// request's network time added (RTT + bytes over the measured throughput, the median over the
+    /// row's agents); --max-p99-ms then limits the end-to-end p99. Latency objectives only.
+    #[arg(long)]
+    pub client: Option<String>,
+    /// With --client: bytes of one request, client to platform.
+    #[arg(long, default_value_t = 0, requires = "client")]
+    pub payload_bytes: u64,
+    /// With --client: bytes of one response, platform to client.
+    #[arg(long, default_value_t = 0, requires = "client")]
+    pub response_bytes: u64,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub output: Format,
@@ -64,6 +76,9 @@ impl RankArgs {
             best_config: false,
             job: None,
             history: false,
+            client: None,
+            payload_bytes: 0,
+            response_bytes: 0,
             output: Format::Table,
         }
     }
@@ -145,6 +160,11 @@ pub struct RankJson {
     /// Generate runs: TTFT, TPOT and ITL (ms), tokens and requests per second, goodput, KV-cache bytes
     /// per token and cost per million output tokens; null otherwise.
     pub generation: Option<fleetbench_proto::v1::GenerationStats>,
+    /// With `--client`: one request's network time to this row's platform (ms, bytes/s) and the
+    /// end-to-end latencies ranked by; null without a client, or when none of the row's agents
+    /// measured the client's path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<fleetbench_proto::v1::NetworkTime>,
 }
 
 /// How much the pooled runs of a row differ (coefficients of variation).
@@ -206,6 +226,7 @@ impl From<&RankRow> for RankJson {
             pool: serde_json::from_str(&r.pool_key)
                 .unwrap_or_else(|_| serde_json::Value::String(r.pool_key.clone())),
             generation: r.generation,
+            network: r.network.clone(),
         }
     }
 }
@@ -224,6 +245,9 @@ pub async fn fetch(client: &Client, a: &RankArgs) -> Result<RankResponse> {
         best_config_only: a.best_config,
         job_id: a.job.clone().unwrap_or_default(),
         history: a.history,
+        client: a.client.clone().unwrap_or_default(),
+        request_bytes: a.payload_bytes,
+        response_bytes: a.response_bytes,
     };
     let mut resp = client
         .rankings()
@@ -264,6 +288,9 @@ pub fn token_table(resp: &RankResponse) -> comfy_table::Table {
 pub fn table(resp: &RankResponse) -> comfy_table::Table {
     if !resp.rows.is_empty() && resp.rows.iter().all(|r| r.generation.is_some()) {
         return token_table(resp);
+    }
+    if resp.rows.iter().any(|r| r.network.is_some()) {
+        return network_table(resp);
     }
     let mut t = output::table(&[
         "#",
@@ -307,6 +334,61 @@ pub fn table(resp: &RankResponse) -> comfy_table::Table {
         ]);
     }
     t
+}
+
+/// A ranking for a client: each row's network time and end-to-end latencies.
+pub fn network_table(resp: &RankResponse) -> comfy_table::Table {
+    let mut t = output::table(&[
+        "#", "PLATFORM", "VARIANT", "CONFIG", "E2E P50", "E2E P99", "NETWORK", "RTT", "DOWN", "UP",
+        "P50", "P99", "COST/1M",
+    ]);
+    for r in &resp.rows {
+        let l = r.latency.unwrap_or_default();
+        let mut row = vec![
+            rank_cell(r),
+            r.platform.clone(),
+            r.variant.clone(),
+            r.config.clone(),
+        ];
+        match &r.network {
+            Some(n) => row.extend([
+                output::ms(n.e2e_p50_ms),
+                output::ms(n.e2e_p99_ms),
+                output::ms(n.network_ms),
+                output::ms(n.rtt_ms),
+                fleetbench_common::network::format_rate(n.down_bytes_per_s),
+                fleetbench_common::network::format_rate(n.up_bytes_per_s),
+            ]),
+            None => row.extend(["no path", "-", "-", "-", "-", "-"].map(String::from)),
+        }
+        row.extend([
+            output::ms(l.p50_ms),
+            output::ms(l.p99_ms),
+            output::cost(r.cost_per_million),
+        ]);
+        t.add_row(row);
+    }
+    t
+}
+
+/// The note under a ranking for a client.
+pub fn network_note(resp: &RankResponse, a: &RankArgs) -> Option<String> {
+    let client = a.client.as_deref()?;
+    let unmeasured = resp.rows.iter().filter(|r| r.network.is_none()).count();
+    let mut note = format!(
+        "E2E = latency + one request's network time from '{client}': RTT + {} request bytes over DOWN \
+         + {} response bytes over UP, as the row's agents measured them (median over agents) between \
+         tasks.",
+        a.payload_bytes, a.response_bytes
+    );
+    if unmeasured > 0 {
+        note.push_str(&format!(
+            " {unmeasured} row(s) say 'no path': none of their agents has measured '{client}' (an agent \
+             older than protocol 6, one without --probe {client}=HOST:PORT, or an unreachable target; \
+             see `fleetbench agents list`); they are listed last."
+        ));
+    }
+    Some(note)
 }
 
 /// A row's rank as shown: `=1` for rows tied with others.
@@ -412,6 +494,9 @@ pub async fn run(client: &Client, a: RankArgs) -> Result<()> {
                     a.model, resp.objective
                 );
                 println!("{}", table(&resp));
+                if let Some(note) = network_note(&resp, &a) {
+                    println!("{note}");
+                }
                 if let Some(note) = tie_note(&resp) {
                     println!("{note}");
                 }

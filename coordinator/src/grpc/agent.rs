@@ -1,8 +1,12 @@
 use std::sync::Arc;
 
+use fleetbench_common::network::MAX_PROBE_BYTES;
 use fleetbench_proto::v1::agent_message::Body;
 use fleetbench_proto::v1::agent_service_server::AgentService;
-use fleetbench_proto::v1::{AgentMessage, CoordinatorMessage, RegisterRequest, RegisterResponse};
+use fleetbench_proto::v1::{
+    AgentMessage, CoordinatorMessage, ProbeRequest, ProbeResponse, RegisterRequest,
+    RegisterResponse,
+};
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -71,5 +75,26 @@ impl AgentService for AgentApi {
             inbound,
         ));
         Ok(Response::new(Box::pin(outbound.into_stream().map(Ok))))
+    }
+
+    async fn probe(
+        &self,
+        request: Request<ProbeRequest>,
+    ) -> Result<Response<ProbeResponse>, Status> {
+        allow(&self.ctx, &request, Need::Agent).await?;
+        let r = request.get_ref();
+        for (what, n) in [
+            ("payload", r.payload.len() as u64),
+            ("response_bytes", r.response_bytes as u64),
+        ] {
+            if n > MAX_PROBE_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "{what}: a probe carries at most {MAX_PROBE_BYTES} bytes, not {n}"
+                )));
+            }
+        }
+        Ok(Response::new(ProbeResponse {
+            payload: vec![0u8; r.response_bytes as usize],
+        }))
     }
 }

@@ -77,6 +77,8 @@ pub struct AgentRecord {
     pub last_seen_at: i64,
     /// Task running on the agent, if any.
     pub current_task_id: Option<String>,
+    /// The agent's latest network measurements, one per target.
+    pub network: Vec<fleetbench_common::network::NetworkPath>,
 }
 
 /// A task to create.
@@ -448,6 +450,12 @@ pub trait AgentStore: Send + Sync {
     async fn list_agents(&self) -> Result<Vec<AgentRecord>>;
     /// Marks an agent's session open or closed.
     async fn set_connected(&self, agent_id: &str, connected: bool, now: i64) -> Result<()>;
+    /// Replaces the agent's network measurements with its latest report.
+    async fn set_network(
+        &self,
+        agent_id: &str,
+        paths: &[fleetbench_common::network::NetworkPath],
+    ) -> Result<()>;
 }
 
 /// Jobs and their tasks.

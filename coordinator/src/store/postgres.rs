@@ -69,6 +69,11 @@ pub const MIGRATIONS: EmbeddedMigrations = &[
         "generation windows",
         include_str!("../../../migrations/postgres/0011_generation_windows.sql"),
     ),
+    (
+        12,
+        "agent network",
+        include_str!("../../../migrations/postgres/0012_agent_network.sql"),
+    ),
 ];
 
 /// Connects to a `postgres://` URL and migrates the database.

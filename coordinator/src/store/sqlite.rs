@@ -68,6 +68,11 @@ pub const MIGRATIONS: EmbeddedMigrations = &[
         "generation windows",
         include_str!("../../../migrations/sqlite/0011_generation_windows.sql"),
     ),
+    (
+        12,
+        "agent network",
+        include_str!("../../../migrations/sqlite/0012_agent_network.sql"),
+    ),
 ];
 
 /// Opens (creating when missing) a SQLite database from a `sqlite://PATH` URL and migrates it. Blob

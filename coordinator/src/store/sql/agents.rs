@@ -16,7 +16,8 @@ pub(super) fn labels_from_json(s: &str) -> Result<Labels> {
 
 const AGENT_SELECT: &str = "SELECT a.id, a.name, a.platform_id, COALESCE(p.name, ''), a.host_id, a.labels_json, \
      a.inventory_json, a.connected, a.last_seen_at, \
-     COALESCE((SELECT t.id FROM tasks t WHERE t.agent_id = a.id AND t.state = 'running' LIMIT 1), '') \
+     COALESCE((SELECT t.id FROM tasks t WHERE t.agent_id = a.id AND t.state = 'running' LIMIT 1), ''), \
+     COALESCE(a.network_json, '[]') \
      FROM agents a LEFT JOIN platforms p ON p.id = a.platform_id";
 
 fn agent_record(row: &AnyRow) -> Result<AgentRecord> {
@@ -32,6 +33,7 @@ fn agent_record(row: &AnyRow) -> Result<AgentRecord> {
         connected: row.try_get::<i64, _>(7)? != 0,
         last_seen_at: row.try_get(8)?,
         current_task_id: (!current.is_empty()).then_some(current),
+        network: from_json("agents.network_json", &row.try_get::<String, _>(10)?)?,
     })
 }
 
@@ -171,6 +173,21 @@ impl AgentStore for SqlStore {
         sqlx::query("UPDATE agents SET connected = $1, last_seen_at = $2 WHERE id = $3")
             .bind(connected as i64)
             .bind(now)
+            .bind(agent_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_network(
+        &self,
+        agent_id: &str,
+        paths: &[fleetbench_common::network::NetworkPath],
+    ) -> Result<()> {
+        let json = to_json("network paths", &paths)?;
+        let _writer = self.writer().await;
+        sqlx::query("UPDATE agents SET network_json = $1 WHERE id = $2")
+            .bind(json)
             .bind(agent_id)
             .execute(&self.pool)
             .await?;
