@@ -60,6 +60,12 @@ const COMPARE_ERROR: i32 = 2;
 
 #[tokio::main]
 async fn main() {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`fleetbench rank … | head -1`) would panic
+    // and exit 101; end as other Unix tools do instead, by the signal.
+    // SAFETY: setting a signal's disposition to its default before any thread prints.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let is_compare = matches!(cli.command, Command::Compare(_));
     match run(cli).await {

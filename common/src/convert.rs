@@ -353,6 +353,10 @@ impl From<&LatencyStats> for pb::LatencyStats {
             p50_ci_high_ms: l.p50_ci_high_ms,
             p99_ci_low_ms: l.p99_ci_low_ms,
             p99_ci_high_ms: l.p99_ci_high_ms,
+            p90_ci_low_ms: l.p90_ci_low_ms,
+            p90_ci_high_ms: l.p90_ci_high_ms,
+            p95_ci_low_ms: l.p95_ci_low_ms,
+            p95_ci_high_ms: l.p95_ci_high_ms,
         }
     }
 }
@@ -374,6 +378,10 @@ impl From<pb::LatencyStats> for LatencyStats {
             p50_ci_high_ms: l.p50_ci_high_ms,
             p99_ci_low_ms: l.p99_ci_low_ms,
             p99_ci_high_ms: l.p99_ci_high_ms,
+            p90_ci_low_ms: l.p90_ci_low_ms,
+            p90_ci_high_ms: l.p90_ci_high_ms,
+            p95_ci_low_ms: l.p95_ci_low_ms,
+            p95_ci_high_ms: l.p95_ci_high_ms,
         }
     }
 }

@@ -281,6 +281,14 @@ pub struct LatencyStats {
     pub p99_ci_low_ms: f64,
     /// 95 % confidence interval of the 99th percentile, upper bound.
     pub p99_ci_high_ms: f64,
+    /// 95 % confidence interval of the 90th percentile, lower bound (0 when stored before it was kept).
+    pub p90_ci_low_ms: f64,
+    /// 95 % confidence interval of the 90th percentile, upper bound.
+    pub p90_ci_high_ms: f64,
+    /// 95 % confidence interval of the 95th percentile, lower bound.
+    pub p95_ci_low_ms: f64,
+    /// 95 % confidence interval of the 95th percentile, upper bound.
+    pub p95_ci_high_ms: f64,
 }
 
 /// Shape of one tensor input or output of a model, as declared in the graph.

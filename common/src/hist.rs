@@ -258,6 +258,10 @@ pub struct Stats {
     pub p50_ci: (f64, f64),
     /// 95 % confidence interval of the 99th percentile.
     pub p99_ci: (f64, f64),
+    /// 95 % confidence interval of the 90th percentile.
+    pub p90_ci: (f64, f64),
+    /// 95 % confidence interval of the 95th percentile.
+    pub p95_ci: (f64, f64),
 }
 
 /// z for a two-sided 95 % interval.
@@ -299,6 +303,8 @@ pub fn stats(h: &LatencyHistogram) -> Stats {
         max: h.max() as f64,
         p50_ci: quantile_ci(h, 0.50, Z95),
         p99_ci: quantile_ci(h, 0.99, Z95),
+        p90_ci: quantile_ci(h, 0.90, Z95),
+        p95_ci: quantile_ci(h, 0.95, Z95),
     }
 }
 
@@ -321,6 +327,10 @@ impl Stats {
             p50_ci_high_ms: ms(self.p50_ci.1),
             p99_ci_low_ms: ms(self.p99_ci.0),
             p99_ci_high_ms: ms(self.p99_ci.1),
+            p90_ci_low_ms: ms(self.p90_ci.0),
+            p90_ci_high_ms: ms(self.p90_ci.1),
+            p95_ci_low_ms: ms(self.p95_ci.0),
+            p95_ci_high_ms: ms(self.p95_ci.1),
         }
     }
 }

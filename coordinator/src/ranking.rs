@@ -640,8 +640,9 @@ pub fn rank_runs_over(
 }
 
 /// A row's 95 % confidence interval of the objective in the objective's sort order (smaller is
-/// better), where fleetbench has one: order statistics of the pooled histogram for p50 and p99, the
-/// pooled bootstrap for throughput and the cost that follows from it, Wilson for accuracy.
+/// better), where fleetbench has one: order statistics of the pooled histogram for p50, p90, p95 and
+/// p99 (and of the pooled TTFT and TPOT histograms for their p99), the pooled bootstrap for throughput
+/// and the cost that follows from it, Wilson for accuracy. A client's network time shifts latency.
 fn interval(objective: Objective, row: &RankRow) -> Option<(f64, f64)> {
     let l = &row.latency;
     let negate = |(lo, hi): (f64, f64)| (-hi, -lo);
@@ -650,6 +651,17 @@ fn interval(objective: Objective, row: &RankRow) -> Option<(f64, f64)> {
     let ci = match objective {
         Objective::P50 => (l.p50_ci_low_ms + net, l.p50_ci_high_ms + net),
         Objective::P99 => (l.p99_ci_low_ms + net, l.p99_ci_high_ms + net),
+        Objective::P90 => (l.p90_ci_low_ms + net, l.p90_ci_high_ms + net),
+        Objective::P95 => (l.p95_ci_low_ms + net, l.p95_ci_high_ms + net),
+        // Generate rows: order statistics of the pooled TTFT and TPOT histograms.
+        Objective::TtftP99 => {
+            let t = &row.generation.as_ref()?.ttft;
+            (t.p99_ci_low_ms, t.p99_ci_high_ms)
+        }
+        Objective::TpotP99 => {
+            let t = &row.generation.as_ref()?.tpot;
+            (t.p99_ci_low_ms, t.p99_ci_high_ms)
+        }
         Objective::Throughput => negate(row.throughput_ci?),
         Objective::Accuracy => negate(row.accuracy_ci?),
         Objective::Cost if row.generation.is_none() => row.cost_ci?,
@@ -663,7 +675,7 @@ fn interval(objective: Objective, row: &RankRow) -> Option<(f64, f64)> {
 /// interval overlaps the leader's joins it (they cannot be told apart), shares its rank and is marked
 /// tied; within a group rows go by cost (rows without one last), then by the objective. The next row
 /// left leads the next group, ranked by its position. Rows without an interval of the objective
-/// (generate objectives; runs stored before throughput intervals) rank one by one.
+/// (tokens/s and goodput; runs stored before throughput intervals) rank one by one.
 fn tie(rows: Vec<RankRow>, objective: Objective) -> Vec<RankRow> {
     let mut left: std::collections::VecDeque<RankRow> = rows.into();
     let mut out = Vec::with_capacity(left.len());
@@ -1171,5 +1183,63 @@ mod tests {
         let mut failed = agent("c", &["vpn"]);
         failed.network[0].error = "cannot connect".into();
         assert!(client_paths(&[failed], "vpn").unwrap().is_empty());
+    }
+
+    #[test]
+    fn p90_and_p95_tie_by_their_own_intervals() {
+        let runs = vec![
+            timed("a", 1.00, 400, Some(2.0)),
+            timed("b", 1.001, 400, Some(1.0)),
+            timed("c", 3.0, 400, None),
+        ];
+        for objective in ["p90", "p95"] {
+            let rows = ranked(&runs, objective);
+            assert_eq!(
+                rows,
+                [
+                    ("b".to_string(), 1, true),
+                    ("a".to_string(), 1, true),
+                    ("c".to_string(), 3, false)
+                ],
+                "{objective}"
+            );
+        }
+    }
+
+    #[test]
+    fn ttft_and_tpot_p99_tie_by_order_statistics_of_their_histograms() {
+        // Generate runs whose TTFT (and TPOT) lie evenly over ±5 % of `ms`.
+        let generate = |platform: &str, ms: f64| {
+            let mut r = timed(platform, 1.0, 400, None);
+            let mut h = hist::new_histogram();
+            for i in 0..400 {
+                hist::record_ns(&mut h, (ms * 1e6 * (0.95 + 0.1 * i as f64 / 400.0)) as u64);
+            }
+            let bytes = hist::encode(&h);
+            r.summary.generation = Some(crate::domain::GenerationSummary {
+                histograms: crate::domain::WindowGeneration {
+                    ttft_histogram: bytes.clone(),
+                    tpot_histogram: bytes.clone(),
+                    itl_histogram: bytes,
+                    ..Default::default()
+                },
+                ..Default::default()
+            });
+            r
+        };
+        let runs = vec![
+            generate("a", 10.0),
+            generate("b", 10.01),
+            generate("c", 30.0),
+        ];
+        for objective in ["ttft-p99", "tpot-p99"] {
+            let rows = ranked(&runs, objective);
+            assert_eq!(
+                rows.iter().map(|r| (r.1, r.2)).collect::<Vec<_>>(),
+                [(1, true), (1, true), (3, false)],
+                "{objective}: {rows:?}"
+            );
+            assert_eq!(rows[2].0, "c");
+        }
     }
 }

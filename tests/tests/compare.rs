@@ -111,6 +111,30 @@ async fn compare_exits_1_on_a_slowed_rerun_0_on_a_plain_one_and_2_on_a_missing_j
         "throughput falls by about half: {throughput}"
     );
 
+    // Output into a closed pipe (`fleetbench compare … | head -0`) ends the CLI as SIGPIPE ends other
+    // Unix tools: no panic, no exit status 101 that a gate would misread.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(built_bin("fleetbench"))
+        .args([
+            "--coordinator",
+            &coord.url,
+            "compare",
+            &base_file,
+            &slowed_file,
+        ])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked") && out.status.code() != Some(101),
+        "{:?}: {err}",
+        out.status
+    );
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+
     // Errors are 2, whatever the comparison would say.
     let (code, _, err) = compare(&baseline, "no-such-job", &[]);
     assert_eq!(code, Some(2), "{err}");

@@ -80,4 +80,5 @@ fn the_example_configurations_load() {
     let a = fleetbench_agent::AgentConfig::load(Some(&copy), &NoFlags {}).unwrap();
     assert_eq!(a.coordinator, ["https://coord.example.net:7700"]);
     assert_eq!(a.cache_max_bytes, 50 << 30);
+    assert_eq!(a.network().unwrap().targets[0].name, "office");
 }

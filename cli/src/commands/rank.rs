@@ -114,6 +114,10 @@ pub struct RankJson {
     pub p50_ci_ms: [f64; 2],
     /// 95 % CI of p99.
     pub p99_ci_ms: [f64; 2],
+    /// 95 % CI of p90 (zeros from a coordinator that predates it).
+    pub p90_ci_ms: [f64; 2],
+    /// 95 % CI of p95.
+    pub p95_ci_ms: [f64; 2],
     /// Samples per second.
     pub throughput_per_s: f64,
     /// 95 % interval of the throughput (bootstrap over windows, pooled by run time).
@@ -200,6 +204,8 @@ impl From<&RankRow> for RankJson {
             p999_ms: l.p999_ms,
             p50_ci_ms: [l.p50_ci_low_ms, l.p50_ci_high_ms],
             p99_ci_ms: [l.p99_ci_low_ms, l.p99_ci_high_ms],
+            p90_ci_ms: [l.p90_ci_low_ms, l.p90_ci_high_ms],
+            p95_ci_ms: [l.p95_ci_low_ms, l.p95_ci_high_ms],
             throughput_per_s: r.throughput_per_s,
             throughput_ci_per_s: pair(r.throughput_ci_per_s),
             accuracy: r.accuracy,
@@ -407,6 +413,8 @@ pub fn tie_note(resp: &RankResponse) -> Option<String> {
             "throughput" => "a bootstrap over each run's windows",
             "cost" => "the throughput's bootstrap interval",
             "accuracy" => "Wilson intervals over the rows evaluated",
+            "ttft-p99" => "order statistics of the pooled time-to-first-token histogram",
+            "tpot-p99" => "order statistics of the pooled time-per-output-token histogram",
             _ => "order statistics of the pooled histogram",
         };
         format!(
@@ -493,7 +501,12 @@ pub async fn run(client: &Client, a: RankArgs) -> Result<()> {
                     "ranking of '{}' by {} (best first)",
                     a.model, resp.objective
                 );
-                println!("{}", table(&resp));
+                // With a client every row shows its network time, or that it has none.
+                if a.client.is_some() {
+                    println!("{}", network_table(&resp));
+                } else {
+                    println!("{}", table(&resp));
+                }
                 if let Some(note) = network_note(&resp, &a) {
                     println!("{note}");
                 }
