@@ -212,6 +212,8 @@ impl From<&GenerationSummary> for pb::GenerationStats {
             good_requests: g.good_requests,
             kv_bytes_per_token: g.kv_bytes_per_token,
             cost_per_million_tokens: g.cost_per_million_tokens,
+            output_tokens_ci_per_s: g.output_tokens_ci_per_s.map(interval),
+            goodput_ci_per_s: g.goodput_ci_per_s.map(interval),
         }
     }
 }
@@ -233,6 +235,8 @@ impl From<pb::GenerationStats> for GenerationSummary {
             good_requests: g.good_requests,
             kv_bytes_per_token: g.kv_bytes_per_token,
             cost_per_million_tokens: g.cost_per_million_tokens,
+            output_tokens_ci_per_s: g.output_tokens_ci_per_s.map(|i| (i.low, i.high)),
+            goodput_ci_per_s: g.goodput_ci_per_s.map(|i| (i.low, i.high)),
             histograms: Default::default(),
         }
     }

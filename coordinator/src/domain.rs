@@ -381,6 +381,10 @@ pub struct GenerationSummary {
     pub cost_per_million_tokens: Option<f64>,
     /// The merged histograms (ns), kept so rankings pool runs exactly.
     pub histograms: WindowGeneration,
+    /// 95 % interval of `output_tokens_per_s` (block bootstrap over windows; pooled by run time).
+    pub output_tokens_ci_per_s: Option<(f64, f64)>,
+    /// 95 % interval of `goodput_per_s`, the same way.
+    pub goodput_ci_per_s: Option<(f64, f64)>,
 }
 
 /// Serde for bytes as a hex string.

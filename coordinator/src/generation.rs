@@ -98,6 +98,8 @@ impl TokenTotals {
                 output_tokens: self.output_tokens,
                 good_requests: self.good_requests,
             },
+            output_tokens_ci_per_s: None,
+            goodput_ci_per_s: None,
         }
     }
 }

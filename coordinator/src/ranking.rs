@@ -173,6 +173,9 @@ fn network_time(
     })
 }
 
+/// One rate of a generate run's summary and its interval.
+type RateOf = fn(&crate::domain::GenerationSummary) -> (f64, Option<(f64, f64)>);
+
 fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     (n > 0).then(|| sum / n as f64)
@@ -264,7 +267,21 @@ fn pool(runs: &[&StoredRun], size_bytes: u64) -> Result<RankRow> {
             .map(|g| g.kv_bytes_per_token)
             .max()
             .unwrap_or(0);
-        Some(totals.summary(requests, seconds, kv, cost_per_hour))
+        let mut g = totals.summary(requests, seconds, kv, cost_per_hour);
+        let pooled = |rate: RateOf| {
+            intervals::pool_throughput(
+                &runs
+                    .iter()
+                    .map(|r| {
+                        let (v, ci) = r.summary.generation.as_ref().map_or((0.0, None), rate);
+                        (v, ci, r.summary.duration_ms / 1e3)
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        };
+        g.output_tokens_ci_per_s = pooled(|g| (g.output_tokens_per_s, g.output_tokens_ci_per_s));
+        g.goodput_ci_per_s = pooled(|g| (g.goodput_per_s, g.goodput_ci_per_s));
+        Some(g)
     } else {
         None
     };
@@ -641,8 +658,8 @@ pub fn rank_runs_over(
 
 /// A row's 95 % confidence interval of the objective in the objective's sort order (smaller is
 /// better), where fleetbench has one: order statistics of the pooled histogram for p50, p90, p95 and
-/// p99 (and of the pooled TTFT and TPOT histograms for their p99), the pooled bootstrap for throughput
-/// and the cost that follows from it, Wilson for accuracy. A client's network time shifts latency.
+/// p99 (and of the pooled TTFT and TPOT histograms for their p99), the pooled bootstrap for throughput,
+/// output tokens/s and goodput and the costs that follow from them, Wilson for accuracy. A client's network time shifts latency.
 fn interval(objective: Objective, row: &RankRow) -> Option<(f64, f64)> {
     let l = &row.latency;
     let negate = |(lo, hi): (f64, f64)| (-hi, -lo);
@@ -665,7 +682,16 @@ fn interval(objective: Objective, row: &RankRow) -> Option<(f64, f64)> {
         Objective::Throughput => negate(row.throughput_ci?),
         Objective::Accuracy => negate(row.accuracy_ci?),
         Objective::Cost if row.generation.is_none() => row.cost_ci?,
-        _ => return None,
+        // Generate rows: the tokens' interval, and the cost per million tokens that follows from it
+        // (cost · tokens/s is constant, so the ends swap).
+        Objective::TokensPerS => negate(row.generation.as_ref()?.output_tokens_ci_per_s?),
+        Objective::Goodput => negate(row.generation.as_ref()?.goodput_ci_per_s?),
+        Objective::Cost => {
+            let g = row.generation.as_ref()?;
+            let (lo, hi) = g.output_tokens_ci_per_s?;
+            let k = g.cost_per_million_tokens? * g.output_tokens_per_s;
+            (k / hi, k / lo)
+        }
     };
     (ci.0.is_finite() && ci.1.is_finite() && ci.0 <= ci.1 && (ci.0 != 0.0 || ci.1 != 0.0))
         .then_some(ci)
@@ -675,7 +701,7 @@ fn interval(objective: Objective, row: &RankRow) -> Option<(f64, f64)> {
 /// interval overlaps the leader's joins it (they cannot be told apart), shares its rank and is marked
 /// tied; within a group rows go by cost (rows without one last), then by the objective. The next row
 /// left leads the next group, ranked by its position. Rows without an interval of the objective
-/// (tokens/s and goodput; runs stored before throughput intervals) rank one by one.
+/// (runs stored before their rates' intervals were kept) rank one by one.
 fn tie(rows: Vec<RankRow>, objective: Objective) -> Vec<RankRow> {
     let mut left: std::collections::VecDeque<RankRow> = rows.into();
     let mut out = Vec::with_capacity(left.len());
@@ -1240,6 +1266,57 @@ mod tests {
                 "{objective}: {rows:?}"
             );
             assert_eq!(rows[2].0, "c");
+        }
+    }
+
+    #[test]
+    fn tokens_per_s_and_goodput_tie_by_their_pooled_bootstrap_intervals() {
+        let generate = |platform: &str, tps: f64, ci: (f64, f64), cost: Option<f64>| {
+            let mut r = timed(platform, 1.0, 100, None);
+            r.summary.generation = Some(crate::domain::GenerationSummary {
+                output_tokens_per_s: tps,
+                output_tokens_ci_per_s: Some(ci),
+                goodput_per_s: tps / 10.0,
+                goodput_ci_per_s: Some((ci.0 / 10.0, ci.1 / 10.0)),
+                // One second of it (timed() runs last 1 s): the pooled rates read these.
+                histograms: crate::domain::WindowGeneration {
+                    output_tokens: tps as u64,
+                    good_requests: (tps / 10.0) as u64,
+                    ..Default::default()
+                },
+                ..Default::default()
+            });
+            r.summary.cost_per_hour = cost;
+            r
+        };
+        let runs = vec![
+            generate("a", 100.0, (95.0, 105.0), Some(2.0)),
+            generate("b", 98.0, (93.0, 103.0), Some(1.0)),
+            generate("c", 50.0, (48.0, 52.0), Some(1.0)),
+        ];
+        // By cost per million tokens b is far ahead; a (2/h at 100 tokens/s) and c (1/h at 50) cost
+        // the same, and their intervals, carried from the tokens', overlap.
+        let by_cost = ranked(&runs, "cost");
+        assert_eq!(
+            by_cost,
+            [
+                ("b".to_string(), 1, false),
+                ("c".to_string(), 2, true),
+                ("a".to_string(), 2, true)
+            ]
+        );
+        // The leader is the faster a; b's interval overlaps it and b is cheaper, so it goes first.
+        for objective in ["tokens-per-s", "goodput"] {
+            let rows = ranked(&runs, objective);
+            assert_eq!(
+                rows,
+                [
+                    ("b".to_string(), 1, true),
+                    ("a".to_string(), 1, true),
+                    ("c".to_string(), 3, false)
+                ],
+                "{objective}"
+            );
         }
     }
 }

@@ -114,12 +114,27 @@ pub fn finish_run(ctx: &RunContext, result: &RunResult) -> Result<FinishedRun> {
         }
         let scenario: serde_json::Value =
             serde_json::from_str(&report.scenario_json).unwrap_or_default();
-        Some(totals.summary(
+        let mut g = totals.summary(
             report.queries,
             elapsed_s,
             scenario["kv_bytes_per_token"].as_u64().unwrap_or(0),
             cost_per_hour(&ctx.agent_labels),
-        ))
+        );
+        // Token and good-request rates get the throughput's interval: a block bootstrap over windows.
+        let per_window = |f: fn(&crate::domain::WindowGeneration) -> u64| {
+            intervals::bootstrap_throughput(
+                &ctx.windows
+                    .iter()
+                    .map(|w| {
+                        let ns = w.end_offset_ns.saturating_sub(w.start_offset_ns);
+                        (w.generation.as_ref().map_or(0, f), ns as f64 / 1e9)
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        };
+        g.output_tokens_ci_per_s = per_window(|g| g.output_tokens);
+        g.goodput_ci_per_s = per_window(|g| g.good_requests);
+        Some(g)
     } else {
         None
     };
@@ -477,5 +492,78 @@ mod tests {
         let summary = run.summary.expect("a summary");
         assert_eq!(summary.queries, 3002, "the short window still counts");
         assert!(summary.stable, "{summary:?}");
+    }
+
+    #[test]
+    fn a_generate_runs_token_rates_get_bootstrap_intervals_over_its_windows() {
+        let config = with_defaults(RunConfig {
+            scenario: Scenario::Generate,
+            window_ms: 1000,
+            generate: Some(Default::default()),
+            ..Default::default()
+        });
+        // Ten one-second windows of 90 to 110 output tokens, 9 to 11 good requests.
+        let windows: Vec<Window> = (0..10u64)
+            .map(|i| {
+                let tokens = 90 + (i * 7) % 21;
+                let mut h = hist::new_histogram();
+                hist::record_ns(&mut h, 1_000_000);
+                Window {
+                    seq: i,
+                    start_offset_ns: i * 1_000_000_000,
+                    end_offset_ns: (i + 1) * 1_000_000_000,
+                    queries: 10,
+                    samples: 10,
+                    latency_histogram: hist::encode(&h),
+                    generation: Some(crate::domain::WindowGeneration {
+                        output_tokens: tokens,
+                        good_requests: tokens / 10,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let ctx = RunContext {
+            state: "running".into(),
+            task_id: "t".into(),
+            job_id: "j".into(),
+            agent_id: "a".into(),
+            agent_name: "a".into(),
+            agent_labels: Default::default(),
+            platform_id: "p".into(),
+            variant: "fp32".into(),
+            config: config.clone(),
+            windows,
+            started_at: 0,
+        };
+        let result = RunResult {
+            run_id: "r".into(),
+            window_count: 10,
+            report: Some(RunReport {
+                queries: 100,
+                samples: 100,
+                elapsed_ns: 10_000_000_000,
+                effective_config: Some(config),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let summary = finish_run(&ctx, &result).unwrap().summary.unwrap();
+        let g = summary.generation.expect("token figures");
+        let (lo, hi) = g.output_tokens_ci_per_s.expect("a tokens/s interval");
+        assert!(
+            lo < g.output_tokens_per_s && g.output_tokens_per_s < hi,
+            "{lo} {hi} {g:?}"
+        );
+        assert!(
+            lo > 90.0 && hi < 110.0,
+            "within the windows' range: {lo} {hi}"
+        );
+        let (lo, hi) = g.goodput_ci_per_s.expect("a goodput interval");
+        assert!(
+            lo <= g.goodput_per_s && g.goodput_per_s <= hi,
+            "{lo} {hi} {g:?}"
+        );
     }
 }

@@ -411,9 +411,10 @@ pub fn tie_note(resp: &RankResponse) -> Option<String> {
     resp.rows.iter().any(|r| r.tied).then(|| {
         let method = match resp.objective.as_str() {
             "throughput" => "a bootstrap over each run's windows",
-            "cost" => "the throughput's bootstrap interval",
+            "cost" => "the throughput's (for generate rows the tokens') bootstrap interval",
             "accuracy" => "Wilson intervals over the rows evaluated",
             "ttft-p99" => "order statistics of the pooled time-to-first-token histogram",
+            "tokens-per-s" | "goodput" => "a bootstrap over each run's windows",
             "tpot-p99" => "order statistics of the pooled time-per-output-token histogram",
             _ => "order statistics of the pooled histogram",
         };
