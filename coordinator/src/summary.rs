@@ -429,6 +429,23 @@ mod tests {
         );
     }
 
+    /// A run of agent `a` on platform `p` with `windows` stored.
+    fn running(config: &RunConfig, windows: Vec<Window>) -> RunContext {
+        RunContext {
+            state: "running".into(),
+            task_id: "t".into(),
+            job_id: "j".into(),
+            agent_id: "a".into(),
+            agent_name: "a".into(),
+            agent_labels: Default::default(),
+            platform_id: "p".into(),
+            variant: "fp32".into(),
+            config: config.clone(),
+            windows,
+            started_at: 0,
+        }
+    }
+
     #[test]
     fn stability_is_judged_on_whole_windows_not_the_short_one_a_run_ends_with() {
         let config = with_defaults(RunConfig {
@@ -463,19 +480,7 @@ mod tests {
             window(2, 400, 600, 1000, 200_000),
             window(3, 600, 603, 2, 1_500_000),
         ];
-        let ctx = RunContext {
-            state: "running".into(),
-            task_id: "t".into(),
-            job_id: "j".into(),
-            agent_id: "a".into(),
-            agent_name: "a".into(),
-            agent_labels: Default::default(),
-            platform_id: "p".into(),
-            variant: "fp32".into(),
-            config: config.clone(),
-            windows,
-            started_at: 0,
-        };
+        let ctx = running(&config, windows);
         let result = RunResult {
             run_id: "r".into(),
             window_count: 4,
@@ -524,19 +529,7 @@ mod tests {
                 }
             })
             .collect();
-        let ctx = RunContext {
-            state: "running".into(),
-            task_id: "t".into(),
-            job_id: "j".into(),
-            agent_id: "a".into(),
-            agent_name: "a".into(),
-            agent_labels: Default::default(),
-            platform_id: "p".into(),
-            variant: "fp32".into(),
-            config: config.clone(),
-            windows,
-            started_at: 0,
-        };
+        let ctx = running(&config, windows);
         let result = RunResult {
             run_id: "r".into(),
             window_count: 10,
