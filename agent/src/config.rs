@@ -53,6 +53,11 @@ pub struct AgentConfig {
     /// Seconds between measurements of the network paths, taken only between tasks (never during
     /// one); the first when the agent registers. 0: never measure.
     pub network_probe_interval_s: u64,
+    /// Put ONNX Runtime's memory (weights, KV cache) on transparent huge pages where the kernel has
+    /// them, once a task's sessions are loaded (`fleetbench_runtime::memory`): decoding a large model
+    /// runs several percent faster. Every run's record says what was in effect. false: small pages,
+    /// as a process that does not ask gets them.
+    pub huge_pages: bool,
 }
 
 /// Settings of the agent's network measurements.
@@ -86,12 +91,13 @@ impl Default for AgentConfig {
             network_probe_bytes: 32 * 1024,
             network_probe_samples: 5,
             network_probe_interval_s: 600,
+            huge_pages: true,
         }
     }
 }
 
 /// Environment keys read (FLEETBENCH_ + upper case).
-const ENV_KEYS: [&str; 13] = [
+const ENV_KEYS: [&str; 14] = [
     "coordinator",
     "name",
     "cpus",
@@ -105,6 +111,7 @@ const ENV_KEYS: [&str; 13] = [
     "network_probe_bytes",
     "network_probe_samples",
     "network_probe_interval_s",
+    "huge_pages",
 ];
 
 impl AgentConfig {

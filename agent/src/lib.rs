@@ -28,7 +28,10 @@ pub use error::{AgentError, Result};
 pub async fn run(config: AgentConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> Result<()> {
     let runtime = fleetbench_runtime::load(Some(&config.ort_lib))?;
     tracing::info!(version = %runtime.version, providers = ?runtime.providers, library = %runtime.path.display(), "ONNX Runtime loaded.");
-    let runner = Arc::new(runner::OrtRunner { runtime });
+    let runner = Arc::new(runner::OrtRunner {
+        runtime,
+        huge_pages: config.huge_pages,
+    });
     run_with_runner(config, runner, runtime, Arc::default(), shutdown).await
 }
 

@@ -80,6 +80,11 @@ struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     network_probe_interval_s: Option<u64>,
+    /// Put ONNX Runtime's memory (weights, KV cache) on transparent huge pages where the kernel has
+    /// them (default true). false: small pages, as a process that does not ask gets them.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    huge_pages: Option<bool>,
     #[command(subcommand)]
     #[serde(skip)]
     command: Option<Command>,

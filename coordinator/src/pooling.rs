@@ -2,7 +2,7 @@
 //! holds everything that changes the work — scenario and its parameters, batch, streams, threads,
 //! graph optimization, execution provider, input shapes, input data, warm-up, outstanding cap, latency
 //! bound — and the reproducibility record that changes how it ran: agent and ONNX Runtime versions and
-//! the providers that actually ran the graph. How long a run lasted, its seed and its stopping rules do
+//! the providers that actually ran the graph, and whether its memory was on huge pages. How long a run lasted, its seed and its stopping rules do
 //! not change the work, so runs that differ only there pool.
 //!
 //! Runs stored before the key existed carry `legacy:` and their old configuration label: they pool
@@ -58,6 +58,11 @@ pub struct PoolKey {
     /// so keys of other scenarios read as before.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub generate: String,
+    /// Whether ONNX Runtime's memory was on transparent huge pages (the agent's `huge_pages`; the
+    /// record's `memory.huge_pages`): it moves decode speed by several percent. Not stored when false,
+    /// so keys of runs without it read as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub huge_pages: bool,
 }
 
 fn generate_key(c: &RunConfig) -> String {
@@ -152,6 +157,10 @@ impl PoolKey {
             ort_version: text("ort_version"),
             providers_used,
             generate: generate_key(c),
+            huge_pages: record
+                .pointer("/memory/huge_pages")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
         }
     }
 
@@ -195,6 +204,10 @@ impl PoolKey {
         );
         m.insert("agent", self.agent_version.clone());
         m.insert("ort", self.ort_version.clone());
+        m.insert(
+            "pages",
+            if self.huge_pages { "huge" } else { "small" }.into(),
+        );
         m.insert(
             "slo",
             self.generate
@@ -312,6 +325,35 @@ mod tests {
         assert_ne!(a, PoolKey::of(&shaped(160), &fell_back));
         assert_eq!(PoolKey::decode(&a.encode()), Some(a));
         assert_eq!(PoolKey::decode("legacy:single-stream b1"), None);
+    }
+
+    #[test]
+    fn runs_on_huge_pages_pool_apart_and_older_keys_read_as_before() {
+        let small = PoolKey::of(&shaped(160), &record());
+        let on = |huge: bool| {
+            let mut r: serde_json::Value = serde_json::from_str(&record()).unwrap();
+            r["memory"] =
+                serde_json::json!({"transparent_huge_pages": "madvise", "huge_pages": huge});
+            PoolKey::of(&shaped(160), &r.to_string())
+        };
+        assert!(on(true).huge_pages);
+        assert_ne!(small, on(true));
+        assert_eq!(small, on(false), "a record without memory is small pages");
+        // Keys of runs on small pages encode as keys did before the field existed.
+        assert!(!small.encode().contains("huge_pages"), "{}", small.encode());
+        assert_eq!(PoolKey::decode(&on(true).encode()), Some(on(true)));
+        let rows = [
+            ("single-stream b1".to_string(), small.encode()),
+            ("single-stream b1".to_string(), on(true).encode()),
+        ];
+        let l = labels(
+            &rows
+                .iter()
+                .map(|(a, b)| (a.clone(), b.as_str()))
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(l[0], "single-stream b1 pages=small");
+        assert_eq!(l[1], "single-stream b1 pages=huge");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! reports its version and providers; [`inputs`] builds a session's input tensors from its own
 //! metadata; [`data`] reads .npy/.npz files; [`batches`] cuts a data set into batches and reads outputs
 //! back as numbers; [`decoder`] detects decoder-only language models and generates tokens with their KV
-//! cache.
+//! cache; [`memory`] has the process ask for transparent huge pages for the runtime's memory.
 
 pub mod batches;
 pub mod compat;
@@ -11,6 +11,7 @@ pub mod data;
 pub mod decoder;
 pub mod inputs;
 pub mod load;
+pub mod memory;
 
 pub use load::{Runtime, load};
 

@@ -2,17 +2,22 @@
 //! call per token with the present KV tensors moved into the next call's past) beside a plain Python
 //! onnxruntime greedy loop on the same model, prompt, output length and threads, pinned to the same
 //! cores. Each implementation is a process of its own (this binary with `--serve` for fleetbench's
-//! loop), started under `taskset` and driven alike. They take turns run by run, each round in the next
+//! loop), started under `taskset` and driven alike. fleetbench's loop runs twice: as the agent runs it,
+//! with ONNX Runtime's memory moved onto transparent huge pages once the model is loaded, where the
+//! kernel has them (the agent's `huge_pages`, `fleetbench_runtime::memory`), and with small pages, as
+//! the Python peers get them. (`--peer-env GLIBC_TUNABLES=glibc.malloc.hugetlb=1` asks glibc to give
+//! the peers huge pages, which glibc 2.36 does in only some processes.) They take turns run by run, each round in the next
 //! of all orders, with the core left idle between runs, so the machine's drift in speed and one run's
 //! after-effects hit them all alike. Where a process's memory lands moves its speed by a few percent
 //! for its whole life, so `--processes` sets of fresh processes each do `--runs` rounds after a
-//! warm-up round (the defaults, 4 and 6, cycle the six orders of three implementations once per set).
+//! warm-up round (the defaults, 4 and 6, cycle the 24 orders of four implementations once in all).
 //! The table holds the medians over all runs; each peer's tokens/s against fleetbench's is the median
 //! per set of the per-round ratios, and the median of those. It also prints fleetbench's own time per
 //! output token outside ONNX Runtime's Run.
 //!
 //!     cargo bench -p fleetbench-tests --bench generate -- [--size tiny|gpt2-small] [--prompt 128]
 //!         [--output 64] [--threads 1] [--runs 6] [--processes 4] [--cpus 0] [--alone]
+//!         [--peer-env VAR=VALUE]...
 //!
 //! `--alone` times fleetbench's loop without the peers (to profile it).
 //!
@@ -28,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 
 use fleetbench_runtime::decoder::{DecoderIo, generate};
+use fleetbench_runtime::memory;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -128,18 +134,50 @@ fn main() {
     // a process's memory lands moves its speed by a few percent for as long as it lives, so the
     // process is the unit of the comparison: each of `--processes` sets starts every implementation
     // afresh.
+    // `--peer-env VAR=VALUE` (repeatable): environment of the Python peers, e.g.
+    // GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to give them huge pages too.
+    let peer_env: Vec<(String, String)> = args
+        .windows(2)
+        .filter(|w| w[0] == "--peer-env")
+        .map(|w| {
+            let (k, v) = w[1].split_once('=').expect("--peer-env VAR=VALUE");
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    let small_pages: Vec<String> = flags
+        .iter()
+        .cloned()
+        .chain(["--small-pages".to_string()])
+        .collect();
     let start_set = || {
+        // fleetbench's loop as the agent runs it (huge pages where the kernel has them), and with
+        // small pages, as the Python peers get them unless --peer-env says otherwise.
         let mut peers =
-            vec![Peer::spawn(&exe, &[], &flags, &cpus).expect("fleetbench's loop runs")];
+            vec![Peer::spawn(&exe, &[], &flags, &cpus, &[]).expect("fleetbench's loop runs")];
         if !alone {
             peers.push(
-                Peer::spawn(&python(), &[script("ort_greedy.py")], &flags, &cpus)
-                    .expect("the onnxruntime Python loop runs"),
+                Peer::spawn(&exe, &[], &small_pages, &cpus, &[]).expect("fleetbench's loop runs"),
+            );
+            peers.push(
+                Peer::spawn(
+                    &python(),
+                    &[script("ort_greedy.py")],
+                    &flags,
+                    &cpus,
+                    &peer_env,
+                )
+                .expect("the onnxruntime Python loop runs"),
             );
         }
         if !alone
             && genai_python.exists()
-            && let Some(p) = Peer::spawn(&genai_python, &[script("genai_greedy.py")], &flags, &cpus)
+            && let Some(p) = Peer::spawn(
+                &genai_python,
+                &[script("genai_greedy.py")],
+                &flags,
+                &cpus,
+                &peer_env,
+            )
         {
             peers.push(p);
         }
@@ -151,7 +189,10 @@ fn main() {
     let mut set_ratios: Vec<Vec<f64>> = Vec::new();
     // fleetbench's TPOT less its time inside ONNX Runtime's Run, per output token (ms).
     let mut outside_run = Vec::new();
-    for _ in 0..processes {
+    // Per process set, fleetbench's memory on huge pages after its last run (MiB): where the kernel
+    // found no free huge pages, a set runs on small pages whatever it asked for.
+    let mut huge_mb = vec![0.0; processes];
+    for set in 0..processes {
         drop(peers);
         peers = start_set();
         let n = peers.len();
@@ -163,13 +204,17 @@ fn main() {
         // round 0 warms up.
         let orders = permutations(n);
         for round in 0..=runs {
-            for &which in &orders[round % orders.len()] {
+            // Sets go on through the orders where the last one stopped.
+            for &which in &orders[(set * runs + round) % orders.len()] {
                 let v = peers[which].run();
                 let f = |k: &str| v[k].as_f64().unwrap();
                 if round > 0 {
                     figures_of[which].push((f("ttft_ms"), f("tpot_ms"), f("tokens_per_s")));
-                    if let Some(o) = v["outside_run_ms"].as_f64() {
+                    if let Some(o) = v["outside_run_ms"].as_f64().filter(|_| which == 0) {
                         outside_run.push(o);
+                    }
+                    if let Some(b) = v["anon_huge_pages_bytes"].as_f64().filter(|_| which == 0) {
+                        huge_mb[set] = b / (1 << 20) as f64;
                     }
                 }
             }
@@ -188,9 +233,9 @@ fn main() {
     println!(
         "{} ({} layers, KV {} B/token), prompt {prompt_len}, output {output}, {threads} thread(s) on CPU {cpus}, median of {} interleaved runs ({processes} process sets of {runs} after a warm-up)",
         model.file_name().unwrap().to_string_lossy(),
-        processes * runs,
         hello["layers"],
-        hello["kv_bytes_per_token"]
+        hello["kv_bytes_per_token"],
+        processes * runs,
     );
     println!(
         "{:<46} {:>10} {:>10} {:>10}",
@@ -217,6 +262,12 @@ fn main() {
             o / medians[0].1 * 100.0
         );
     }
+    let per_set: Vec<String> = huge_mb.iter().map(|m| format!("{m:.0}")).collect();
+    println!(
+        "{}: MiB on huge pages per process set: {}",
+        peers[0].name,
+        per_set.join(", ")
+    );
     // Paired by round within a process set (the same stretch of machine time, so drift cancels); one
     // median per set, then the median over sets.
     for k in 1..n {
@@ -228,7 +279,11 @@ fn main() {
             per_set.join(", ")
         );
     }
-    if !alone && n < 3 {
+    if !alone
+        && !peers
+            .iter()
+            .any(|p| p.name.starts_with("onnxruntime-genai"))
+    {
         println!(
             "(onnxruntime-genai not compared: no .venv-genai with it, or it could not load the model)"
         );
@@ -243,6 +298,9 @@ fn serve(args: &[String]) {
     let prompt_len: usize = arg(args, "--prompt", "128").parse().unwrap();
     let output: usize = arg(args, "--output", "64").parse().unwrap();
     let threads: usize = arg(args, "--threads", "1").parse().unwrap();
+    // As the agent does (its `huge_pages` setting), unless --small-pages.
+    let huge = !args.iter().any(|a| a == "--small-pages")
+        && memory::kernel_has_huge_pages(memory::thp_mode().as_deref());
     let rt = fleetbench_runtime::load(None)
         .expect("load ONNX Runtime (run `eval \"$(scripts/dev.sh env)\"`)");
     let mut session = ort::session::Session::builder(&rt.env)
@@ -258,10 +316,22 @@ fn serve(args: &[String]) {
     let prompt: Vec<i64> = (0..prompt_len as i64)
         .map(|i| (i * 7919 + 13) % vocab)
         .collect();
+    if huge {
+        // As the agent: once the session is loaded and has run.
+        generate(&mut session, &io, &prompt, 2).unwrap();
+        let done = memory::back_with_huge_pages();
+        if let Some(note) = done.note {
+            eprintln!("huge pages: {note}");
+        }
+    }
     println!(
         "{}",
         serde_json::json!({
-            "name": format!("fleetbench (onnxruntime {})", rt.version),
+            "name": format!(
+                "fleetbench (onnxruntime {}, {} pages)",
+                rt.version,
+                if huge { "huge" } else { "small" }
+            ),
             "layers": io.layers(),
             "kv_bytes_per_token": io.kv_bytes_per_token(),
         })
@@ -275,7 +345,8 @@ fn serve(args: &[String]) {
         println!(
             "{}",
             serde_json::json!({"ttft_ms": ttft, "tpot_ms": tpot, "tokens_per_s": tps,
-                               "outside_run_ms": outside})
+                               "outside_run_ms": outside,
+                               "anon_huge_pages_bytes": memory::MemoryState::now().anon_huge_pages_bytes})
         );
     }
 }
@@ -292,8 +363,15 @@ struct Peer {
 impl Peer {
     /// Starts `program` with `pre` then `flags` under taskset; `None` when it exits before saying
     /// hello (it says why on stderr).
-    fn spawn(program: &Path, pre: &[PathBuf], flags: &[String], cpus: &str) -> Option<Peer> {
+    fn spawn(
+        program: &Path,
+        pre: &[PathBuf],
+        flags: &[String],
+        cpus: &str,
+        env: &[(String, String)],
+    ) -> Option<Peer> {
         let mut child = Command::new("taskset")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(["-c", cpus])
             .arg(program)
             .args(pre)
@@ -309,7 +387,7 @@ impl Peer {
             let _ = child.wait();
             return None;
         };
-        let name = if let Some(v) = hello["name"].as_str() {
+        let mut name = if let Some(v) = hello["name"].as_str() {
             v.to_string()
         } else if let Some(v) = hello["onnxruntime_version"].as_str() {
             format!("onnxruntime {v} Python loop")
@@ -319,6 +397,9 @@ impl Peer {
                 hello["genai_version"].as_str().unwrap_or("?")
             )
         };
+        for (k, v) in env {
+            name.push_str(&format!(" [{k}={v}]"));
+        }
         Some(Peer {
             name,
             hello,

@@ -369,7 +369,10 @@ impl TestAgent {
         let name = config.name.clone();
         let runtime = fleetbench_runtime::load(Some(&config.ort_lib)).expect("ONNX Runtime loads");
         let runner = runner.unwrap_or_else(|| {
-            std::sync::Arc::new(fleetbench_agent::runner::OrtRunner { runtime })
+            std::sync::Arc::new(fleetbench_agent::runner::OrtRunner {
+                runtime,
+                huge_pages: config.huge_pages,
+            })
         });
         let handle = tokio::spawn(fleetbench_agent::run_with_runner(
             config, runner, runtime, stats, rx,
@@ -1484,21 +1487,37 @@ impl Drop for Killed {
     }
 }
 
+/// `command` (the real `fleetbench-agent`, or something that runs it) with what every agent of these
+/// tests takes: `coordinator` (`coord`'s address, or a path to it), `name`, its state in `dir/NAME`,
+/// the runtime, `coord`'s join token, and its log in `dir/NAME.log`. Flags of its own follow.
+pub fn agent_command(
+    mut command: std::process::Command,
+    coordinator: &str,
+    name: &str,
+    coord: &TestCoordinator,
+    dir: &Path,
+) -> std::process::Command {
+    command
+        .args(["--coordinator", coordinator, "--name", name])
+        .arg("--state-dir")
+        .arg(dir.join(name))
+        .arg("--ort-lib")
+        .arg(ort_lib())
+        .env("FLEETBENCH_JOIN_TOKEN", &coord.tokens.join)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap());
+    command
+}
+
 /// The real `fleetbench-agent` as `name`, pinned to CPU `cpu` with taskset (its platform then has
 /// one core), joining `coord`; its log goes to `dir/NAME.log`.
 pub fn pinned_agent(coord: &TestCoordinator, name: &str, cpu: u32, dir: &Path) -> Killed {
+    let mut taskset = std::process::Command::new("taskset");
+    taskset
+        .args(["-c", &cpu.to_string()])
+        .arg(built_bin("fleetbench-agent"));
     Killed(
-        std::process::Command::new("taskset")
-            .args(["-c", &cpu.to_string()])
-            .arg(built_bin("fleetbench-agent"))
-            .args(["--coordinator", &coord.url, "--name", name])
-            .arg("--state-dir")
-            .arg(dir.join(name))
-            .arg("--ort-lib")
-            .arg(ort_lib())
-            .env("FLEETBENCH_JOIN_TOKEN", &coord.tokens.join)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
+        agent_command(taskset, &coord.url, name, coord, dir)
             .spawn()
             .expect("taskset (util-linux) and the agent binary"),
     )

@@ -9,7 +9,7 @@
 //! for the cores while links are timed.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use fleetbench_cli::commands::jobs;
@@ -33,18 +33,10 @@ fn agent(
     coord: &TestCoordinator,
     dir: &std::path::Path,
 ) -> Killed {
-    let mut c = program;
-    c.args(["--coordinator", coordinator, "--name", name])
-        .args(["--label", &format!("site={name}")])
+    let mut c = agent_command(program, coordinator, name, coord, dir);
+    c.args(["--label", &format!("site={name}")])
         .args(["--probe", &format!("hq={hq}")])
-        .args(["--network-probe-bytes", &PROBE_BYTES.to_string()])
-        .arg("--state-dir")
-        .arg(dir.join(name))
-        .arg("--ort-lib")
-        .arg(ort_lib())
-        .env("FLEETBENCH_JOIN_TOKEN", &coord.tokens.join)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap());
+        .args(["--network-probe-bytes", &PROBE_BYTES.to_string()]);
     Killed(c.spawn().expect("start the agent"))
 }
 

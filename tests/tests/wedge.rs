@@ -52,7 +52,10 @@ async fn a_runner_that_panics_fails_its_run_with_the_reason_and_frees_the_agent(
     let _agent = TestAgent::start_with_runner(
         config,
         Arc::new(PanicsOnce {
-            inner: OrtRunner { runtime },
+            inner: OrtRunner {
+                runtime,
+                huge_pages: true,
+            },
             runs: AtomicUsize::new(0),
         }),
     );

@@ -32,6 +32,7 @@ pub fn runner() -> OrtRunner {
         .expect("set ORT_DYLIB_PATH or run `scripts/dev.sh setup` first");
     OrtRunner {
         runtime: fleetbench_runtime::load(Some(&lib)).expect("ONNX Runtime loads"),
+        huge_pages: true,
     }
 }
 

@@ -17,6 +17,7 @@ use fleetbench_common::domain::{GenerateConfig, RunConfig};
 use fleetbench_common::quality::{self, Quality};
 use fleetbench_proto::v1::{RunReport, TelemetryWindow};
 use fleetbench_runtime::decoder::{self, DecoderIo, Pick};
+use fleetbench_runtime::memory::MemoryState;
 use ort::session::Session;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -183,6 +184,7 @@ impl OrtRunner {
             let mut execs = execs(&mut sessions, &io, &warm, batch);
             scenario::warm_up(&mut execs, c.warmup_iterations, cancel)?;
         }
+        let pages = self.onto_huge_pages();
         let requests = Requests::new(&g, draw_vocab, c.seed);
         let sampler = Sampler::start(
             Duration::from_millis(c.sample_ms.max(10) as u64),
@@ -227,6 +229,8 @@ impl OrtRunner {
             json!({ "loop": "closed" })
         };
         let (_, elapsed) = rec.finish();
+        // While the sessions hold the weights and the KV cache.
+        let memory = MemoryState::now();
         let tokens = rec.tokens.as_ref().expect("set above");
         scenario_json["scenario"] = json!("generate");
         scenario_json["streams"] = json!(sessions.len());
@@ -262,7 +266,7 @@ impl OrtRunner {
             decoder::generate(session, &io, &probe, 2)?;
             Ok(())
         })?;
-        let record = self.record(task, c, &used, started_at);
+        let record = self.record(task, c, &used, (&memory, pages.as_ref()), started_at);
         Ok(RunReport {
             queries,
             samples: queries,

@@ -22,6 +22,7 @@ use fleetbench_common::domain::{GraphOptimization, RunConfig, Scenario};
 use fleetbench_proto::v1::{RunReport, TaskAssignment, TelemetryWindow};
 use fleetbench_runtime::data::{self, HostArray};
 use fleetbench_runtime::inputs::{self, InputSpec};
+use fleetbench_runtime::memory::{self, HugePages, MemoryState};
 use fleetbench_runtime::{Runtime, RuntimeError};
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
@@ -98,6 +99,9 @@ pub trait ModelRunner: Send + Sync + 'static {
 pub struct OrtRunner {
     /// The loaded runtime.
     pub runtime: &'static Runtime,
+    /// Put the sessions' memory on transparent huge pages once they are loaded (the agent's
+    /// `huge_pages`).
+    pub huge_pages: bool,
 }
 
 fn opt_level(g: GraphOptimization) -> GraphOptimizationLevel {
@@ -157,6 +161,16 @@ impl OrtRunner {
             .map_err(|e| RunError::Failed(format!("the model: {e}")))?;
         fleetbench_runtime::compat::check(info.ir_version, info.opset, &self.runtime.version)
             .map_err(RunError::Failed)
+    }
+
+    /// Once a task's sessions are loaded (and have run once): their memory onto transparent huge pages,
+    /// when the agent asks for them (`huge_pages`).
+    fn onto_huge_pages(&self) -> Option<HugePages> {
+        self.huge_pages.then(|| {
+            let done = memory::back_with_huge_pages();
+            tracing::debug!(?done, "Memory onto huge pages.");
+            done
+        })
     }
 
     /// A session builder with the configuration's options and execution provider.
@@ -364,7 +378,10 @@ impl ModelRunner for OrtRunner {
             return self.run_generate(task, &c, emit, cancel, started_at);
         }
         let mut sessions = self.open_sessions(task, &c)?;
+        let pages = self.onto_huge_pages();
         let timed = self.timed_phase(task, &c, &mut sessions, emit, cancel)?;
+        // While the sessions hold the weights.
+        let memory = MemoryState::now();
         let quality = self.evaluate(task, &c, &mut sessions)?;
         let Sessions {
             sessions,
@@ -376,7 +393,7 @@ impl ModelRunner for OrtRunner {
         drop(sessions);
         // Step 4: the record, with the providers that actually ran the nodes.
         let used = self.providers_used(task, &c, &values)?;
-        let record = self.record(task, &c, &used, started_at);
+        let record = self.record(task, &c, &used, (&memory, pages.as_ref()), started_at);
         let accuracy = quality
             .as_ref()
             .and_then(|q| q.classification.as_ref())

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use fleetbench_common::config::{graph_optimization_name, scenario_name};
 use fleetbench_common::domain::RunConfig;
+use fleetbench_runtime::memory::{HugePages, MemoryState, kernel_has_huge_pages};
 use ort::session::SessionInputValue;
 use ort::value::DynValue;
 
@@ -56,6 +57,7 @@ impl OrtRunner {
         task: &PreparedTask,
         c: &RunConfig,
         used: &BTreeMap<String, u64>,
+        (memory, pages): (&MemoryState, Option<&HugePages>),
         started_at_ms: i64,
     ) -> serde_json::Value {
         let asked = canonical_provider(&c.execution_provider);
@@ -97,6 +99,15 @@ impl OrtRunner {
                 "warmup_iterations": c.warmup_iterations,
                 "sample_ms": c.sample_ms,
                 "generate": c.generate,
+            },
+            // Huge pages: asked for and given by the kernel; how much moved onto them once the sessions
+            // were loaded; and how much of the process was on them after the timed phase.
+            "memory": {
+                "transparent_huge_pages": memory.thp_mode,
+                "huge_pages": pages.is_some() && kernel_has_huge_pages(Some(&memory.thp_mode)),
+                "huge_pages_collapsed_bytes": pages.map(|p| p.collapsed_bytes),
+                "huge_pages_note": pages.and_then(|p| p.note.clone()),
+                "anon_huge_pages_bytes": memory.anon_huge_pages_bytes,
             },
             "cpus": task.cpus,
             "host_id": task.host_id,

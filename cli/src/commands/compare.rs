@@ -146,12 +146,18 @@ fn one() -> u32 {
 
 impl Row {
     /// What makes rows of two rankings the same measurement: platform, variant and the work, without
-    /// the versions and providers that ran it.
+    /// the versions, providers and page size that ran it (an upgrade that changes them is what a
+    /// comparison is for).
     fn key(&self) -> (String, String, String) {
         let work = match &self.pool {
             serde_json::Value::Object(m) => {
                 let mut m = m.clone();
-                for k in ["agent_version", "ort_version", "providers_used"] {
+                for k in [
+                    "agent_version",
+                    "ort_version",
+                    "providers_used",
+                    "huge_pages",
+                ] {
                     m.remove(k);
                 }
                 serde_json::Value::Object(m).to_string()
@@ -597,6 +603,9 @@ mod tests {
         // versions; the row still matches.
         let mut newer = row(1.0, 0.01, 1, None);
         newer.pool["ort_version"] = "1.32.0".into();
+        // An agent that now puts ONNX Runtime's memory on huge pages still matches: the change is
+        // what the comparison measures.
+        newer.pool["huge_pages"] = true.into();
         newer.platform_id = "p9".into();
         newer.platform = "edge #a1b2c3".into();
         let mut other_platform = row(1.0, 0.01, 1, None);
