@@ -26,6 +26,11 @@ pub use error::{AgentError, Result};
 /// is done by the binary before any thread starts; here the CPU list is only reported and used for
 /// thread counts.
 pub async fn run(config: AgentConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> Result<()> {
+    if !config.huge_pages
+        && let Err(e) = fleetbench_runtime::memory::keep_small_pages()
+    {
+        tracing::warn!(error = %e, "Cannot keep this process off huge pages.");
+    }
     let runtime = fleetbench_runtime::load(Some(&config.ort_lib))?;
     tracing::info!(version = %runtime.version, providers = ?runtime.providers, library = %runtime.path.display(), "ONNX Runtime loaded.");
     let runner = Arc::new(runner::OrtRunner {

@@ -80,8 +80,8 @@ struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     network_probe_interval_s: Option<u64>,
-    /// Put ONNX Runtime's memory (weights, KV cache) on transparent huge pages where the kernel has
-    /// them (default true). false: small pages, as a process that does not ask gets them.
+    /// Put ONNX Runtime's memory (the loaded weights) on transparent huge pages where the kernel has
+    /// them (default true). false: small pages, even where the kernel's mode is `always`.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     huge_pages: Option<bool>,

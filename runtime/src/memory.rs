@@ -55,7 +55,8 @@ impl Region {
     }
 }
 
-/// The mappings worth huge pages: private, writable and anonymous (no file; the heap counts), at least
+/// The mappings worth huge pages: private, writable and anonymous (no file; the heap and named
+/// anonymous mappings count), at least
 /// one huge page long, and mostly in use (three quarters of it resident), so that collapsing a
 /// sparsely touched mapping (a thread's stack, say) does not inflate the process.
 fn regions(smaps: &str) -> Vec<Region> {
@@ -83,7 +84,7 @@ fn regions(smaps: &str) -> Vec<Region> {
             let eligible = perms.starts_with("rw")
                 && perms.ends_with('p')
                 && inode == "0"
-                && (path.is_empty() || path == "[heap]");
+                && (path.is_empty() || path == "[heap]" || path.starts_with("[anon:"));
             current = eligible.then_some((Region { start, end }, 0));
         } else if first == "Anonymous:"
             && let Some((_, anon)) = current.as_mut()
@@ -100,7 +101,8 @@ fn regions(smaps: &str) -> Vec<Region> {
 pub struct HugePages {
     /// Mappings asked to go on huge pages.
     pub regions: usize,
-    /// Bytes the kernel moved onto huge pages at once (`MADV_COLLAPSE`).
+    /// Bytes of the chosen mappings on huge pages once the call returned (`MADV_COLLAPSE` succeeded
+    /// there: moved now, or there already).
     pub collapsed_bytes: u64,
     /// Why some or all of it did not happen (an old kernel without `MADV_COLLAPSE`, no free huge
     /// pages, a few huge pages' worth the kernel would not move); None when all of it did.
@@ -178,6 +180,19 @@ pub fn back_with_huge_pages() -> HugePages {
         ));
     }
     done
+}
+
+/// Keeps this whole process on small pages, even where the kernel's mode is `always`
+/// (`prctl(PR_SET_THP_DISABLE)`): what an agent with `huge_pages = false` does before it loads
+/// anything, so that its runs are on small pages whatever the host's setting.
+pub fn keep_small_pages() -> std::io::Result<()> {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and changes only how the kernel backs this
+    // process's future page faults.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Huge pages as a run found them.

@@ -163,8 +163,8 @@ impl OrtRunner {
             .map_err(RunError::Failed)
     }
 
-    /// Once a task's sessions are loaded (and have run once): their memory onto transparent huge pages,
-    /// when the agent asks for them (`huge_pages`).
+    /// Once a task's sessions are loaded: their memory onto transparent huge pages, when the agent asks
+    /// for them (`huge_pages`).
     fn onto_huge_pages(&self) -> Option<HugePages> {
         self.huge_pages.then(|| {
             let done = memory::back_with_huge_pages();

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use fleetbench_common::config::{graph_optimization_name, scenario_name};
 use fleetbench_common::domain::RunConfig;
-use fleetbench_runtime::memory::{HugePages, MemoryState, kernel_has_huge_pages};
+use fleetbench_runtime::memory::{HugePages, MemoryState};
 use ort::session::SessionInputValue;
 use ort::value::DynValue;
 
@@ -100,11 +100,12 @@ impl OrtRunner {
                 "sample_ms": c.sample_ms,
                 "generate": c.generate,
             },
-            // Huge pages: asked for and given by the kernel; how much moved onto them once the sessions
-            // were loaded; and how much of the process was on them after the timed phase.
+            // Huge pages: whether the run's memory went onto them (asked for, and some of it moved);
+            // how much, once the sessions were loaded; and how much of the process was on them after
+            // the timed phase.
             "memory": {
                 "transparent_huge_pages": memory.thp_mode,
-                "huge_pages": pages.is_some() && kernel_has_huge_pages(Some(&memory.thp_mode)),
+                "huge_pages": pages.is_some_and(|p| p.collapsed_bytes > 0),
                 "huge_pages_collapsed_bytes": pages.map(|p| p.collapsed_bytes),
                 "huge_pages_note": pages.and_then(|p| p.note.clone()),
                 "anon_huge_pages_bytes": memory.anon_huge_pages_bytes,
