@@ -54,7 +54,7 @@ pub struct AgentConfig {
     /// one); the first when the agent registers. 0: never measure.
     pub network_probe_interval_s: u64,
     /// Put ONNX Runtime's memory (the loaded weights) on transparent huge pages where the kernel has
-    /// them, once a task's sessions are loaded (`fleetbench_runtime::memory`): decoding a large model
+    /// them, once a generate task's sessions are loaded (`fleetbench_runtime::memory`): decoding a large model
     /// runs several percent faster. Every run's record says what was in effect. false: small pages for
     /// the whole agent process, even where the kernel's mode is `always` (`PR_SET_THP_DISABLE`).
     pub huge_pages: bool,

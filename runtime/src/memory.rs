@@ -6,9 +6,9 @@
 //! README: Generative models). ONNX Runtime allocates with the C library's `malloc`, out of reach from
 //! here, so once a model is loaded [`back_with_huge_pages`] finds the process's large anonymous
 //! mappings (the heap and the big `malloc` blocks that hold the weights) and asks the kernel to put
-//! them on transparent huge pages: `madvise(MADV_HUGEPAGE)`, so later faults there get huge pages,
-//! then `MADV_COLLAPSE` (Linux 6.1 and newer), which moves what is already there onto huge pages at
-//! once.
+//! them on transparent huge pages: `madvise(MADV_HUGEPAGE)`, then `MADV_COLLAPSE` (Linux 6.1 and
+//! newer), which moves what is already there onto huge pages at once. In `madvise` mode the advice is
+//! then taken back, so memory first touched later (in a timed phase, say) gets small pages as before.
 //!
 //! glibc's own tunable, `glibc.malloc.hugetlb=1`, would do the first half from the start, but glibc
 //! 2.36 honours it in only some processes (here, 12 of 20 starts of the same binary), so it is not
@@ -125,6 +125,10 @@ pub fn back_with_huge_pages() -> HugePages {
             return done;
         }
     };
+    // In `madvise` mode the advice is taken back once the mapping has moved (MADV_NOHUGEPAGE splits
+    // nothing): a later first touch there then costs a 4 KiB page, not a 2 MiB one to clear, which
+    // would land in a timed phase's tail.
+    let take_back = thp_mode().as_deref() == Some("madvise");
     let mut failures = Vec::new();
     for r in regions(&smaps) {
         let Some((start, end)) = r.aligned() else {
@@ -149,6 +153,16 @@ pub fn back_with_huge_pages() -> HugePages {
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_COLLAPSE) };
         if collapsed == 0 {
             done.collapsed_bytes += (end - start) as u64;
+            if take_back {
+                // SAFETY: as above.
+                unsafe {
+                    libc::madvise(
+                        r.start as *mut libc::c_void,
+                        r.end - r.start,
+                        libc::MADV_NOHUGEPAGE,
+                    )
+                };
+            }
             continue;
         }
         // One huge page that cannot move fails the whole call: move the rest one by one.
@@ -163,6 +177,16 @@ pub fn back_with_huge_pages() -> HugePages {
                 why = std::io::Error::last_os_error();
             }
         }
+        if take_back {
+            // SAFETY: as above.
+            unsafe {
+                libc::madvise(
+                    r.start as *mut libc::c_void,
+                    r.end - r.start,
+                    libc::MADV_NOHUGEPAGE,
+                )
+            };
+        }
         if failed > 0 {
             failures.push(format!(
                 "{failed} of {} huge pages at {:#x}: {why}",
@@ -175,7 +199,7 @@ pub fn back_with_huge_pages() -> HugePages {
         failures.sort();
         failures.dedup();
         done.note = Some(format!(
-            "MADV_COLLAPSE failed ({}); the mappings are marked for khugepaged",
+            "MADV_COLLAPSE failed ({}); that memory stays on small pages",
             failures.join("; ")
         ));
     }

@@ -378,7 +378,9 @@ impl ModelRunner for OrtRunner {
             return self.run_generate(task, &c, emit, cancel, started_at);
         }
         let mut sessions = self.open_sessions(task, &c)?;
-        let pages = self.onto_huge_pages();
+        // Huge pages only for generate tasks (decoding streams the weights per token); moving a
+        // small model's process made single-call latencies less repeatable in the tests.
+        let pages: Option<HugePages> = None;
         let timed = self.timed_phase(task, &c, &mut sessions, emit, cancel)?;
         // While the sessions hold the weights.
         let memory = MemoryState::now();
