@@ -47,6 +47,20 @@ struct Region {
 }
 
 impl Region {
+    /// `madvise` over the whole region with an advice about how its pages are backed; true on success
+    /// (the mapping may have gone since smaps was read).
+    fn advise(&self, advice: libc::c_int) -> bool {
+        // SAFETY: these advices change how the kernel backs pages of a mapping this process owns (the
+        // range comes from /proc/self/smaps), never their contents.
+        unsafe {
+            libc::madvise(
+                self.start as *mut libc::c_void,
+                self.end - self.start,
+                advice,
+            ) == 0
+        }
+    }
+
     /// The part of the region that whole huge pages cover.
     fn aligned(&self) -> Option<(usize, usize)> {
         let start = self.start.next_multiple_of(HUGE);
@@ -134,34 +148,18 @@ pub fn back_with_huge_pages() -> HugePages {
         let Some((start, end)) = r.aligned() else {
             continue;
         };
-        // SAFETY: madvise with these advices changes how the kernel backs pages of a mapping this
-        // process owns (the range lies inside it, from /proc/self/smaps), never their contents.
-        let advised = unsafe {
-            libc::madvise(
-                r.start as *mut libc::c_void,
-                r.end - r.start,
-                libc::MADV_HUGEPAGE,
-            )
-        };
-        if advised != 0 {
+        if !r.advise(libc::MADV_HUGEPAGE) {
             // The mapping may have gone since smaps was read.
             continue;
         }
         done.regions += 1;
-        // SAFETY: as above; the range is huge-page aligned inside the mapping.
+        // SAFETY: as in Region::advise; the range is huge-page aligned inside the mapping.
         let collapsed =
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_COLLAPSE) };
         if collapsed == 0 {
             done.collapsed_bytes += (end - start) as u64;
             if take_back {
-                // SAFETY: as above.
-                unsafe {
-                    libc::madvise(
-                        r.start as *mut libc::c_void,
-                        r.end - r.start,
-                        libc::MADV_NOHUGEPAGE,
-                    )
-                };
+                r.advise(libc::MADV_NOHUGEPAGE);
             }
             continue;
         }
@@ -169,7 +167,7 @@ pub fn back_with_huge_pages() -> HugePages {
         let mut failed = 0;
         let mut why = std::io::Error::last_os_error();
         for at in (start..end).step_by(HUGE) {
-            // SAFETY: as above, one huge page of the range.
+            // SAFETY: as in Region::advise, one huge page of the range.
             if unsafe { libc::madvise(at as *mut libc::c_void, HUGE, libc::MADV_COLLAPSE) } == 0 {
                 done.collapsed_bytes += HUGE as u64;
             } else {
@@ -178,14 +176,7 @@ pub fn back_with_huge_pages() -> HugePages {
             }
         }
         if take_back {
-            // SAFETY: as above.
-            unsafe {
-                libc::madvise(
-                    r.start as *mut libc::c_void,
-                    r.end - r.start,
-                    libc::MADV_NOHUGEPAGE,
-                )
-            };
+            r.advise(libc::MADV_NOHUGEPAGE);
         }
         if failed > 0 {
             failures.push(format!(
