@@ -1,5 +1,7 @@
 //! `fleetbench`: the command-line client of a fleetbench coordinator.
 
+#![deny(clippy::print_stdout)]
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use fleetbench_cli::{client, commands};
@@ -60,12 +62,9 @@ const COMPARE_ERROR: i32 = 2;
 
 #[tokio::main]
 async fn main() {
-    // Rust ignores SIGPIPE, so printing into a closed pipe (`fleetbench rank … | head -1`) would panic
-    // and exit 101; end as other Unix tools do instead, by the signal.
-    // SAFETY: setting a signal's disposition to its default before any thread prints.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // SIGPIPE stays ignored (Rust's default): a write to a socket whose peer has gone must come back
+    // as EPIPE, not end the process. Output into a closed pipe ends it by SIGPIPE all the same, in
+    // `output::write_stdout`.
     let cli = Cli::parse();
     let is_compare = matches!(cli.command, Command::Compare(_));
     match run(cli).await {

@@ -112,8 +112,38 @@ pub fn token_cells(g: &fleetbench_proto::v1::GenerationStats) -> Vec<String> {
 
 /// Prints a value as pretty JSON.
 pub fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
+}
+
+/// Writes to standard output; what `outln!` calls. The CLI prints through this rather than
+/// `println!` so that the process can leave SIGPIPE ignored, Rust's default, and still end as other
+/// Unix tools do when its reader goes away (`fleetbench rank … | head -1`): by SIGPIPE, with no
+/// panic and no exit status 101 that a script would misread.
+///
+/// SIGPIPE stays ignored because the CLI's own sockets need it: hyper and rustls write with
+/// `writev`, which (unlike `send`) has no `MSG_NOSIGNAL`, so with SIGPIPE's default action a TLS
+/// close_notify written after the coordinator has gone killed the whole process (seen in CI: the
+/// quickstart ended by SIGPIPE after printing its last line, while it stopped the coordinator).
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            end_by_sigpipe();
+        }
+        panic!("failed printing to stdout: {e}");
+    }
+}
+
+/// Ends the process by SIGPIPE, as a Unix tool whose output pipe was closed ends.
+fn end_by_sigpipe() -> ! {
+    // SAFETY: restoring a signal's default action and raising it; the process ends here.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::raise(libc::SIGPIPE);
+    }
+    // Not reached: SIGPIPE's default action ends the process. 128 + 13 is what a shell would show.
+    std::process::exit(141)
 }
 
 /// Short id for tables.

@@ -33,7 +33,8 @@ fn quickstart_prints_a_ranking_of_both_platforms() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "quickstart failed:\n{stdout}\n{stderr}"
+        "quickstart failed ({}):\n{stdout}\n{stderr}",
+        out.status
     );
     let (digits, llm) = stdout
         .split_once("ranking of 'tiny-llama'")

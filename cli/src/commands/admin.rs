@@ -80,7 +80,7 @@ fn print_secret(what: &str, info: Option<&TokenInfo>, secret: &str) {
     let name = info.map(|i| i.name.as_str()).unwrap_or_default();
     let role = info.map(|i| i.role.as_str()).unwrap_or_default();
     eprintln!("{what} token '{name}' (role {role}); its secret is shown this once:");
-    println!("{secret}");
+    outln!("{secret}");
 }
 
 /// Runs an admin command.
@@ -159,7 +159,7 @@ pub async fn run(client: &Client, cmd: AdminCmd) -> Result<()> {
                             },
                         ]);
                     }
-                    println!("{t}");
+                    outln!("{t}");
                 }
             }
         }
@@ -169,7 +169,7 @@ pub async fn run(client: &Client, cmd: AdminCmd) -> Result<()> {
                 .await
                 .map_err(|s| client.error(s, "revoking a token"))?
                 .into_inner();
-            println!("Revoked token '{}' (role {}).", info.name, info.role);
+            outln!("Revoked token '{}' (role {}).", info.name, info.role);
         }
         AdminCmd::Tokens(TokensCmd::Rotate { name }) => {
             let made = admin
@@ -185,9 +185,9 @@ pub async fn run(client: &Client, cmd: AdminCmd) -> Result<()> {
                 .await
                 .map_err(|s| client.error(s, "revoking an agent"))?
                 .into_inner();
-            println!("Revoked agent '{}' ({}).", done.name, done.agent_id);
+            outln!("Revoked agent '{}' ({}).", done.name, done.agent_id);
             if !done.requeued_run_id.is_empty() {
-                println!(
+                outln!(
                     "Its run {} went back to the queue.",
                     output::short(&done.requeued_run_id)
                 );

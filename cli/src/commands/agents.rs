@@ -72,10 +72,10 @@ pub async fn run(client: &Client, cmd: AgentsCmd) -> Result<()> {
                     },
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
             if agents.iter().any(|a| !a.network.is_empty()) {
-                println!("\nnetwork paths (measured by each agent between tasks)");
-                println!("{}", network_table(&agents));
+                outln!("\nnetwork paths (measured by each agent between tasks)");
+                outln!("{}", network_table(&agents));
             }
             Ok(())
         }

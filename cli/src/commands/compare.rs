@@ -447,9 +447,9 @@ pub async fn run(client: &Client, a: CompareArgs) -> Result<bool> {
                     c.verdict.text().to_string(),
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
             if !cmp.only_in_baseline.is_empty() {
-                println!(
+                outln!(
                     "{} in the baseline, with no VALID run in the candidate: {}",
                     if a.allow_missing {
                         "listed only (--allow-missing)"
@@ -460,13 +460,13 @@ pub async fn run(client: &Client, a: CompareArgs) -> Result<bool> {
                 );
             }
             if !cmp.only_in_candidate.is_empty() {
-                println!(
+                outln!(
                     "only in the candidate (not judged): {}",
                     cmp.only_in_candidate.join("; ")
                 );
             }
             let count = |v: Verdict| cmp.changes.iter().filter(|c| c.verdict == v).count();
-            println!(
+            outln!(
                 "{} regressed, {} missing, {} improved, {} no change beyond noise (threshold {:.1} %; noise: each \
                  side's 95 % interval and its run-to-run spread, at least {:.1} % per run)",
                 count(Verdict::Regressed),

@@ -83,7 +83,7 @@ pub async fn run(client: &Client, cmd: JobsCmd) -> Result<()> {
                 None => *args,
             };
             let id = submit(client, &args).await?;
-            println!("{id}");
+            outln!("{id}");
             if follow {
                 let summary = watch(client, &id, true).await?;
                 if summary.state != "succeeded" {
@@ -118,7 +118,7 @@ pub async fn run(client: &Client, cmd: JobsCmd) -> Result<()> {
                             format_time(j.created_at_ms),
                         ]);
                     }
-                    println!("{t}");
+                    outln!("{t}");
                     Ok(())
                 }
             }
@@ -142,7 +142,7 @@ pub async fn run(client: &Client, cmd: JobsCmd) -> Result<()> {
         }
         JobsCmd::Watch { job } => {
             let summary = watch(client, &job, true).await?;
-            println!("job {} {}", output::short(&summary.job_id), summary.state);
+            outln!("job {} {}", output::short(&summary.job_id), summary.state);
             Ok(())
         }
         JobsCmd::Cancel { job } => {
@@ -152,7 +152,7 @@ pub async fn run(client: &Client, cmd: JobsCmd) -> Result<()> {
                 .await
                 .map_err(|s| client.error(s, "cancelling the job"))?
                 .into_inner();
-            println!("job {} {}", output::short(&s.job_id), s.state);
+            outln!("job {} {}", output::short(&s.job_id), s.state);
             Ok(())
         }
         JobsCmd::Delete { job } => {
@@ -162,7 +162,7 @@ pub async fn run(client: &Client, cmd: JobsCmd) -> Result<()> {
                 .await
                 .map_err(|s| client.error(s, "deleting the job"))?
                 .into_inner();
-            println!(
+            outln!(
                 "deleted job {} and its {} runs",
                 output::short(&d.job_id),
                 d.runs
@@ -356,7 +356,7 @@ pub async fn watch(client: &Client, job: &str, show: bool) -> Result<JobSummary>
 
 fn print_detail(d: &JobDetail) {
     let s = d.summary.clone().unwrap_or_default();
-    println!(
+    outln!(
         "job {}  model {}  state {}  tasks {} ({} succeeded, {} failed, {} cancelled, {} pending, {} running)",
         s.job_id,
         s.model,
@@ -369,7 +369,7 @@ fn print_detail(d: &JobDetail) {
         s.tasks_running
     );
     if !s.trace_id.is_empty() {
-        println!(
+        outln!(
             "trace {} (in the coordinator's OTLP backend: Jaeger, Tempo, ...)",
             s.trace_id
         );
@@ -441,7 +441,7 @@ fn print_detail(d: &JobDetail) {
         }
         t.add_row(row);
     }
-    println!("{t}");
+    outln!("{t}");
     let generated: Vec<(&TaskInfo, &fleetbench_proto::v1::GenerationStats)> = d
         .tasks
         .iter()
@@ -470,8 +470,8 @@ fn print_detail(d: &JobDetail) {
             row.push(output::bytes(g.kv_bytes_per_token));
             t.add_row(row);
         }
-        println!("generated tokens (latencies per request; E2E is each request's whole latency)");
-        println!("{t}");
+        outln!("generated tokens (latencies per request; E2E is each request's whole latency)");
+        outln!("{t}");
     }
 }
 

@@ -135,7 +135,7 @@ pub async fn run(client: &Client, cmd: ModelsCmd) -> Result<()> {
             .await?;
             match output {
                 Format::Json => output::print_json(&v)?,
-                Format::Table => println!(
+                Format::Table => outln!(
                     "pushed {}/{} ({}{}, sha256 {}){}",
                     v.model,
                     v.variant,
@@ -165,7 +165,7 @@ pub async fn run(client: &Client, cmd: ModelsCmd) -> Result<()> {
             let v = optimize(client, &model, &recipe, from.as_deref(), name.as_deref()).await?;
             match output {
                 Format::Json => output::print_json(&v)?,
-                Format::Table => println!(
+                Format::Table => outln!(
                     "optimized {}/{} ({}, {} of {}): {}",
                     v.variant.model,
                     v.variant.variant,
@@ -194,7 +194,7 @@ pub async fn run(client: &Client, cmd: ModelsCmd) -> Result<()> {
                     "size_bytes": written.report.size_after,
                     "report": written.report,
                 }))?,
-                Format::Table => println!(
+                Format::Table => outln!(
                     "wrote {} ({}{}, from {}): {}",
                     output_file.display(),
                     output::bytes(written.report.size_after),
@@ -235,7 +235,7 @@ pub async fn run(client: &Client, cmd: ModelsCmd) -> Result<()> {
                 .into_inner();
             match output {
                 Format::Json => output::print_json(&d)?,
-                Format::Table => println!(
+                Format::Table => outln!(
                     "{} {} ({}); {} run(s){}, {} of blobs {}",
                     if dry_run { "would delete" } else { "deleted" },
                     d.variants.join(", "),
@@ -269,7 +269,7 @@ pub async fn run(client: &Client, cmd: ModelsCmd) -> Result<()> {
             match output {
                 Format::Json => output::print_json(&variants),
                 Format::Table => {
-                    println!("{}", variant_table(&variants));
+                    outln!("{}", variant_table(&variants));
                     Ok(())
                 }
             }

@@ -364,10 +364,10 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
         ..rank::RankArgs::for_model("digits")
     };
     let resp = rank::fetch(&client, &rank_args).await?;
-    println!("ranking of 'digits' by p99 latency (best first):");
-    println!("{}", rank::table(&resp));
+    outln!("ranking of 'digits' by p99 latency (best first):");
+    outln!("{}", rank::table(&resp));
     if let Some(note) = rank::tie_note(&resp) {
-        println!("{note}");
+        outln!("{note}");
     }
     // One answer: the cheapest row that keeps at least 95 % accuracy.
     let advice = super::recommend::RecommendArgs {
@@ -381,11 +381,11 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
         output: Format::Table,
     };
     match super::recommend::fetch(&client, &advice).await {
-        Ok(r) => println!(
+        Ok(r) => outln!(
             "recommendation (fleetbench recommend digits --min-accuracy 0.95):\n{}",
             r.reason
         ),
-        Err(e) => println!("recommendation: {e:#}"),
+        Err(e) => outln!("recommendation: {e:#}"),
     }
     if summary.state != "succeeded" {
         bail!(
@@ -442,8 +442,8 @@ pub async fn run(a: QuickstartArgs) -> Result<()> {
         },
     )
     .await?;
-    println!("ranking of 'tiny-llama' by output tokens per second (best first):");
-    println!("{}", rank::table(&resp));
+    outln!("ranking of 'tiny-llama' by output tokens per second (best first):");
+    outln!("{}", rank::table(&resp));
     if gen_summary.state != "succeeded" {
         bail!(
             "job {gen_job} ended {}; see `fleetbench jobs show {gen_job}` and the logs in {}",

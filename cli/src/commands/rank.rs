@@ -493,35 +493,36 @@ pub async fn run(client: &Client, a: RankArgs) -> Result<()> {
         }
         Format::Table => {
             if resp.rows.is_empty() {
-                println!(
+                outln!(
                     "no finished runs of '{}' match (see `fleetbench jobs list`)",
                     a.model
                 );
             } else {
-                println!(
+                outln!(
                     "ranking of '{}' by {} (best first)",
-                    a.model, resp.objective
+                    a.model,
+                    resp.objective
                 );
                 // With a client every row shows its network time, or that it has none.
                 if a.client.is_some() {
-                    println!("{}", network_table(&resp));
+                    outln!("{}", network_table(&resp));
                 } else {
-                    println!("{}", table(&resp));
+                    outln!("{}", table(&resp));
                 }
                 if let Some(note) = network_note(&resp, &a) {
-                    println!("{note}");
+                    outln!("{note}");
                 }
                 if let Some(note) = tie_note(&resp) {
-                    println!("{note}");
+                    outln!("{note}");
                 }
                 if let Some(note) = legacy_note(&resp) {
-                    println!("{note}");
+                    outln!("{note}");
                 }
                 for note in noisy_notes(&resp) {
-                    println!("{note}");
+                    outln!("{note}");
                 }
                 if a.history {
-                    println!("{}", history_tables(&resp));
+                    outln!("{}", history_tables(&resp));
                 }
             }
             Ok(())

@@ -248,8 +248,8 @@ pub async fn run(client: &Client, a: RecommendArgs) -> Result<()> {
     match a.output {
         Format::Json => output::print_json(&r),
         Format::Table => {
-            println!("{}", r.reason);
-            println!(
+            outln!("{}", r.reason);
+            outln!(
                 "Alternatives not worse on every count (p99, accuracy, cost), {} of {} rows meeting \
                  the constraints:",
                 r.pareto.len(),
@@ -284,7 +284,7 @@ pub async fn run(client: &Client, a: RecommendArgs) -> Result<()> {
                     ),
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
             Ok(())
         }
     }

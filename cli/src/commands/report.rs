@@ -237,7 +237,7 @@ pub async fn run(client: &Client, a: ReportArgs) -> Result<()> {
         ReportFormat::Json => serde_json::to_string_pretty(&report)?,
     };
     std::fs::write(&a.out, text).with_context(|| format!("writing {}", a.out.display()))?;
-    println!(
+    outln!(
         "wrote {} ({} section(s), {} run(s))",
         a.out.display(),
         report.sections.len(),
