@@ -378,9 +378,6 @@ impl ModelRunner for OrtRunner {
             return self.run_generate(task, &c, emit, cancel, started_at);
         }
         let mut sessions = self.open_sessions(task, &c)?;
-        // Huge pages only for generate tasks (decoding streams the weights per token); moving a
-        // small model's process made single-call latencies less repeatable in the tests.
-        let pages: Option<HugePages> = None;
         let timed = self.timed_phase(task, &c, &mut sessions, emit, cancel)?;
         // While the sessions hold the weights.
         let memory = MemoryState::now();
@@ -395,7 +392,9 @@ impl ModelRunner for OrtRunner {
         drop(sessions);
         // Step 4: the record, with the providers that actually ran the nodes.
         let used = self.providers_used(task, &c, &values)?;
-        let record = self.record(task, &c, &used, (&memory, pages.as_ref()), started_at);
+        // No huge pages here: only generate tasks move memory (decoding streams the weights per
+        // token); moving a small model's process made single-call latencies less repeatable.
+        let record = self.record(task, &c, &used, (&memory, None), started_at);
         let accuracy = quality
             .as_ref()
             .and_then(|q| q.classification.as_ref())
