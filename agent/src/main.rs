@@ -80,8 +80,9 @@ struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     network_probe_interval_s: Option<u64>,
-    /// Put ONNX Runtime's memory (the loaded weights) on transparent huge pages where the kernel has
-    /// them (default true). false: small pages, even where the kernel's mode is `always`.
+    /// Put ONNX Runtime's memory (the loaded weights) on transparent huge pages for generate tasks,
+    /// where the kernel has them (default true). false: small pages for the whole agent, even where
+    /// the kernel's mode is `always`.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     huge_pages: Option<bool>,
