@@ -217,6 +217,9 @@ struct Session {
     platform_id: String,
     host_id: String,
     busy_run: Option<String>,
+    /// The agent said it is stopping (it handed its run back): it hangs up once acknowledged and is
+    /// offered nothing more on this session.
+    leaving: bool,
 }
 
 /// An idle session, as the scheduler sees it.
@@ -266,6 +269,7 @@ impl Registry {
             platform_id: platform_id.to_string(),
             host_id: host_id.to_string(),
             busy_run,
+            leaving: false,
         };
         self.sessions
             .lock()
@@ -295,6 +299,24 @@ impl Registry {
             && s.busy_run.as_deref() == Some(run_id)
         {
             s.busy_run = None;
+        }
+    }
+
+    /// Marks an agent's session as leaving: its operator stopped it, it handed `run_id` back and
+    /// hangs up once acknowledged. The session is never idle again, so the task it handed back
+    /// (or any other) is not offered to it in the moment before it goes; a new session of the
+    /// agent starts afresh.
+    pub fn leaving(&self, agent_id: &str, run_id: &str) {
+        if let Some(s) = self
+            .sessions
+            .lock()
+            .expect("registry lock")
+            .get_mut(agent_id)
+        {
+            s.leaving = true;
+            if s.busy_run.as_deref() == Some(run_id) {
+                s.busy_run = None;
+            }
         }
     }
 
@@ -346,7 +368,7 @@ impl Registry {
         let sessions = self.sessions.lock().expect("registry lock");
         let mut idle: Vec<IdleSession> = sessions
             .iter()
-            .filter(|(_, s)| s.busy_run.is_none() && !s.link.is_closed())
+            .filter(|(_, s)| s.busy_run.is_none() && !s.leaving && !s.link.is_closed())
             .map(|(k, s)| IdleSession {
                 agent_id: k.clone(),
                 session_id: s.id,
@@ -367,7 +389,7 @@ impl Registry {
             .expect("registry lock")
             .get_mut(agent_id)
         {
-            Some(s) if s.id == session_id && s.busy_run.is_none() => {
+            Some(s) if s.id == session_id && s.busy_run.is_none() && !s.leaving => {
                 s.busy_run = Some(run_id.to_string());
                 true
             }

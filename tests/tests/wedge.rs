@@ -301,6 +301,71 @@ mod protocol {
         assert_ne!(t.attempt, 0);
         let _ = first;
     }
+
+    /// CI, stop 26: between acknowledging a run handed back by a stopping agent and that agent
+    /// hanging up, the coordinator marked the session idle and offered it the very task it had just
+    /// put back; the agent, stopping, never ran it, and the task sat "running" until its lease
+    /// expired. This fake agent hands its run back and stays connected, which widens that moment
+    /// to the whole test.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_session_that_handed_its_run_back_while_stopping_is_offered_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let coord = TestCoordinator::sqlite(dir.path(), |c| c.lease_timeout_ms = 120_000).await;
+        let client = coord.client().await;
+        let shared = [("pool", "shared")];
+        let mut leaving =
+            FakeAgent::connect(&coord.url, &coord.tokens.join, "leaving", &shared).await;
+        wait_online(&client, 1).await;
+        push_digits(&client).await;
+        let job = JobArgs {
+            selector: vec!["pool=shared".into()],
+            ..digits(100)
+        };
+        let id = jobs::submit(&client, &job).await.unwrap();
+        let task = leaving.assignment().await;
+        leaving
+            .send(Out::Result(RunResult {
+                run_id: task.run_id.clone(),
+                cancelled: true,
+                agent_stopping: true,
+                report: Some(Default::default()),
+                ..Default::default()
+            }))
+            .await;
+        loop {
+            match leaving.next(Duration::from_secs(20)).await {
+                Some(In::ResultAck(a)) if a.run_id == task.run_id => {
+                    assert!(!a.discarded, "{a:?}");
+                    break;
+                }
+                Some(In::Assignment(a)) => {
+                    panic!("offered {a:?} before its hand-back was acknowledged")
+                }
+                Some(_) => {}
+                None => panic!("the hand-back was not acknowledged"),
+            }
+        }
+        // A peer on the same pool joins: the task is its, and the leaving session, still open,
+        // gets nothing meanwhile.
+        let mut peer = FakeAgent::connect(&coord.url, &coord.tokens.join, "peer", &shared).await;
+        let again = loop {
+            tokio::select! {
+                a = peer.assignment() => break a,
+                m = leaving.next(Duration::from_secs(30)) => match m {
+                    Some(In::Assignment(a)) => panic!(
+                        "the stopping agent was offered {} (attempt {}) after handing it back",
+                        a.task_id, a.attempt
+                    ),
+                    Some(_) => {}
+                    None => panic!("the leaving session ended or went quiet before the peer got the task"),
+                },
+            }
+        };
+        assert_eq!(again.task_id, task.task_id);
+        let t = &job_detail(&client, &id).await.tasks[0];
+        assert_eq!((t.state.as_str(), t.attempt), ("running", 1), "{t:?}");
+        assert_eq!(t.agent, "peer", "{t:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
