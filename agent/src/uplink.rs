@@ -645,58 +645,105 @@ async fn session(
     }
 }
 
-/// On SIGTERM: cancels the run in progress, waits (a bounded time) for the runner to stop and for the
-/// coordinator to acknowledge the result, marked `agent_stopping`, so the task is re-queued at once
-/// instead of after a lease timeout.
+/// On SIGTERM: tells the coordinator the agent is leaving, so that its session is offered nothing
+/// more, and hands back what it holds, so each task goes back to the queue at once instead of after
+/// a lease timeout, its attempt not counted. A run in progress is cancelled and its result sent marked
+/// `agent_stopping`; an agent without one (idle, or its last result not yet acknowledged) sends a
+/// result for no run so marked. A task offered before the coordinator took note is handed back the
+/// same way. Waits a bounded time for the acknowledgements.
 async fn stop_gracefully(
     state: &mut State,
     out_tx: &mpsc::Sender<AgentMessage>,
     inbound: &mut tonic::Streaming<fleetbench_proto::v1::CoordinatorMessage>,
 ) {
-    let Some(current) = &state.current else {
-        return;
-    };
-    let run_id = current.run_id.clone();
-    info!(run = %run_id, "Stopping: cancelling the run and telling the coordinator.");
-    current.cancel.store(true, Ordering::Relaxed);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let result = loop {
-        tokio::select! {
-            ev = state.events_rx.recv() => match ev {
-                Some(RunnerEvent::Finished(r)) if r.run_id == run_id => break Some(r),
-                Some(ev) => { state.absorb(ev); }
-                None => break None,
-            },
-            _ = tokio::time::sleep_until(deadline) => break None,
-        }
-    };
-    let Some(mut result) = result else {
-        warn!(run = %run_id, "The runner did not stop within 10 s; the lease will expire instead.");
-        return;
-    };
-    result.agent_stopping = true;
-    if out_tx
-        .send(message(agent_message::Body::Result(result)))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        tokio::select! {
-            m = inbound.message() => match m {
-                Ok(Some(fleetbench_proto::v1::CoordinatorMessage {
-                    body: Some(coordinator_message::Body::ResultAck(ack)),
-                })) if ack.run_id == run_id => {
-                    info!(run = %run_id, "The coordinator put the task back in the queue.");
-                    state.current = None;
+    // The results whose acknowledgement the agent waits for, by run id ("": the leaving notice).
+    let mut waiting = std::collections::BTreeSet::new();
+    let running = state
+        .current
+        .as_ref()
+        .filter(|c| state.result.as_ref().is_none_or(|r| r.run_id != c.run_id))
+        .map(|c| (c.run_id.clone(), c.cancel.clone()));
+    let mut handed_back = false;
+    if let Some((run_id, cancel)) = running {
+        info!(run = %run_id, "Stopping: cancelling the run and telling the coordinator.");
+        cancel.store(true, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let result = loop {
+            tokio::select! {
+                ev = state.events_rx.recv() => match ev {
+                    Some(RunnerEvent::Finished(r)) if r.run_id == run_id => break Some(r),
+                    Some(ev) => { state.absorb(ev); }
+                    None => break None,
+                },
+                _ = tokio::time::sleep_until(deadline) => break None,
+            }
+        };
+        match result {
+            Some(mut result) => {
+                result.agent_stopping = true;
+                if out_tx
+                    .send(message(agent_message::Body::Result(result)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
-                Ok(Some(_)) => {}
+                waiting.insert(run_id);
+                handed_back = true;
+            }
+            None => {
+                warn!(run = %run_id, "The runner did not stop within 10 s; the lease will expire instead.")
+            }
+        }
+    } else if let Some(r) = &state.result {
+        // Finished; its result is on its way: its acknowledgement ends the run here.
+        waiting.insert(r.run_id.clone());
+    }
+    if !handed_back {
+        let notice = RunResult {
+            agent_stopping: true,
+            ..Default::default()
+        };
+        if out_tx
+            .send(message(agent_message::Body::Result(notice)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        waiting.insert(String::new());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !waiting.is_empty() {
+        tokio::select! {
+            m = inbound.message() => match m {
+                Ok(Some(m)) => match m.body {
+                    Some(coordinator_message::Body::ResultAck(ack)) if waiting.remove(&ack.run_id) => {
+                        let ours = state.current.as_ref().is_some_and(|c| c.run_id == ack.run_id);
+                        if ours && handed_back {
+                            info!(run = %ack.run_id, "The coordinator put the task back in the queue.");
+                        }
+                        if ours {
+                            state.current = None;
+                            state.result = None;
+                        }
+                    }
+                    Some(coordinator_message::Body::Assignment(a)) => {
+                        info!(run = %a.run_id, task = %a.task_id, "Offered a task while stopping; handing it back.");
+                        let back = RunResult { run_id: a.run_id.clone(), cancelled: true, agent_stopping: true, ..Default::default() };
+                        if out_tx.send(message(agent_message::Body::Result(back))).await.is_err() {
+                            return;
+                        }
+                        waiting.insert(a.run_id);
+                    }
+                    _ => {}
+                },
                 _ => return,
             },
-            _ = tokio::time::sleep_until(deadline) => return,
+            _ = tokio::time::sleep_until(deadline) => {
+                warn!(waiting = ?waiting, "The coordinator did not acknowledge within 5 s; leases expire instead.");
+                return;
+            }
         }
     }
 }

@@ -184,13 +184,6 @@ impl Context {
         self.registry.run_ended(agent_id, run_id);
         self.kick();
     }
-
-    /// An agent handed `run_id` back because it is stopping: its session is offered nothing more,
-    /// and the scheduler looks for another agent for the task.
-    pub fn agent_leaving(&self, agent_id: &str, run_id: &str) {
-        self.registry.leaving(agent_id, run_id);
-        self.kick();
-    }
 }
 
 #[cfg(test)]

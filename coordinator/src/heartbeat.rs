@@ -21,9 +21,24 @@ pub struct HeartbeatItem {
     pub record: HeartbeatRecord,
     /// Where to send a cancellation when its run is no longer active.
     pub reply: AgentLink,
-    /// Not a heartbeat: the session ended. The agent is marked disconnected here, after every
-    /// heartbeat its session queued before, so that none of them marks it connected again.
-    pub closed: bool,
+    /// A heartbeat, or a change of the session's state.
+    pub kind: Kind,
+}
+
+/// What a [`HeartbeatItem`] carries. The two that are not heartbeats mark the agent disconnected
+/// here, after every heartbeat its session queued before, so that none of them marks it connected
+/// again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A heartbeat.
+    Beat,
+    /// The session ended.
+    Closed,
+    /// The agent said it is stopping (see [`crate::registry::Registry::leaving`]): it hangs up once
+    /// its results are acknowledged. Marked disconnected at once, a task expanded for it (which waits
+    /// for its agent while that agent is connected) goes to a peer of its platform without waiting
+    /// for the hang-up.
+    Leaving,
 }
 
 /// Sender side of the heartbeat batcher.
@@ -33,15 +48,21 @@ pub type HeartbeatHandle = mpsc::Sender<HeartbeatItem>;
 /// no longer theirs (cancelled jobs, expired leases).
 pub async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<HeartbeatItem>) {
     while let Some(batch) = next_batch(&mut rx, 4096, Duration::from_millis(50)).await {
-        let (closed, beats): (Vec<HeartbeatItem>, Vec<HeartbeatItem>) =
-            batch.into_iter().partition(|b| b.closed);
+        let (marks, beats): (Vec<HeartbeatItem>, Vec<HeartbeatItem>) =
+            batch.into_iter().partition(|b| b.kind != Kind::Beat);
         if !beats.is_empty() {
             record(&ctx, &beats).await;
         }
-        for item in closed {
+        for item in marks {
             // A new session of the same agent may have opened here meanwhile: it stays connected.
-            if !ctx.registry.is_attached(&item.record.agent_id) {
-                mark_disconnected(&ctx, &item.record.agent_id).await;
+            let agent = &item.record.agent_id;
+            let gone = match item.kind {
+                Kind::Closed => !ctx.registry.is_attached(agent),
+                Kind::Leaving => ctx.registry.is_leaving(agent, &item.reply),
+                Kind::Beat => false,
+            };
+            if gone {
+                mark_disconnected(&ctx, agent).await;
             }
         }
     }

@@ -363,16 +363,16 @@ async fn finish_and_ack(
     reply
         .deliver(registry::result_ack(&result.run_id, discarded, reason))
         .await;
-    if result.agent_stopping {
-        ctx.agent_leaving(agent_id, &result.run_id);
-    } else {
-        ctx.run_ended(agent_id, &result.run_id);
-    }
+    ctx.run_ended(agent_id, &result.run_id);
 }
 
 /// Summarises and stores a finished run; returns why the result was refused, or None when it was
 /// taken.
 async fn finish(ctx: &Context, result: &RunResult, agent_id: &str) -> Result<Option<String>> {
+    if result.agent_stopping && result.run_id.is_empty() {
+        // An idle agent saying it is stopping (the session already took note): nothing to store.
+        return Ok(None);
+    }
     let Some(run) = ctx.store.run_context(&result.run_id).await? else {
         return Ok(Some(format!("unknown run {}", result.run_id)));
     };
@@ -403,12 +403,6 @@ async fn finish(ctx: &Context, result: &RunResult, agent_id: &str) -> Result<Opt
                 true,
             )
             .await?;
-        // It hangs up once acknowledged. Until the session closes, the agent still shows connected,
-        // and a task expanded for a connected agent waits for it; marked disconnected now, a peer of
-        // its platform may take the task at once. (See `Registry::leaving` for the session.)
-        if let Err(e) = ctx.store.set_connected(agent_id, false, now_ms()).await {
-            warn!(agent = %run.agent_name, error = %e, "Could not mark the stopping agent disconnected; its task waits until it hangs up.");
-        }
         ctx.jobs_changed([run.job_id.as_str()]);
         info!(run = %result.run_id, agent = %run.agent_name, "The agent stopped mid-run; its task is back in the queue.");
         return Ok(None);

@@ -302,22 +302,33 @@ impl Registry {
         }
     }
 
-    /// Marks an agent's session as leaving: its operator stopped it, it handed `run_id` back and
-    /// hangs up once acknowledged. The session is never idle again, so the task it handed back
-    /// (or any other) is not offered to it in the moment before it goes; a new session of the
-    /// agent starts afresh.
-    pub fn leaving(&self, agent_id: &str, run_id: &str) {
-        if let Some(s) = self
+    /// Marks the agent's session on `link` as leaving: its operator stopped the agent, which says so
+    /// with its last result (or with a result for no run when it was idle) and hangs up once that is
+    /// acknowledged. A leaving session is never idle again, so nothing (the task it hands back
+    /// included) is offered to it in the moment before it goes; a new session of the agent starts
+    /// afresh. False when `link` is no longer the agent's session here.
+    pub fn leaving(&self, agent_id: &str, link: &AgentLink) -> bool {
+        match self
             .sessions
             .lock()
             .expect("registry lock")
             .get_mut(agent_id)
         {
-            s.leaving = true;
-            if s.busy_run.as_deref() == Some(run_id) {
-                s.busy_run = None;
+            Some(s) if s.link.same(link) => {
+                s.leaving = true;
+                true
             }
+            _ => false,
         }
+    }
+
+    /// Whether the agent's session on `link` is its current one here and leaving.
+    pub fn is_leaving(&self, agent_id: &str, link: &AgentLink) -> bool {
+        self.sessions
+            .lock()
+            .expect("registry lock")
+            .get(agent_id)
+            .is_some_and(|s| s.leaving && s.link.same(link))
     }
 
     /// Sends a message to an agent connected here, if there is room; false when it is not connected

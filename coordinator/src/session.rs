@@ -16,7 +16,7 @@ use crate::auth;
 use crate::context::{Context, stopped};
 use crate::domain::{RunResult, Window};
 use crate::error::{Error, Result};
-use crate::heartbeat::{self, HeartbeatHandle, HeartbeatItem};
+use crate::heartbeat::{self, HeartbeatHandle, HeartbeatItem, Kind};
 use crate::ingest::{IngestHandle, IngestItem, check_window};
 use crate::registry::{self, Ack, AgentLink};
 use crate::store::{AgentRecord, HeartbeatRecord};
@@ -35,6 +35,8 @@ pub struct Opened {
     agent: AgentRecord,
     session_id: u64,
     link: AgentLink,
+    /// The agent said it is stopping; its heartbeats are no longer recorded.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 /// Opens a session for the agent named in `hello`, with `link` as its outbound half. An unknown agent
@@ -91,15 +93,19 @@ pub async fn open(ctx: &Context, hello: SessionHello, link: AgentLink) -> Result
         agent,
         session_id,
         link,
+        leaving: Default::default(),
     })
 }
 
-/// A result as the domain takes it; a malformed report becomes the run's failure reason.
+/// A result as the domain takes it; a malformed report becomes the run's failure reason (a stopping
+/// agent's still hands the task back).
 fn result(r: fleetbench_proto::v1::RunResult) -> RunResult {
-    let (run_id, window_count) = (r.run_id.clone(), r.window_count);
+    let (run_id, window_count, agent_stopping) =
+        (r.run_id.clone(), r.window_count, r.agent_stopping);
     RunResult::try_from(r).unwrap_or_else(|e| RunResult {
         run_id,
         window_count,
+        agent_stopping,
         error: format!("the agent sent a malformed result: {e}"),
         ..Default::default()
     })
@@ -155,6 +161,7 @@ async fn window(
 /// Routes one inbound message; false when the coordinator is shutting down.
 async fn route(ctx: &Context, queues: &Queues, s: &Opened, message: AgentMessage) -> bool {
     match message.body {
+        Some(In::Heartbeat(_)) if s.leaving.load(Ordering::Relaxed) => true,
         Some(In::Heartbeat(hb)) => {
             let item = HeartbeatItem {
                 record: HeartbeatRecord {
@@ -162,7 +169,7 @@ async fn route(ctx: &Context, queues: &Queues, s: &Opened, message: AgentMessage
                     run_id: (!hb.current_run_id.is_empty()).then_some(hb.current_run_id),
                 },
                 reply: s.link.clone(),
-                closed: false,
+                kind: Kind::Beat,
             };
             // Liveness is idempotent: when the batcher is backed up (a slow database), drop the
             // heartbeat rather than stall the session.
@@ -180,20 +187,47 @@ async fn route(ctx: &Context, queues: &Queues, s: &Opened, message: AgentMessage
             true
         }
         Some(In::Window(w)) => window(ctx, queues, s, w).await,
-        Some(In::Result(r)) => queues
-            .ingest
-            .send(IngestItem::Result {
-                result: Box::new(result(r)),
-                agent_id: s.agent.id.clone(),
-                reply: s.link.clone(),
-            })
-            .await
-            .is_ok(),
+        Some(In::Result(r)) => {
+            let result = result(r);
+            if result.agent_stopping && !s.leaving.swap(true, Ordering::Relaxed) {
+                leaving(ctx, queues, s).await;
+            }
+            queues
+                .ingest
+                .send(IngestItem::Result {
+                    result: Box::new(result),
+                    agent_id: s.agent.id.clone(),
+                    reply: s.link.clone(),
+                })
+                .await
+                .is_ok()
+        }
         Some(In::Network(report)) => {
             network(ctx, s, report).await;
             true
         }
         Some(In::Hello(_)) | None => true,
+    }
+}
+
+/// The agent said it is stopping: its session is offered nothing more from now on (the scheduler
+/// may otherwise lease it the very task it is handing back, in the moment between the
+/// acknowledgement and its hang-up), and it is marked disconnected behind the heartbeats it queued.
+async fn leaving(ctx: &Context, queues: &Queues, s: &Opened) {
+    if !ctx.registry.leaving(&s.agent.id, &s.link) {
+        return;
+    }
+    info!(agent = %s.agent.name, "The agent is stopping; its session is offered no more tasks.");
+    let mark = HeartbeatItem {
+        record: HeartbeatRecord {
+            agent_id: s.agent.id.clone(),
+            run_id: None,
+        },
+        reply: s.link.clone(),
+        kind: Kind::Leaving,
+    };
+    if queues.heartbeats.send(mark).await.is_err() {
+        heartbeat::mark_disconnected(ctx, &s.agent.id).await;
     }
 }
 
@@ -297,7 +331,7 @@ pub async fn serve(
                 run_id: None,
             },
             reply: session.link.clone(),
-            closed: true,
+            kind: Kind::Closed,
         };
         if queues.heartbeats.send(closed).await.is_err() {
             heartbeat::mark_disconnected(&ctx, &session.agent.id).await;

@@ -323,6 +323,14 @@ mod protocol {
         };
         let id = jobs::submit(&client, &job).await.unwrap();
         let task = leaving.assignment().await;
+        // A heartbeat just before the hand-back and one after it: neither may mark the agent
+        // connected again (a task expanded for a connected agent waits for it).
+        let beat = || {
+            Out::Heartbeat(fleetbench_proto::v1::Heartbeat {
+                current_run_id: task.run_id.clone(),
+            })
+        };
+        leaving.send(beat()).await;
         leaving
             .send(Out::Result(RunResult {
                 run_id: task.run_id.clone(),
@@ -332,6 +340,7 @@ mod protocol {
                 ..Default::default()
             }))
             .await;
+        leaving.send(beat()).await;
         loop {
             match leaving.next(Duration::from_secs(20)).await {
                 Some(In::ResultAck(a)) if a.run_id == task.run_id => {
@@ -365,6 +374,60 @@ mod protocol {
         let t = &job_detail(&client, &id).await.tasks[0];
         assert_eq!((t.state.as_str(), t.attempt), ("running", 1), "{t:?}");
         assert_eq!(t.agent, "peer", "{t:?}");
+    }
+
+    /// An idle agent that is stopping says so with a result for no run: acknowledged, it shows
+    /// offline at once, and a job submitted before it hangs up is neither expanded for it nor offered
+    /// to it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_idle_agent_that_says_it_is_stopping_is_offered_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let coord = TestCoordinator::sqlite(dir.path(), |c| c.lease_timeout_ms = 120_000).await;
+        let client = coord.client().await;
+        let shared = [("pool", "shared")];
+        let mut leaving =
+            FakeAgent::connect(&coord.url, &coord.tokens.join, "leaving", &shared).await;
+        let mut peer = FakeAgent::connect(&coord.url, &coord.tokens.join, "peer", &shared).await;
+        wait_online(&client, 2).await;
+        push_digits(&client).await;
+        leaving
+            .send(Out::Result(RunResult {
+                agent_stopping: true,
+                ..Default::default()
+            }))
+            .await;
+        match leaving.next(Duration::from_secs(20)).await {
+            Some(In::ResultAck(a)) => {
+                assert!(a.run_id.is_empty() && !a.discarded, "{a:?}")
+            }
+            other => panic!("the stopping notice was not acknowledged: {other:?}"),
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let agents = list_agents(&client).await;
+            let shown = agents.iter().find(|a| a.name == "leaving").expect("listed");
+            if !shown.online {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stopping agent still shows online: {shown:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let job = JobArgs {
+            selector: vec!["pool=shared".into()],
+            ..digits(100)
+        };
+        let id = jobs::submit(&client, &job).await.unwrap();
+        let offered = tokio::select! {
+            a = peer.assignment() => a,
+            m = leaving.next(Duration::from_secs(30)) => panic!("the stopping agent got {m:?}"),
+        };
+        let tasks = job_detail(&client, &id).await.tasks;
+        assert_eq!(tasks.len(), 1, "expanded for the peer alone: {tasks:?}");
+        assert_eq!(tasks[0].task_id, offered.task_id);
+        assert_eq!(tasks[0].agent, "peer", "{tasks:?}");
     }
 }
 
