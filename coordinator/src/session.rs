@@ -218,13 +218,20 @@ async fn leaving(ctx: &Context, queues: &Queues, s: &Opened) {
         return;
     }
     info!(agent = %s.agent.name, "The agent is stopping; its session is offered no more tasks.");
+    mark(ctx, queues, s, Kind::Leaving).await;
+}
+
+/// Marks the session's agent disconnected through the heartbeat batcher, behind the heartbeats this
+/// session queued: one flushed after a direct write would mark the agent connected again, and jobs
+/// would be expanded for it.
+async fn mark(ctx: &Context, queues: &Queues, s: &Opened, kind: Kind) {
     let mark = HeartbeatItem {
         record: HeartbeatRecord {
             agent_id: s.agent.id.clone(),
             run_id: None,
         },
         reply: s.link.clone(),
-        kind: Kind::Leaving,
+        kind,
     };
     if queues.heartbeats.send(mark).await.is_err() {
         heartbeat::mark_disconnected(ctx, &s.agent.id).await;
@@ -323,18 +330,6 @@ pub async fn serve(
     }
     if ctx.registry.detach(&session.agent.id, session.session_id) {
         info!(agent = %session.agent.name, "Agent session closed.");
-        // Through the heartbeat batcher, behind the heartbeats this session queued: one flushed after
-        // a direct write would mark the agent connected again, and jobs would be expanded for it.
-        let closed = HeartbeatItem {
-            record: HeartbeatRecord {
-                agent_id: session.agent.id.clone(),
-                run_id: None,
-            },
-            reply: session.link.clone(),
-            kind: Kind::Closed,
-        };
-        if queues.heartbeats.send(closed).await.is_err() {
-            heartbeat::mark_disconnected(&ctx, &session.agent.id).await;
-        }
+        mark(&ctx, &queues, &session, Kind::Closed).await;
     }
 }

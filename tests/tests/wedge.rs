@@ -302,6 +302,24 @@ mod protocol {
         let _ = first;
     }
 
+    /// A coordinator whose leases outlast the test, with the digits model and a fake agent "leaving"
+    /// in pool=shared.
+    async fn leaving_agent(
+        dir: &std::path::Path,
+    ) -> (TestCoordinator, fleetbench_cli::client::Client, FakeAgent) {
+        let coord = TestCoordinator::sqlite(dir, |c| c.lease_timeout_ms = 120_000).await;
+        let client = coord.client().await;
+        push_digits(&client).await;
+        let leaving = FakeAgent::connect(
+            &coord.url,
+            &coord.tokens.join,
+            "leaving",
+            &[("pool", "shared")],
+        )
+        .await;
+        (coord, client, leaving)
+    }
+
     /// CI, stop 26: between acknowledging a run handed back by a stopping agent and that agent
     /// hanging up, the coordinator marked the session idle and offered it the very task it had just
     /// put back; the agent, stopping, never ran it, and the task sat "running" until its lease
@@ -310,13 +328,9 @@ mod protocol {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_session_that_handed_its_run_back_while_stopping_is_offered_nothing_more() {
         let dir = tempfile::tempdir().unwrap();
-        let coord = TestCoordinator::sqlite(dir.path(), |c| c.lease_timeout_ms = 120_000).await;
-        let client = coord.client().await;
+        let (coord, client, mut leaving) = leaving_agent(dir.path()).await;
         let shared = [("pool", "shared")];
-        let mut leaving =
-            FakeAgent::connect(&coord.url, &coord.tokens.join, "leaving", &shared).await;
         wait_online(&client, 1).await;
-        push_digits(&client).await;
         let job = JobArgs {
             selector: vec!["pool=shared".into()],
             ..digits(100)
@@ -382,14 +396,10 @@ mod protocol {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn an_idle_agent_that_says_it_is_stopping_is_offered_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let coord = TestCoordinator::sqlite(dir.path(), |c| c.lease_timeout_ms = 120_000).await;
-        let client = coord.client().await;
+        let (coord, client, mut leaving) = leaving_agent(dir.path()).await;
         let shared = [("pool", "shared")];
-        let mut leaving =
-            FakeAgent::connect(&coord.url, &coord.tokens.join, "leaving", &shared).await;
         let mut peer = FakeAgent::connect(&coord.url, &coord.tokens.join, "peer", &shared).await;
         wait_online(&client, 2).await;
-        push_digits(&client).await;
         leaving
             .send(Out::Result(RunResult {
                 agent_stopping: true,
