@@ -648,9 +648,10 @@ async fn session(
 /// On SIGTERM: tells the coordinator the agent is leaving, so that its session is offered nothing
 /// more, and hands back what it holds, so each task goes back to the queue at once instead of after
 /// a lease timeout, its attempt not counted. A run in progress is cancelled and its result sent marked
-/// `agent_stopping`; an agent without one (idle, or its last result not yet acknowledged) sends a
-/// result for no run so marked. A task offered before the coordinator took note is handed back the
-/// same way. Waits a bounded time for the acknowledgements.
+/// `agent_stopping` (or without its result when the runner does not stop within 10 s; a run that
+/// completed meanwhile is sent as it is); an agent that hands nothing back (idle, or its last result
+/// not yet acknowledged) sends a result for no run so marked. A task offered before the coordinator
+/// took note is handed back the same way. Waits 5 s at most for the acknowledgements.
 async fn stop_gracefully(
     state: &mut State,
     out_tx: &mpsc::Sender<AgentMessage>,
@@ -678,23 +679,40 @@ async fn stop_gracefully(
                 _ = tokio::time::sleep_until(deadline) => break None,
             }
         };
-        match result {
-            Some(mut result) => {
-                result.agent_stopping = true;
-                if out_tx
-                    .send(message(agent_message::Body::Result(result)))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                waiting.insert(run_id);
+        let result = match result {
+            // It completed before it saw the cancellation: a result like any other.
+            Some(result)
+                if result.report.is_some() && result.error.is_empty() && !result.cancelled =>
+            {
+                info!(run = %run_id, "The run completed as the agent stopped; sending its result.");
+                result
+            }
+            Some(result) => {
                 handed_back = true;
+                RunResult {
+                    agent_stopping: true,
+                    ..result
+                }
             }
             None => {
-                warn!(run = %run_id, "The runner did not stop within 10 s; the lease will expire instead.")
+                warn!(run = %run_id, "The runner did not stop within 10 s; handing the task back without its result.");
+                handed_back = true;
+                RunResult {
+                    run_id: run_id.clone(),
+                    cancelled: true,
+                    agent_stopping: true,
+                    ..Default::default()
+                }
             }
+        };
+        if out_tx
+            .send(message(agent_message::Body::Result(result)))
+            .await
+            .is_err()
+        {
+            return;
         }
+        waiting.insert(run_id);
     } else if let Some(r) = &state.result {
         // Finished; its result is on its way: its acknowledgement ends the run here.
         waiting.insert(r.run_id.clone());

@@ -392,8 +392,17 @@ impl Registry {
         idle
     }
 
-    /// Marks a session busy with `run_id` if it is still the agent's current, idle session.
-    pub fn set_busy(&self, agent_id: &str, session_id: u64, run_id: &str) -> bool {
+    /// Sends `assignment` of `run_id` to the agent's session and marks it busy, if that is still the
+    /// agent's current, idle session and it is not leaving. One hold of the lock: a session marked
+    /// leaving meanwhile gets nothing, and one marked after has the assignment queued ahead of the
+    /// acknowledgement that lets its agent go, so the agent reads it and hands it back.
+    pub fn assign(
+        &self,
+        agent_id: &str,
+        session_id: u64,
+        run_id: &str,
+        assignment: CoordinatorMessage,
+    ) -> bool {
         match self
             .sessions
             .lock()
@@ -401,8 +410,11 @@ impl Registry {
             .get_mut(agent_id)
         {
             Some(s) if s.id == session_id && s.busy_run.is_none() && !s.leaving => {
-                s.busy_run = Some(run_id.to_string());
-                true
+                let sent = s.link.try_send(assignment);
+                if sent {
+                    s.busy_run = Some(run_id.to_string());
+                }
+                sent
             }
             _ => false,
         }
@@ -413,6 +425,42 @@ impl Registry {
 mod tests {
     use super::*;
     use futures::StreamExt;
+
+    #[tokio::test]
+    async fn a_leaving_session_is_not_idle_and_is_assigned_nothing() {
+        let registry = Registry::default();
+        let (link, rx) = AgentLink::new();
+        let mut stream = Box::pin(rx.into_stream());
+        let session = registry.attach("a", link.clone(), "p", "h", None);
+        assert_eq!(registry.idle().len(), 1);
+        // A link that is not the agent's session marks nothing.
+        let (other, _rx) = AgentLink::new();
+        assert!(!registry.leaving("a", &other));
+        assert!(registry.leaving("a", &link));
+        assert!(registry.is_leaving("a", &link));
+        assert!(registry.idle().is_empty(), "a leaving session is not idle");
+        assert!(!registry.assign("a", session, "r1", cancel("x", "offer")));
+        // A new session of the agent starts afresh.
+        let (fresh, fresh_rx) = AgentLink::new();
+        let mut fresh_stream = Box::pin(fresh_rx.into_stream());
+        let again = registry.attach("a", fresh.clone(), "p", "h", None);
+        assert!(!registry.is_leaving("a", &fresh));
+        assert!(
+            !registry.is_leaving("a", &link),
+            "the old link is no longer the session"
+        );
+        assert!(registry.assign("a", again, "r2", cancel("y", "offer")));
+        assert!(registry.idle().is_empty(), "busy with r2");
+        assert!(
+            fresh_stream.next().await.is_some(),
+            "the assignment was queued"
+        );
+        drop(link);
+        assert!(
+            stream.next().await.is_none(),
+            "nothing was queued for the leaving session"
+        );
+    }
 
     #[tokio::test]
     async fn an_ack_waits_for_room_and_a_stuck_session_is_closed_not_skipped() {

@@ -142,12 +142,12 @@ async fn assign(ctx: &Context, session: &IdleSession, lease: &Lease, now: i64) -
         .and_then(|v| lineage_root(&variants, v))
         .map(|r| r.artifact_sha256.clone())
         .unwrap_or_default();
-    let delivered = ctx
-        .registry
-        .set_busy(&session.agent_id, session.session_id, &lease.run_id)
-        && session
-            .link
-            .try_send(registry::assignment(lease, variant, &base_sha256));
+    let delivered = ctx.registry.assign(
+        &session.agent_id,
+        session.session_id,
+        &lease.run_id,
+        registry::assignment(lease, variant, &base_sha256),
+    );
     if !delivered {
         // The session went away between the snapshot and the lease: give the task back now.
         ctx.store

@@ -111,6 +111,23 @@ async fn a_coordinator_refuses_an_agent_of_another_protocol_naming_both_versions
     coord.stop().await;
 }
 
+/// What a fake coordinator's session sends.
+type Outbound =
+    Pin<Box<dyn futures::Stream<Item = Result<CoordinatorMessage, Status>> + Send + 'static>>;
+
+/// A fake coordinator's answer to Register: agent "aa…a" of protocol `version`, heartbeats every
+/// 50 ms.
+fn registered(version: u32) -> RegisterResponse {
+    RegisterResponse {
+        agent_id: "a".repeat(32),
+        platform_id: "p".into(),
+        platform_name: "p".into(),
+        heartbeat_interval_ms: 50,
+        protocol_version: version,
+        ..Default::default()
+    }
+}
+
 /// A coordinator that answers Register with an old protocol version and counts sessions.
 struct OldCoordinator {
     sessions: Arc<AtomicU32>,
@@ -132,8 +149,7 @@ impl AgentService for OldCoordinator {
         }))
     }
 
-    type SessionStream =
-        Pin<Box<dyn futures::Stream<Item = Result<CoordinatorMessage, Status>> + Send + 'static>>;
+    type SessionStream = Outbound;
 
     async fn session(
         &self,
@@ -162,18 +178,10 @@ impl AgentService for Versioned {
         &self,
         _: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        Ok(Response::new(RegisterResponse {
-            agent_id: "a".repeat(32),
-            platform_id: "p".into(),
-            platform_name: "p".into(),
-            heartbeat_interval_ms: 50,
-            protocol_version: self.version,
-            ..Default::default()
-        }))
+        Ok(Response::new(registered(self.version)))
     }
 
-    type SessionStream =
-        Pin<Box<dyn futures::Stream<Item = Result<CoordinatorMessage, Status>> + Send + 'static>>;
+    type SessionStream = Outbound;
 
     async fn session(
         &self,
@@ -307,4 +315,120 @@ async fn an_agent_refuses_an_older_coordinator_and_its_log_names_both_versions()
         0,
         "the agent opened a session with a coordinator it cannot work with"
     );
+}
+
+/// A coordinator that, when an agent says it is stopping with no run to hand back, offers it a task
+/// first and acknowledges second (a task already on the wire when the agent stopped), then
+/// acknowledges whatever the agent hands back. It keeps every result it receives.
+struct OffersAsItStops {
+    results: Arc<std::sync::Mutex<Vec<fleetbench_proto::v1::RunResult>>>,
+    heartbeats: Arc<tokio::sync::watch::Sender<u32>>,
+}
+
+#[tonic::async_trait]
+impl AgentService for OffersAsItStops {
+    async fn register(
+        &self,
+        _: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        Ok(Response::new(registered(PROTOCOL_VERSION)))
+    }
+
+    type SessionStream = Outbound;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        use fleetbench_proto::v1::coordinator_message::Body as Out;
+        use fleetbench_proto::v1::{ResultAck, TaskAssignment};
+        let mut inbound = request.into_inner();
+        let (beats, results) = (self.heartbeats.clone(), self.results.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<CoordinatorMessage, Status>>(16);
+        let send = move |body: Out| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(Ok(CoordinatorMessage { body: Some(body) })).await;
+            }
+        };
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                match m.body {
+                    Some(Body::Heartbeat(_)) => beats.send_modify(|n| *n += 1),
+                    Some(Body::Result(r)) => {
+                        results.lock().unwrap().push(r.clone());
+                        if r.run_id.is_empty() && r.agent_stopping {
+                            send(Out::Assignment(TaskAssignment {
+                                task_id: "7".repeat(32),
+                                run_id: "8".repeat(32),
+                                job_id: "9".repeat(32),
+                                attempt: 1,
+                                ..Default::default()
+                            }))
+                            .await;
+                        }
+                        send(Out::ResultAck(ResultAck {
+                            run_id: r.run_id,
+                            ..Default::default()
+                        }))
+                        .await;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        Err(Status::unimplemented("not measured here"))
+    }
+}
+
+/// An idle agent stopped says so; a task offered to it in that moment is handed back at once, marked
+/// so that the coordinator re-queues it without counting the attempt, instead of waiting out a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_stopping_while_idle_says_so_and_hands_back_a_task_offered_meanwhile() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (beats, mut heard) = tokio::sync::watch::channel(0u32);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(OffersAsItStops {
+                results: results.clone(),
+                heartbeats: Arc::new(beats),
+            }))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = agent_config(
+        &format!("http://{addr}"),
+        &unknown_join_token(),
+        "stopping",
+        &[],
+        dir.path(),
+    );
+    config.network_probe_interval_s = 0;
+    let agent = TestAgent::start(config);
+    tokio::time::timeout(Duration::from_secs(30), heard.wait_for(|n| *n >= 1))
+        .await
+        .expect("a session with heartbeats")
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), agent.stop())
+        .await
+        .expect("the agent stops");
+    let results = results.lock().unwrap().clone();
+    let summary: Vec<(String, bool, bool)> = results
+        .iter()
+        .map(|r| (r.run_id.clone(), r.cancelled, r.agent_stopping))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![(String::new(), false, true), ("8".repeat(32), true, true),],
+        "the notice, then the offered task handed back"
+    );
+    server.abort();
 }
