@@ -264,19 +264,22 @@ async fn recommend_passes_over_a_faster_row_below_the_accuracy_floor() {
         .await
         .unwrap()
         .rows;
-    let p99 = |v: &str| {
+    // By the median: the pruned variant is about twice as fast there, while the p99 of a 10 µs model
+    // over 2000 queries moves with whatever else the machine runs (a full-suite run once read
+    // 0.19 ms for the pruned row's p99 against fp32's 0.058 ms, at medians of 6 and 12 µs).
+    let p50 = |v: &str| {
         let r = rows.iter().find(|r| r.variant == v).unwrap();
-        (r.latency.unwrap().p99_ms, r.accuracy.unwrap())
+        (r.latency.unwrap().p50_ms, r.accuracy.unwrap())
     };
-    let (pruned_p99, pruned_acc) = p99(&pruned);
-    let (fp32_p99, fp32_acc) = p99("fp32");
+    let (pruned_p50, pruned_acc) = p50(&pruned);
+    let (fp32_p50, fp32_acc) = p50("fp32");
     assert!(
-        pruned_p99 < fp32_p99 && pruned_acc < 0.95 && fp32_acc >= 0.95,
+        pruned_p50 < fp32_p50 && pruned_acc < 0.95 && fp32_acc >= 0.95,
         "the setting this test needs: {rows:?}"
     );
     let args = |min_accuracy: f64| RecommendArgs {
         model: "digits".into(),
-        objective: "p99".into(),
+        objective: "p50".into(),
         max_p99_ms: None,
         min_accuracy: Some(min_accuracy),
         max_accuracy_drop: None,
@@ -291,13 +294,13 @@ async fn recommend_passes_over_a_faster_row_below_the_accuracy_floor() {
         .min_by(|a, b| {
             a.latency
                 .unwrap()
-                .p99_ms
-                .total_cmp(&b.latency.unwrap().p99_ms)
+                .p50_ms
+                .total_cmp(&b.latency.unwrap().p50_ms)
         })
         .unwrap();
     assert_ne!(r.recommendation.variant, pruned, "{}", r.reason);
     assert!(
-        r.recommendation.p99_ms <= eligible_best.latency.unwrap().p99_ms || r.recommendation.tied,
+        r.recommendation.p50_ms <= eligible_best.latency.unwrap().p50_ms || r.recommendation.tied,
         "the fastest row that is accurate enough (or one tied with it): {r:?}"
     );
     assert!(r.pareto.iter().all(|p| p.variant != pruned), "{r:?}");
